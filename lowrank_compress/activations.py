@@ -1,7 +1,8 @@
 """Pointwise activations the projection knows, by name.
 
 An activation is named by a string: ``relu``, ``gelu``, ``silu``, ``hardswish``, ``sigmoid``,
-``tanh``, ``identity`` or ``leaky_relu`` with an optional slope, ``leaky_relu(0.2)``.
+``tanh``, ``relu6``, ``hardsigmoid``, ``mish``, ``elu``, ``identity`` or ``leaky_relu`` with an
+optional slope, ``leaky_relu(0.2)``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-ACTIVATIONS = ("identity", "relu", "leaky_relu", "gelu", "silu", "hardswish", "sigmoid", "tanh")
+ACTIVATIONS = (
+    "identity", "relu", "leaky_relu", "gelu", "silu", "hardswish", "sigmoid", "tanh",
+    "relu6", "hardsigmoid", "mish", "elu",
+)
 
 _LEAKY = re.compile(r"^leaky_relu(?:\(([-+0-9.eE]+)\))?$")
 
@@ -48,4 +52,8 @@ def activation_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
         "hardswish": F.hardswish,
         "sigmoid": torch.sigmoid,
         "tanh": torch.tanh,
+        "relu6": F.relu6,
+        "hardsigmoid": F.hardsigmoid,
+        "mish": F.mish,
+        "elu": F.elu,
     }[key]

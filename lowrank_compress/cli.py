@@ -34,7 +34,340 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 
 # --- export / bench commands ---
 
+from pathlib import Path as _XPath  # noqa: E402
+
+_ARCH_HELP = "Architecture of a state-dict checkpoint: torchvision:NAME, timm:NAME or package.module:callable."
+
+
+def _model_shape(loaded_shape: tuple[int, ...] | None, given: tuple[int, ...] | None, path: _XPath) -> tuple[int, ...]:
+    shape = given or loaded_shape
+    if shape is None:
+        raise UsageError(f"cannot tell the input shape of {path}; pass --input-shape, e.g. 1,3,224,224")
+    return tuple(shape)
+
+
+@app.command("export")
+def export_command(
+    model: _XPath = typer.Argument(..., help="A compressed .lrc.safetensors, or an original checkpoint with --arch."),
+    onnx: _XPath = typer.Option(..., "--onnx", help="Where to write the ONNX file (written atomically)."),
+    input_shape: str | None = typer.Option(None, "--input-shape", help="N,C,H,W (or N,D) to trace at; the batch axis stays dynamic [default: the model's recorded shape, else the arch config]."),
+    opset: int = typer.Option(17, "--opset", help="ONNX opset (7–20 with the torchscript exporter, up to 23 with dynamo)."),
+    exporter: str = typer.Option("auto", "--exporter", help="torchscript, dynamo, or auto (torchscript, then dynamo where it fails)."),
+    rtol: float = typer.Option(1e-4, "--rtol", help="Parity tolerance on max|onnx − torch| / max|torch| over the checked inputs."),
+    arch: str | None = typer.Option(None, "--arch", help=_ARCH_HELP),
+    arch_kwargs: str | None = typer.Option(None, "--arch-kwargs", help="JSON keyword arguments for --arch."),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow a checkpoint holding a pickled model (runs code from the file)."),
+    calib: _XPath | None = typer.Option(None, "--calib", help="Folder of images to compare on as well (eval transform at the input shape)."),
+    calib_samples: int = typer.Option(32, "--calib-samples", help="At most this many --calib images."),
+    json_path: _XPath | None = typer.Option(None, "--json", help="Write the parity report here as JSON."),
+) -> None:
+    """Export to ONNX (input "input", output "output", dynamic batch), check it, compare with PyTorch in onnxruntime."""
+    from rich.table import Table
+
+    from .checkpoint import open_model, parse_arch_kwargs, parse_input_shape
+    from .evaluate import write_json
+    from .export import export_onnx
+    from .fileio import check_writable
+
+    shape = parse_input_shape(input_shape)
+    if not rtol > 0:
+        raise UsageError(f"--rtol must be positive, got {rtol}")
+    check_writable(onnx)
+    if json_path is not None:
+        check_writable(json_path)
+    loaded = open_model(model, arch, parse_arch_kwargs(arch_kwargs), trust_pickle, shape)
+    shape = _model_shape(loaded.input_shape, shape, model)
+    calib_inputs = None
+    if calib is not None:
+        from .data import image_tensors
+
+        calib_inputs = image_tensors(calib, shape, loaded.data_config, calib_samples)
+    report = export_onnx(loaded.model, onnx, shape, opset=opset, rtol=rtol, calib_inputs=calib_inputs, exporter=exporter)
+    table = Table(title=f"{onnx} ({report.exporter} exporter, opset {report.opset})")
+    for column in ("max abs error", "max rel error", "tolerance", "checked", "parity"):
+        table.add_column(column, justify="right")
+    checked = f"batches {','.join(map(str, report.batch_sizes))}" + (f" + {report.calib_samples} images" if report.calib_samples else "")
+    table.add_row(
+        f"{report.max_abs_error:.2e}", f"{report.max_rel_error:.2e}", f"{rtol:.0e}", checked,
+        "[green]pass[/]" if report.passed else "[red]FAIL[/]",
+    )
+    out.print(table)
+    ops = ", ".join(report.op_types)
+    out.print(f"ops: {ops}" + (f"; non-standard: {', '.join(report.nonstandard_ops)}" if report.nonstandard_ops else ""), highlight=False)
+    if json_path is not None:
+        write_json(report.to_dict(), json_path)
+    if not report.passed:
+        raise LrcError(
+            f"ONNX parity failed: max relative error {report.max_rel_error:.2e} > tolerance {rtol:.0e}; "
+            f"{onnx} was kept for inspection"
+        )
+
+
+def _parse_batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(p) for p in text.replace(" ", "").split(",") if p]
+    except ValueError:
+        raise UsageError(f"bad --batch-sizes {text!r}: use comma-separated integers such as 1,32") from None
+    if not sizes or any(s < 1 for s in sizes):
+        raise UsageError(f"bad --batch-sizes {text!r}: every batch size must be a positive integer")
+    return sizes
+
+
+def _bench_subject(path: _XPath, arch: str | None, kwargs: dict, trust_pickle: bool, shape: tuple[int, ...] | None):
+    """(model or ONNX path, its recorded input shape) for one file given to ``lrc bench``."""
+    from .checkpoint import open_model
+    from .export import onnx_input_shape
+
+    if path.suffix == ".onnx":
+        if not path.is_file():
+            raise UsageError(f"no such file: {path}")
+        return path, onnx_input_shape(path)
+    loaded = open_model(path, arch, kwargs, trust_pickle, shape)
+    return loaded.model, loaded.input_shape
+
+
+@app.command("bench")
+def bench_command(
+    model: _XPath = typer.Argument(..., help="A compressed .lrc.safetensors, an original checkpoint with --arch, or an .onnx file."),
+    vs: _XPath | None = typer.Option(None, "--vs", help="Baseline to compare with (same kinds of file as MODEL); ratios are MODEL / baseline."),
+    arch: str | None = typer.Option(None, "--arch", help=_ARCH_HELP + " Used for whichever file needs it."),
+    arch_kwargs: str | None = typer.Option(None, "--arch-kwargs", help="JSON keyword arguments for --arch."),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow checkpoints holding pickled models (runs code from the file)."),
+    input_shape: str | None = typer.Option(None, "--input-shape", help="N,C,H,W (or N,D); N is replaced by each batch size [default: the model's recorded shape]."),
+    runtime: str = typer.Option("torch", "--runtime", help="torch or onnxruntime (CPU; modules are exported to a temporary ONNX file)."),
+    device: str = typer.Option("auto", "--device", help="auto, cuda or cpu (torch runtime; CUDA runs are timed with CUDA events)."),
+    threads: int | None = typer.Option(None, "--threads", help="Intra-op threads of the runtime [default: the runtime's own]."),
+    batch_sizes: str = typer.Option("1,32", "--batch-sizes", help="Comma-separated batch sizes to time."),
+    warmup: int = typer.Option(3, "--warmup", help="Untimed rounds before timing."),
+    repeats: int = typer.Option(10, "--repeats", help="Timed rounds; each runs every model once, interleaved."),
+    json_path: _XPath | None = typer.Option(None, "--json", help="Write params, FLOPs, latencies and ratios here as JSON."),
+    max_latency_ratio: float | None = typer.Option(None, "--max-latency-ratio", help="Exit 3 when MODEL's latency / the baseline's exceeds this at any batch size; the JSON is still written."),
+) -> None:
+    """Params, FLOPs and median latency (interleaved runs in one process), with ratios against --vs."""
+    import torch
+    from rich.table import Table
+
+    from .bench import RUNTIMES, count_flops, count_onnx_params, count_params, measure_latency
+    from .checkpoint import parse_arch_kwargs, parse_input_shape
+    from .errors import BudgetExceeded
+    from .evaluate import write_json
+    from .fileio import check_writable
+
+    shape = parse_input_shape(input_shape)
+    sizes = _parse_batch_sizes(batch_sizes)
+    if runtime not in RUNTIMES:
+        raise UsageError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    if device not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"--device must be auto, cpu or cuda, got {device!r}")
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads must be ≥ 1, got {threads}")
+    if repeats < 1 or warmup < 0:
+        raise UsageError(f"--repeats must be ≥ 1 and --warmup ≥ 0, got {repeats} and {warmup}")
+    if max_latency_ratio is not None:
+        if vs is None:
+            raise UsageError("--max-latency-ratio needs a baseline: pass --vs BASELINE")
+        if not max_latency_ratio > 0:
+            raise UsageError(f"--max-latency-ratio must be positive, got {max_latency_ratio}")
+    if json_path is not None:
+        check_writable(json_path)
+    if device == "auto":
+        device = "cuda" if runtime == "torch" and torch.cuda.is_available() else "cpu"
+    kwargs = parse_arch_kwargs(arch_kwargs)
+    subjects: dict[str, tuple] = {}
+    if vs is not None:
+        subjects["baseline"] = (vs, *_bench_subject(vs, arch, kwargs, trust_pickle, shape))
+    subjects["model"] = (model, *_bench_subject(model, arch, kwargs, trust_pickle, shape))
+    shape = shape or subjects["model"][2] or (subjects["baseline"][2] if vs is not None else None)
+    shape = _model_shape(None, shape, model)
+
+    sizes_info: dict[str, dict] = {}
+    for name, (path, item, _) in subjects.items():
+        if isinstance(item, torch.nn.Module):
+            info = {"path": str(path), "params": count_params(item), "flops": count_flops(item, (1, *shape[1:]))}
+        else:
+            info = {"path": str(path), "params": count_onnx_params(item), "flops": None}
+        sizes_info[name] = info
+    report = measure_latency(
+        {name: s[1] for name, s in subjects.items()}, shape, sizes, runtime=runtime, threads=threads,
+        warmup=warmup, repeats=repeats, device=device,
+    )
+
+    base = sizes_info.get("baseline")
+    table = Table(title=f"size (FLOPs per sample at {'×'.join(map(str, shape[1:]))})")
+    for column in ("", "file", "params", "GFLOPs", "params ratio", "FLOPs ratio"):
+        table.add_column(column, justify="right" if column not in ("", "file") else "left")
+    for name, info in sizes_info.items():
+        p_ratio = f"{info['params'] / base['params']:.3f}" if base else ""
+        f_ratio = f"{info['flops'] / base['flops']:.3f}" if base and info["flops"] and base["flops"] else ""
+        gflops = f"{info['flops'] / 1e9:.3f}" if info["flops"] is not None else "–"
+        table.add_row(name, info["path"], f"{info['params']:,}", gflops, p_ratio, f_ratio)
+    out.print(table)
+    threads_text = "default threads" if threads is None else f"{threads} thread{'' if threads == 1 else 's'}"
+    table = Table(title=f"latency: {runtime} on {device}, {threads_text}, median of {repeats} interleaved runs")
+    for column in ("", "batch", "median ms", "IQR ms", "ratio"):
+        table.add_column(column, justify="right" if column else "left")
+    for r in sorted(report.results, key=lambda r: (r.batch_size, r.model != "baseline")):
+        ratio = f"{r.ratio:.3f}" if vs is not None and r.ratio is not None else ""
+        table.add_row(r.model, str(r.batch_size), f"{r.median_s * 1e3:.2f}", f"{r.iqr_s * 1e3:.2f}", ratio)
+    out.print(table)
+
+    worst = report.worst_ratio("model") if vs is not None else None
+    passed = worst is None or max_latency_ratio is None or worst[0] <= max_latency_ratio
+    if json_path is not None:
+        result = {
+            **{k: v for k, v in report.to_dict().items() if k != "baseline"},
+            "models": sizes_info,
+            "max_latency_ratio": max_latency_ratio,
+            "worst_latency_ratio": None if worst is None else worst[0],
+            "worst_batch_size": None if worst is None else worst[1],
+            "passed": passed,
+        }
+        write_json(result, json_path)
+    if not passed:
+        raise BudgetExceeded(
+            f"latency ratio {worst[0]:.2f} > budget {max_latency_ratio:.2f} (batch {worst[1]}, {runtime} on {device})"
+        )
+
 # --- eval / finetune commands ---
+
+from pathlib import Path as _Path  # noqa: E402
+
+from .recipes import TrainConfig as _TrainConfig  # noqa: E402  (torch-free: only for the help defaults)
+
+_TD = _TrainConfig()
+
+
+@app.command("eval")
+def eval_command(
+    model: _Path = typer.Argument(..., help="A compressed .lrc.safetensors, or an original checkpoint with --arch."),
+    data: _Path = typer.Option(..., "--data", help="Dataset root holding DIR/<split>/<class>/<image>."),
+    split: str = typer.Option("val", "--split", help="Which split folder to evaluate."),
+    arch: str | None = typer.Option(None, "--arch", help="Architecture of an original checkpoint: torchvision:NAME, timm:NAME or package.module:callable."),
+    arch_kwargs: str | None = typer.Option(None, "--arch-kwargs", help="JSON keyword arguments for --arch."),
+    input_shape: str | None = typer.Option(None, "--input-shape", help="N,C,H,W to evaluate at (default: the model's recorded input shape, else the arch config)."),
+    batch_size: int = typer.Option(256, "--batch-size", help="Images per batch."),
+    workers: int = typer.Option(4, "--workers", help="DataLoader worker processes."),
+    json_path: _Path | None = typer.Option(None, "--json", help="Write {top1, top5, samples} (fractions in [0, 1]) here."),
+    min_top1: float | None = typer.Option(None, "--min-top1", help="Exit 3 when top-1 (a fraction) is below this budget; the JSON is still written."),
+    device: str = typer.Option("auto", "--device", help="auto, cuda or cpu."),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow a checkpoint holding a pickled model (runs code from the file)."),
+) -> None:
+    """Top-1 / top-5 accuracy on an ImageFolder split, at the model's input size and eval transform."""
+    from rich.table import Table
+
+    from .checkpoint import open_model, parse_arch_kwargs, parse_input_shape
+    from .evaluate import check_budget, evaluate_folder, resolve_device, validate_outputs, write_json
+
+    validate_outputs(json_path, min_top1)
+    dev = resolve_device(device)
+    loaded = open_model(model, arch, parse_arch_kwargs(arch_kwargs), trust_pickle, parse_input_shape(input_shape))
+    result = evaluate_folder(loaded, data, split, batch_size, workers, dev)
+    table = Table(title=f"{model.name} on {result['split']}")
+    for column in ("top-1", "top-5", "images", "input"):
+        table.add_column(column, justify="right")
+    table.add_row(f"{result['top1']:.4f}", f"{result['top5']:.4f}", str(result["samples"]), "×".join(map(str, result["input_size"])))
+    out.print(table)
+    if json_path is not None:
+        write_json({"top1": result["top1"], "top5": result["top5"], "samples": result["samples"]}, json_path)
+    check_budget(result, min_top1)
+
+
+@app.command("finetune")
+def finetune_command(
+    model: _Path | None = typer.Argument(None, help="The model to train: a .lrc.safetensors, or an original checkpoint with --arch. Omit with --from-scratch."),
+    data: _Path = typer.Option(..., "--data", help="Dataset root: DIR/train/<class>/<image>, and DIR/val/… for an evaluation after each epoch."),
+    output: _Path = typer.Option(..., "-o", "--output", help="Where to write the trained model (.lrc.safetensors)."),
+    teacher: _Path | None = typer.Option(None, "--teacher", help="Original (uncompressed) model to distill from; a state dict takes --arch."),
+    no_teacher: bool = typer.Option(False, "--no-teacher", help="Train with cross-entropy only."),
+    recipe: _Path | None = typer.Option(None, "--recipe", help="YAML recipe of defaults (recipes/*.yaml); explicit flags override it."),
+    arch: str | None = typer.Option(None, "--arch", help="Architecture of a state-dict MODEL / teacher, or the one to build with --from-scratch."),
+    arch_kwargs: str | None = typer.Option(None, "--arch-kwargs", help="JSON keyword arguments for --arch."),
+    input_shape: str | None = typer.Option(None, "--input-shape", help="N,C,H,W training input (default: the model's recorded shape, else the arch config)."),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow checkpoints holding pickled models (runs code from the file)."),
+    from_scratch: bool | None = typer.Option(None, "--from-scratch", help="Build --arch with random init, factorize it data-free, and train it (no MODEL)."),
+    method: str | None = typer.Option(None, "--method", help="Factorization for --from-scratch: nkp (default) or spectral."),
+    rank: int | None = typer.Option(None, "--rank", help="--from-scratch: the same rank for every layer."),
+    rank_ratio: float | None = typer.Option(None, "--rank-ratio", help="--from-scratch: rank = ratio × min(m, d) per layer."),
+    param_ratio: float | None = typer.Option(None, "--param-ratio", help="--from-scratch: each layer keeps this fraction of its parameters."),
+    epochs: int | None = typer.Option(None, "--epochs", help=f"Epochs [default: {_TD.epochs}]."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help=f"Global batch (images per step over all processes) [default: {_TD.batch_size}]."),
+    lr: float | None = typer.Option(None, "--lr", help=f"Peak learning rate, used as given (a recipe's lr is scaled by batch/base_batch) [default: {_TD.lr}]."),
+    optimizer: str | None = typer.Option(None, "--optimizer", help=f"sgd or adamw [default: {_TD.optimizer}]."),
+    momentum: float | None = typer.Option(None, "--momentum", help=f"SGD momentum [default: {_TD.momentum}]."),
+    weight_decay: float | None = typer.Option(None, "--weight-decay", help=f"Weight decay of weights (not biases or norms) [default: {_TD.weight_decay}]."),
+    frobenius_decay: float | None = typer.Option(None, "--frobenius-decay", help="Penalty λ/2·‖AB‖²_F on each factorized layer's product, instead of plain decay on its factors [default: off]."),
+    warmup_steps: int | None = typer.Option(None, "--warmup-steps", help=f"Linear warm-up steps before the cosine decay [default: {_TD.warmup_steps}]."),
+    label_smoothing: float | None = typer.Option(None, "--label-smoothing", help=f"Cross-entropy label smoothing [default: {_TD.label_smoothing}]."),
+    kd_temperature: float | None = typer.Option(None, "--kd-temperature", help=f"Distillation temperature T [default: {_TD.kd_temperature}]."),
+    kd_weight: float | None = typer.Option(None, "--kd-weight", help=f"Weight of the KD term; CE gets 1 − weight [default: {_TD.kd_weight}]."),
+    clip_grad: float | None = typer.Option(None, "--clip-grad", help="Clip the gradient norm to this value [default: off]."),
+    ema: float | None = typer.Option(None, "--ema", help="Keep an EMA of the weights with this decay; it is evaluated and written [default: off]."),
+    workers: int | None = typer.Option(None, "--workers", help=f"DataLoader workers per process [default: {_TD.workers}]."),
+    seed: int | None = typer.Option(None, "--seed", help=f"Seed of data order, augmentation and init [default: {_TD.seed}]."),
+    checkpoint_dir: _Path | None = typer.Option(None, "--checkpoint-dir", help="Write a resumable checkpoint (last.pt) here at each epoch end."),
+    checkpoint_every: int | None = typer.Option(None, "--checkpoint-every", help="Also checkpoint every N steps."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from --checkpoint-dir/last.pt when it exists."),
+    log: _Path | None = typer.Option(None, "--log", "--log-file", help="Append JSON-lines records (steps, epochs) to this file. Under torchrun spell it --log-file: torchrun takes --log as an abbreviation of its own options."),
+    log_every: int | None = typer.Option(None, "--log-every", help=f"Steps between log records [default: {_TD.log_every}]."),
+    max_steps: int | None = typer.Option(None, "--max-steps", help="Stop after this many steps in total (the schedule still spans --epochs)."),
+    min_crop_scale: float | None = typer.Option(None, "--min-crop-scale", help=f"RandomResizedCrop's smallest area fraction [default: {_TD.min_crop_scale}]."),
+    hflip: float | None = typer.Option(None, "--hflip", help=f"Horizontal flip probability [default: {_TD.hflip}]."),
+    precision: str | None = typer.Option(None, "--precision", help="auto (bf16 autocast on CUDA, fp32 on CPU), bf16, fp16 or fp32."),
+    device: str = typer.Option("auto", "--device", help="auto, cuda or cpu (under torchrun each process uses GPU LOCAL_RANK)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Fine-tune a compressed model (distillation or cross-entropy), or train one from scratch; DDP under torchrun."""
+    from dataclasses import fields
+
+    from .checkpoint import open_model, parse_arch_kwargs, parse_input_shape
+    from .recipes import load_recipe, resolve_options
+    from .train import build_from_scratch, finetune
+
+    given = dict(
+        epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum,
+        weight_decay=weight_decay, frobenius_decay=frobenius_decay, warmup_steps=warmup_steps,
+        label_smoothing=label_smoothing, kd_temperature=kd_temperature, kd_weight=kd_weight,
+        clip_grad=clip_grad, ema=ema, workers=workers, seed=seed, checkpoint_every=checkpoint_every,
+        log_every=log_every, max_steps=max_steps, min_crop_scale=min_crop_scale, hflip=hflip, precision=precision,
+        from_scratch=from_scratch, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs) or None,
+        input_shape=list(parse_input_shape(input_shape) or []) or None, method=method, rank=rank,
+        rank_ratio=rank_ratio, param_ratio=param_ratio,
+    )
+    values = resolve_options(load_recipe(recipe) if recipe is not None else {}, given)
+    config = _TrainConfig(**{f.name: values[f.name] for f in fields(_TrainConfig) if f.name in values})
+    shape = tuple(values["input_shape"]) if values.get("input_shape") else None
+    if teacher is not None and no_teacher:
+        raise UsageError("--teacher and --no-teacher exclude each other")
+    if values.get("from_scratch"):
+        if model is not None:
+            raise UsageError("--from-scratch builds the model from --arch; drop MODEL")
+        if not values.get("arch"):
+            raise UsageError("--from-scratch needs --arch")
+    else:
+        if model is None:
+            raise UsageError("missing MODEL (or pass --from-scratch --arch SPEC)")
+        if teacher is None and not no_teacher:
+            raise UsageError("pass --teacher ORIGINAL to distill from the uncompressed model, or --no-teacher")
+        if any(values.get(k) is not None for k in ("rank", "rank_ratio", "param_ratio", "method")):
+            raise UsageError("--rank, --rank-ratio, --param-ratio and --method only apply with --from-scratch")
+    if values.get("from_scratch"):
+        student = build_from_scratch(
+            values["arch"], values.get("arch_kwargs"), shape, values.get("method") or "nkp",
+            values.get("rank"), values.get("rank_ratio"), values.get("param_ratio"), config.seed,
+        )
+    else:
+        student = open_model(model, values.get("arch"), values.get("arch_kwargs"), trust_pickle, shape)
+    teacher_model = (
+        open_model(teacher, values.get("arch"), values.get("arch_kwargs"), trust_pickle).model if teacher is not None else None
+    )
+    result = finetune(
+        student, data, output, config, teacher=teacher_model, checkpoint_dir=checkpoint_dir, resume=resume,
+        log_path=log, device=device, show_progress=not quiet,
+    )
+    if os.environ.get("RANK", "0") == "0":
+        val = f", val top-1 {result.val['top1']:.4f}" if result.val else ""
+        stop = " (stopped at --max-steps)" if result.stopped_at_max_steps else ""
+        out.print(f"wrote {result.output}: {result.steps} steps{stop}{val}", highlight=False)
 
 # --- demo command ---
 

@@ -278,36 +278,40 @@ def function_error_mc(
 # ---------------------------------------------------------------- factorizations
 
 
-def _top_right_singular(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-``rank`` singular values (r,) and right singular vectors (d, r) of a float64 (m, d) matrix.
-
-    Small ranks of large matrices use a randomized SVD; a full SVD that fails to converge
-    (ill-conditioned or singular inputs) falls back to an eigendecomposition of the Gram matrix.
-    """
-    m, d = w.shape
-    if rank <= min(m, d) // 8 and m * d >= 4_000_000:
-        # Randomized range finder with power iterations; float32 keeps very large layers in memory.
-        work = w.to(torch.float32) if m * d >= 50_000_000 else w
-        _, s, v = torch.svd_lowrank(work, q=min(rank + 16, min(m, d)), niter=6)
-        return s[:rank].to(torch.float64), v[:, :rank].to(torch.float64)
-    try:
-        _, s, vh = torch.linalg.svd(w, full_matrices=False)
-        return s[:rank], vh[:rank].T
-    except RuntimeError:
-        evals, evecs = torch.linalg.eigh(w.T @ w)
-        order = torch.argsort(evals, descending=True)[:rank]
-        return evals[order].clamp_min(0.0).sqrt(), evecs[:, order]
-
-
 def _subspace(
     w: torch.Tensor, rank: int, alpha: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Coordinates C = W V_r (m, r), basis V_r (d, r) and the balancing split √s (r,)."""
+    """The best rank-r row subspace of diag(√α) W, as coordinates and basis.
+
+    Returns C = W V_r (m, r), V_rᵀ (r, d) with orthonormal rows, and the singular values s (r,),
+    so that the rows of W projected on the subspace are C V_rᵀ. Directions with a numerically
+    zero singular value (singular or rank-deficient W) get zero coordinates and a zero basis row.
+
+    The eigendecomposition of the smaller Gram matrix is much faster than a full SVD on CPU and,
+    in float64, accurate for the top directions; small ranks of very large matrices use a
+    randomized SVD with power iterations instead.
+    """
+    m, d = w.shape
     target = w if alpha is None else alpha.sqrt()[:, None] * w
-    s, v = _top_right_singular(target, rank)
-    coords = w @ v
-    split = s.sqrt().clamp_min(1e-150)
-    return coords, v, split
+    if rank <= min(m, d) // 8 and m * d >= 4_000_000:
+        # float32 keeps very large layers (e.g. 16384²) within memory.
+        work = target.to(torch.float32) if m * d >= 50_000_000 else target
+        _, s, v = torch.svd_lowrank(work, q=min(rank + 16, min(m, d)), niter=6)
+        s, vt = s[:rank].to(torch.float64), v[:, :rank].T.to(torch.float64)
+    elif m <= d:
+        evals, evecs = torch.linalg.eigh(target @ target.T)
+        order = torch.argsort(evals, descending=True)[:rank]
+        s = evals[order].clamp_min(0.0).sqrt()
+        u = evecs[:, order]
+        keep = s > s.max().clamp_min(1e-300) * 1e-10
+        vt = torch.where(keep[:, None], (u.T @ target) / s.clamp_min(1e-300)[:, None], torch.zeros(()).to(w))
+    else:
+        evals, evecs = torch.linalg.eigh(target.T @ target)
+        order = torch.argsort(evals, descending=True)[:rank]
+        s = evals[order].clamp_min(0.0).sqrt()
+        vt = evecs[:, order].T
+    coords = w @ vt.T
+    return coords, vt, s
 
 
 def spectral_factors(
@@ -349,32 +353,89 @@ def factorize(
     under x ~ N(0, I): for ReLU without bias the row norm becomes ‖w_i‖·2κ(ρ_i).
     Results come back in the weight's dtype.
     """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    return factorize_all(weight, rank, activation, bias, row_weights, methods=(method,))[method]
+
+
+def factorize_all(
+    weight: torch.Tensor,
+    rank: int,
+    activation: str = "relu",
+    bias: torch.Tensor | None = None,
+    row_weights: torch.Tensor | None = None,
+    methods: tuple[str, ...] = METHODS,
+) -> dict[str, Factorization]:
+    """:func:`factorize` for several methods, sharing one subspace computation."""
     w = flatten_weight(weight)
     m, d = w.shape
     rank = _check_rank(rank, m, d)
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    unknown = [mt for mt in methods if mt not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method {unknown[0]!r}; known: {', '.join(METHODS)}")
     act = canonical_activation(activation)
     _check_finite("weight", w)
     b = _check_bias(bias, m)
     alpha = _check_row_weights(row_weights, m)
     w = w.to(torch.float64)
-
-    coords, basis, split = _subspace(w, rank, alpha)
-    new_bias = b
-    if method == "nkp" and act != "identity":
-        n = w.norm(dim=1)
-        proj_norm = coords.norm(dim=1)
-        rho = torch.where(n > 0, proj_norm / n.clamp_min(1e-300), torch.zeros_like(n)).clamp(0.0, 1.0)
-        a = torch.zeros(m, dtype=torch.float64) if b is None else b
-        t, c = fit_rows(act, a, n, rho, fit_bias=b is not None)
-        scale = torch.where(proj_norm > 0, t / proj_norm.clamp_min(1e-300), torch.zeros_like(t))
-        coords = coords * scale[:, None]
-        new_bias = None if b is None else c
-    A = coords / split
-    B = split[:, None] * basis.T
     dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
-    return Factorization(A, B, new_bias).to(dtype)
+
+    coords, basis, s = _subspace(w, rank, alpha)
+    split = s.sqrt().clamp_min(1e-150)
+    B = split[:, None] * basis
+    out = {}
+    for method in methods:
+        scaled, new_bias = coords, b
+        if method == "nkp" and act != "identity":
+            n = w.norm(dim=1)
+            proj_norm = coords.norm(dim=1)
+            rho = torch.where(n > 0, proj_norm / n.clamp_min(1e-300), torch.zeros_like(n)).clamp(0.0, 1.0)
+            a = torch.zeros(m, dtype=torch.float64) if b is None else b
+            t, c = fit_rows(act, a, n, rho, fit_bias=b is not None)
+            scale = torch.where(proj_norm > 0, t / proj_norm.clamp_min(1e-300), torch.zeros_like(t))
+            scaled = coords * scale[:, None]
+            new_bias = None if b is None else c
+        out[method] = Factorization(scaled / split, B, new_bias).to(dtype)
+    return out
+
+
+def error_curve(
+    weight: torch.Tensor,
+    ranks: list[int],
+    method: str = "nkp",
+    activation: str = "relu",
+    bias: torch.Tensor | None = None,
+    row_weights: torch.Tensor | None = None,
+) -> list[float]:
+    """Relative Gaussian function error of ``method`` at each rank, from one subspace computation.
+
+    The rank-r subspace is the first r directions of the largest one, so each rank only needs the
+    per-row captured norms, never the product A B.
+    """
+    w = flatten_weight(weight).to(torch.float64)
+    m, d = w.shape
+    top = _check_rank(max(ranks), m, d)
+    act = canonical_activation(activation)
+    b = _check_bias(bias, m)
+    alpha = _check_row_weights(row_weights, m)
+    coords, _, _ = _subspace(w, top, alpha)
+    n = w.norm(dim=1)
+    a = torch.zeros(m, dtype=torch.float64) if b is None else b
+    energy = second_moment(act, a, n)
+    weights = torch.ones(m, dtype=torch.float64) if alpha is None else alpha
+    total = float((weights * energy).sum())
+    cum = torch.cumsum(coords * coords, dim=1)
+    errors = []
+    for r in ranks:
+        captured = cum[:, r - 1].clamp_min(0.0).sqrt()
+        rho = torch.where(n > 0, captured / n.clamp_min(1e-300), torch.zeros_like(n)).clamp(0.0, 1.0)
+        if method == "nkp" and act != "identity":
+            e, c = fit_rows(act, a, n, rho, fit_bias=b is not None)
+        else:
+            e, c = captured, a
+        err = (second_moment(act, a, n) + second_moment(act, c, e) - 2.0 * cross_moment(act, a, n, c, e, rho)).clamp_min(0.0)
+        errors.append(float((weights * err).sum()) / total if total > 0 else 0.0)
+    return errors
 
 
 def fit_rows(

@@ -1,0 +1,283 @@
+"""Size and speed of models: parameters, FLOPs and latency measured side by side.
+
+Latency is measured in one process with the models' runs interleaved (A B A B …, the order
+rotating every round), so slow drifts of a noisy machine (frequency scaling, other tenants, cache
+state) hit every model alike and the *ratio* stays fair even when the absolute times move. The
+figure reported is the median over the timed runs. On CUDA each run is timed with CUDA events.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .errors import UsageError
+from .export import DEFAULT_OPSET, model_device, model_dtype, ort_session, reference_forward, write_graph
+
+RUNTIMES = ("torch", "onnxruntime")
+ModelLike = nn.Module | str | os.PathLike
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameter elements; a tensor shared by several modules counts once."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_onnx_params(path: str | os.PathLike) -> int:
+    """Number of elements of an ONNX file's initializers (its weights and constants)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return sum(int(np.prod(t.dims)) for t in graph.initializer)
+
+
+def count_flops(model: nn.Module, input_shape: Sequence[int]) -> int:
+    """FLOPs of one forward pass at ``input_shape`` (batch included), as torch.utils.flop_counter counts.
+
+    That counter counts matrix products and convolutions only, 2 FLOPs per multiply-add;
+    elementwise ops, norms and pooling are not counted. A shape the model cannot take is a UsageError.
+    """
+    example = torch.zeros(tuple(input_shape), device=model_device(model), dtype=model_dtype(model))
+    was_training = model.training
+    model.eval()
+    try:
+        with FlopCounterMode(display=False) as counter:
+            reference_forward(model, example)
+    finally:
+        model.train(was_training)
+    return int(counter.get_total_flops())
+
+
+# ---------------------------------------------------------------- timing
+
+
+@dataclass
+class LatencyResult:
+    """Median wall time of one model at one batch size; ``ratio`` is median / baseline's median."""
+
+    model: str
+    batch_size: int
+    median_s: float
+    iqr_s: float
+    runs: int
+    ratio: float | None = None
+
+
+@dataclass
+class LatencyReport:
+    """Latencies of several models measured together (see the module docstring)."""
+
+    runtime: str
+    device: str
+    threads: int | None
+    input_shape: list[int]
+    baseline: str
+    results: list[LatencyResult] = field(default_factory=list)
+
+    def ratio(self, model: str, batch_size: int) -> float | None:
+        return next((r.ratio for r in self.results if r.model == model and r.batch_size == batch_size), None)
+
+    def worst_ratio(self, model: str) -> tuple[float, int] | None:
+        """(largest ratio against the baseline, the batch size where it occurs) for ``model``."""
+        rows = [(r.ratio, r.batch_size) for r in self.results if r.model == model and r.ratio is not None]
+        return max(rows) if rows else None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with ``threads`` intra-op threads in PyTorch (None: leave as is)."""
+    if threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def time_interleaved(
+    runners: Mapping[str, Callable[[], object]], warmup: int, repeats: int, cuda: bool = False
+) -> dict[str, list[float]]:
+    """Seconds per call of each runner over ``repeats`` rounds; each round calls every runner once.
+
+    Round k starts with runner k mod n, so no runner always follows the same one. ``warmup`` rounds
+    are run first and not timed. With ``cuda`` each call is timed with CUDA events.
+    """
+    if repeats < 1 or warmup < 0:
+        raise UsageError(f"repeats must be ≥ 1 and warmup ≥ 0, got {repeats} and {warmup}")
+    names = list(runners)
+    for _ in range(warmup):
+        for name in names:
+            runners[name]()
+    if cuda:
+        torch.cuda.synchronize()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for k in range(repeats):
+        for name in names[k % len(names):] + names[: k % len(names)]:
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                runners[name]()
+                end.record()
+                end.synchronize()
+                times[name].append(start.elapsed_time(end) / 1000.0)
+            else:
+                t0 = time.perf_counter()
+                runners[name]()
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def _iqr(values: list[float]) -> float:
+    q = np.percentile(values, [25, 75])
+    return float(q[1] - q[0])
+
+
+def _check_runtime(runtime: str, device: str) -> None:
+    if runtime not in RUNTIMES:
+        raise UsageError(f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}")
+    if runtime == "onnxruntime" and device != "cpu":
+        raise UsageError("the onnxruntime runtime is timed on CPU only; use --runtime torch for CUDA")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("CUDA was asked for but is not available")
+
+
+def _is_onnx(model: ModelLike) -> bool:
+    return not isinstance(model, nn.Module)
+
+
+def _torch_runner(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    def run() -> object:
+        with torch.inference_mode():
+            return model(x)
+
+    return run
+
+
+def _ort_runner(session, x: np.ndarray) -> Callable[[], object]:
+    name = session.get_inputs()[0].name
+    return lambda: session.run(None, {name: x})
+
+
+def measure_latency(
+    models: Mapping[str, ModelLike],
+    input_shape: Sequence[int],
+    batch_sizes: Sequence[int] = (1, 32),
+    runtime: str = "torch",
+    threads: int | None = None,
+    warmup: int = 3,
+    repeats: int = 10,
+    baseline: str | None = None,
+    device: str = "cpu",
+    opset: int = DEFAULT_OPSET,
+) -> LatencyReport:
+    """Median latency of each model at each batch size, interleaved, with ratios against ``baseline``.
+
+    ``models`` maps names to ``nn.Module``s or ONNX file paths (onnxruntime only); modules timed on
+    onnxruntime are exported to a temporary file first. ``input_shape`` (N, …): N is replaced by each
+    batch size. ``baseline`` defaults to the first model. ``threads`` is the intra-op thread count
+    of the runtime (None: its default). Returns medians in seconds per forward pass.
+    """
+    _check_runtime(runtime, device)
+    if not models:
+        raise UsageError("nothing to time")
+    baseline = baseline if baseline is not None else next(iter(models))
+    if baseline not in models:
+        raise UsageError(f"baseline {baseline!r} is not among the models")
+    shape = tuple(int(s) for s in input_shape)
+    report = LatencyReport(runtime, device, threads, list(shape), baseline)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch_threads(threads))
+        prepared: dict[str, object] = {}
+        for name, model in models.items():
+            if runtime == "torch":
+                if _is_onnx(model):
+                    raise UsageError(f"{name} is an ONNX file; time it with --runtime onnxruntime")
+                module = model.to(device).eval()
+                reference_forward(module, torch.zeros((1, *shape[1:]), device=device, dtype=model_dtype(module)))
+                prepared[name] = module
+            else:
+                path = model
+                if not _is_onnx(model):
+                    tmpdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="lrc-bench-"))
+                    path = Path(tmpdir) / f"{len(prepared)}.onnx"
+                    module = model.eval()
+                    example = torch.zeros((1, *shape[1:]), dtype=model_dtype(module))
+                    reference_forward(module, example)
+                    write_graph(module, path, example, opset=opset, dynamic_batch=True)
+                session = ort_session(path, threads)
+                rank = len(session.get_inputs()[0].shape)
+                if rank != len(shape):
+                    raise UsageError(f"input shape {shape} has {len(shape)} axes; {name} takes {rank}")
+                prepared[name] = session
+        for batch in batch_sizes:
+            if batch < 1:
+                raise UsageError(f"batch sizes must be positive, got {batch}")
+            runners: dict[str, Callable[[], object]] = {}
+            x = torch.randn((batch, *shape[1:]), generator=torch.Generator().manual_seed(batch))
+            for name, item in prepared.items():
+                if runtime == "torch":
+                    runners[name] = _torch_runner(item, x.to(device=device, dtype=model_dtype(item)))
+                else:
+                    runners[name] = _ort_runner(item, x.numpy())
+            times = time_interleaved(runners, warmup, repeats, cuda=device == "cuda")
+            base = statistics.median(times[baseline])
+            for name, values in times.items():
+                median = statistics.median(values)
+                report.results.append(
+                    LatencyResult(name, batch, median, _iqr(values), len(values), median / base if base > 0 else None)
+                )
+    return report
+
+
+def layer_latency(
+    dense_layer: nn.Module,
+    factorized_layer: nn.Module,
+    input: torch.Tensor,
+    runtime: str = "torch",
+    threads: int | None = None,
+    warmup: int = 3,
+    repeats: int = 15,
+) -> tuple[float, float]:
+    """(dense, factorized) median seconds per call of two versions of one layer on ``input``.
+
+    ``input`` is the layer's real input (batch included; its device is where torch times it).
+    On onnxruntime each layer is exported alone with the input's static shape, so the figure
+    includes what the runtime does to a lone Conv/Gemm (layout reorders around it), which affects
+    both versions alike. Runs are interleaved as in :func:`measure_latency`.
+    """
+    device = input.device.type
+    _check_runtime(runtime, device)
+    layers = {"dense": dense_layer.eval(), "factorized": factorized_layer.eval()}
+    with torch_threads(threads), contextlib.ExitStack() as stack:
+        if runtime == "torch":
+            runners = {name: _torch_runner(layer, input) for name, layer in layers.items()}
+        else:
+            tmpdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lrc-layer-")))
+            x = input.detach().float().cpu()
+            runners = {}
+            for name, layer in layers.items():
+                path = tmpdir / f"{name}.onnx"
+                ready = model_dtype(layer) == torch.float32 and model_device(layer).type == "cpu"
+                on_cpu = layer if ready else copy.deepcopy(layer).float().cpu()
+                write_graph(on_cpu, path, x, dynamic_batch=False)
+                runners[name] = _ort_runner(ort_session(path, threads), x.numpy())
+        times = time_interleaved(runners, warmup, repeats, cuda=device == "cuda")
+    return statistics.median(times["dense"]), statistics.median(times["factorized"])

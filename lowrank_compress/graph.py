@@ -1,0 +1,402 @@
+"""Find the layer sites of a model: each Linear/Conv layer with what its output feeds.
+
+The model is traced with ``torch.export`` at the example inputs, which lowers module calls and
+functional code alike (``nn.ReLU(inplace=True)``, ``F.relu``, ``torch.relu``, timm's fused
+BatchNorm+activation modules) to one small set of ATen ops. From each layer the walk follows the
+single consumer of its output through BatchNorm (folded into W, b for the math only), dropout,
+padding, pooling and reshapes to the first pointwise activation. A BatchNorm right after that
+activation becomes per-row weights α_i = scale_i². An output that reaches a residual add, a
+concatenation, several consumers or anything else first counts as identity.
+
+Where tracing fails (e.g. data-dependent control flow) the walk falls back to running the model
+with hooks: layers are found, activations are treated as identity, and the sites say so.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .activations import canonical_activation
+from .layers import DENSE_TYPES, LOW_RANK_TYPES, unsupported_reason
+
+
+@dataclass
+class ChannelAffine:
+    """A per-channel y = scale·x + shift (a BatchNorm in eval mode)."""
+
+    name: str
+    scale: torch.Tensor
+    shift: torch.Tensor
+
+
+@dataclass
+class LayerSite:
+    """One Linear/Conv layer and what follows it.
+
+    ``shape`` is the flattened weight shape (m, d); ``bn_before`` is folded into the layer for the
+    math; ``affine_after`` gives per-row weights α_i = scale_i² to the post-activation error.
+    """
+
+    name: str
+    module: nn.Module
+    kind: str
+    shape: tuple[int, int]
+    activation: str = "identity"
+    bn_before: ChannelAffine | None = None
+    affine_after: ChannelAffine | None = None
+    skip_reason: str | None = None
+    notes: list[str] = field(default_factory=list)
+    calls: int = 0
+
+    @property
+    def eligible(self) -> bool:
+        return self.skip_reason is None
+
+    @property
+    def params(self) -> int:
+        m, d = self.shape
+        return m * d + (m if getattr(self.module, "bias", None) is not None else 0)
+
+    @property
+    def max_useful_rank(self) -> int:
+        """floor(m·d/(m+d)): the largest rank whose factors still have fewer weights than W."""
+        m, d = self.shape
+        return (m * d) // (m + d)
+
+    def effective_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(W, b) of the layer with the BatchNorm before the activation folded in, float64, (m, d)."""
+        w = self.module.weight.detach().reshape(self.shape[0], -1).to(torch.float64)
+        b = self.module.bias
+        b = None if b is None else b.detach().to(torch.float64)
+        if self.bn_before is None:
+            return w, b
+        scale, shift = self.bn_before.scale.to(torch.float64), self.bn_before.shift.to(torch.float64)
+        base = torch.zeros_like(shift) if b is None else b
+        return w * scale[:, None], base * scale + shift
+
+    def row_weights(self) -> torch.Tensor | None:
+        """α_i = scale_i² of the per-channel affine after the activation, if any."""
+        if self.affine_after is None:
+            return None
+        return self.affine_after.scale.to(torch.float64) ** 2
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "shape": list(self.shape),
+            "activation": self.activation,
+            "bn_before": None if self.bn_before is None else self.bn_before.name,
+            "affine_after": None if self.affine_after is None else self.affine_after.name,
+            "params": self.params,
+            "max_useful_rank": self.max_useful_rank,
+            "eligible": self.eligible,
+            "skip_reason": self.skip_reason,
+            "notes": list(self.notes),
+        }
+
+
+# ---------------------------------------------------------------- op tables (ATen, as torch.export emits)
+
+_ACT_OPS = {
+    "relu": "relu", "relu_": "relu", "gelu": "gelu", "gelu_": "gelu", "silu": "silu", "silu_": "silu",
+    "hardswish": "hardswish", "hardswish_": "hardswish", "sigmoid": "sigmoid", "sigmoid_": "sigmoid",
+    "tanh": "tanh", "tanh_": "tanh", "hardsigmoid": "hardsigmoid", "hardsigmoid_": "hardsigmoid",
+    "mish": "mish", "mish_": "mish", "elu": "elu", "elu_": "elu", "relu6": "relu6",
+}
+_PASS_OPS = {
+    "dropout", "dropout_", "feature_dropout", "alpha_dropout", "native_dropout", "clone", "contiguous",
+    "view", "reshape", "_unsafe_view", "flatten", "squeeze", "squeeze_", "unsqueeze", "permute", "transpose",
+    "pad", "constant_pad_nd", "reflection_pad1d", "reflection_pad2d", "replication_pad1d", "replication_pad2d",
+    "max_pool1d", "max_pool2d", "max_pool2d_with_indices", "avg_pool1d", "avg_pool2d", "adaptive_avg_pool1d",
+    "adaptive_avg_pool2d", "adaptive_max_pool2d", "to", "_to_copy", "type_as", "alias", "detach",
+}
+_BN_OPS = {"batch_norm", "_native_batch_norm_legit_no_training", "native_batch_norm", "_batch_norm_impl_index"}
+_MERGE_OPS = {"add", "add_", "cat", "concat", "sub", "sub_", "stack"}
+
+
+def _op_name(node: torch.fx.Node) -> str:
+    target = node.target
+    if target is operator.getitem:
+        return "getitem"
+    name = getattr(target, "__name__", str(target))
+    # "relu_.default" → "relu_"; "aten::relu_" → "relu_"
+    return name.split(".")[0].split("::")[-1]
+
+
+def _merge_description(op: str) -> str:
+    return "a concatenation" if op in ("cat", "concat", "stack") else "a residual add"
+
+
+class _ExportedGraph:
+    """Maps nodes of an exported program back to the model's parameters and buffers."""
+
+    def __init__(self, model: nn.Module, program: Any):
+        self.model = model
+        self.graph = program.graph
+        sig = program.graph_signature
+        self.placeholder: dict[str, str] = {}
+        self.placeholder.update(sig.inputs_to_parameters)
+        self.placeholder.update(sig.inputs_to_buffers)
+        self.tensors: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
+        self.tensors.update(dict(model.named_buffers(remove_duplicate=False)))
+        consts = getattr(program, "constants", {}) or {}
+        for name, target in getattr(sig, "inputs_to_lifted_tensor_constants", {}).items():
+            if target in consts:
+                self.tensors[target] = consts[target]
+
+    def fqn(self, node: Any) -> str | None:
+        if isinstance(node, torch.fx.Node) and node.op == "placeholder":
+            return self.placeholder.get(node.name)
+        if isinstance(node, torch.fx.Node) and node.op == "get_attr":
+            return str(node.target)
+        return None
+
+    def tensor(self, node: Any) -> torch.Tensor | None:
+        name = self.fqn(node)
+        return None if name is None else self.tensors.get(name)
+
+    def batch_norm(self, node: torch.fx.Node) -> ChannelAffine | None:
+        """The eval-mode affine of a batch-norm node, or None if it is not in eval mode."""
+        args = list(node.args)
+        op = _op_name(node)
+        if op == "batch_norm":
+            # (input, weight, bias, running_mean, running_var, training, momentum, eps, cudnn)
+            weight, bias, mean, var, training, eps = args[1], args[2], args[3], args[4], args[5], args[7]
+        else:
+            # _native_batch_norm_legit_no_training(input, weight, bias, mean, var, momentum, eps)
+            weight, bias, mean, var, training, eps = args[1], args[2], args[3], args[4], False, args[-1]
+        if training:
+            return None
+        mean_t, var_t = self.tensor(mean), self.tensor(var)
+        if mean_t is None or var_t is None:
+            return None
+        w_t = self.tensor(weight) if weight is not None else None
+        b_t = self.tensor(bias) if bias is not None else None
+        inv = 1.0 / torch.sqrt(var_t.detach().to(torch.float64) + float(eps))
+        scale = inv if w_t is None else w_t.detach().to(torch.float64) * inv
+        shift = -mean_t.detach().to(torch.float64) * scale
+        if b_t is not None:
+            shift = shift + b_t.detach().to(torch.float64)
+        name = (self.fqn(mean) or "batch_norm").rsplit(".", 1)[0]
+        return ChannelAffine(name, scale, shift)
+
+
+def _users(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """Consumers of ``node``'s value; tuple outputs (BatchNorm, max-pool with indices) go through item 0."""
+    users = []
+    for user in node.users:
+        if _op_name(user) == "getitem":
+            if user.args[1] == 0:
+                users.append(user)
+            continue
+        users.append(user)
+    return users
+
+
+def _activation_of(node: torch.fx.Node) -> str | None:
+    op = _op_name(node)
+    if op in _ACT_OPS:
+        return _ACT_OPS[op]
+    if op in ("leaky_relu", "leaky_relu_"):
+        slope = node.args[1] if len(node.args) > 1 else node.kwargs.get("negative_slope", 0.01)
+        return canonical_activation(f"leaky_relu({float(slope)})")
+    if op in ("hardtanh", "hardtanh_"):
+        lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min_val", -1.0)
+        hi = node.args[2] if len(node.args) > 2 else node.kwargs.get("max_val", 1.0)
+        if float(lo) == 0.0 and float(hi) == 6.0:
+            return "relu6"
+    return None
+
+
+def _walk(graph: _ExportedGraph, start: torch.fx.Node) -> tuple[str, ChannelAffine | None, ChannelAffine | None, str | None]:
+    """Follow a layer's output: (activation, BN before it, affine after it, why identity)."""
+    node, bn_before = start, None
+    while True:
+        users = _users(node)
+        if len(users) != 1:
+            return "identity", bn_before, None, ("its output is not used" if not users else f"its output has {len(users)} consumers")
+        user = users[0]
+        op = _op_name(user)
+        if op in _BN_OPS and bn_before is None and user.args[0] is node:
+            affine = graph.batch_norm(user)
+            if affine is None:
+                return "identity", None, None, "BatchNorm in training mode"
+            bn_before, node = affine, user
+            continue
+        if op in _PASS_OPS or op == "getitem":
+            node = user
+            continue
+        act = _activation_of(user)
+        if act is not None:
+            return act, bn_before, _affine_after(graph, user), None
+        if op in _MERGE_OPS:
+            return "identity", bn_before, None, f"its output reaches {_merge_description(op)}"
+        if user.op == "output":
+            return "identity", bn_before, None, "its output is the model output"
+        return "identity", bn_before, None, f"its output feeds {op}"
+
+
+def _affine_after(graph: _ExportedGraph, act: torch.fx.Node) -> ChannelAffine | None:
+    node = act
+    while True:
+        users = _users(node)
+        if len(users) != 1:
+            return None
+        user = users[0]
+        op = _op_name(user)
+        if op in _BN_OPS and user.args[0] is node:
+            return graph.batch_norm(user)
+        if op in ("dropout", "dropout_", "clone", "contiguous", "pad", "constant_pad_nd", "getitem"):
+            node = user
+            continue
+        return None
+
+
+def _example_args(example_inputs: Any) -> tuple[tuple, dict]:
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    return (example_inputs,), {}
+
+
+def _candidates(model: nn.Module) -> dict[str, nn.Module]:
+    return {
+        name: module for name, module in model.named_modules()
+        if isinstance(module, DENSE_TYPES) and not isinstance(module, LOW_RANK_TYPES)
+        and not any(isinstance(module, t) for t in (nn.LazyLinear,))
+    }
+
+
+def _static_reasons(model: nn.Module, candidates: dict[str, nn.Module]) -> dict[str, str]:
+    """Reasons that do not need a trace: MHA internals, shared weights, unsupported conv kinds."""
+    reasons: dict[str, str] = {}
+    for parent_name, parent in model.named_modules():
+        if isinstance(parent, nn.MultiheadAttention):
+            for child_name, _ in parent.named_modules():
+                full = f"{parent_name}.{child_name}" if child_name else parent_name
+                if full in candidates:
+                    reasons[full] = "inside nn.MultiheadAttention (its weights are used functionally)"
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for pname, param in module.named_parameters(recurse=False):
+            owners.setdefault(id(param), []).append(name)
+    for name, module in candidates.items():
+        if name in reasons:
+            continue
+        reason = unsupported_reason(module)
+        if reason is None:
+            others = [o for o in owners.get(id(module.weight), []) if o != name and not o.startswith(name + ".")]
+            if any(model.get_submodule(o) is not module for o in others):
+                reason = f"weight is shared with {others[0]}"
+        if reason is None and (m := module.weight.shape[0]) * (d := module.weight[0].numel()) // (m + d) < 1:
+            reason = "too small: no rank saves parameters"
+        if reason is not None:
+            reasons[name] = reason
+    return reasons
+
+
+def _new_site(name: str, module: nn.Module) -> LayerSite:
+    m = module.weight.shape[0]
+    d = int(math.prod(module.weight.shape[1:]))
+    return LayerSite(name=name, module=module, kind=type(module).__name__, shape=(m, d))
+
+
+def find_sites(model: nn.Module, example_inputs: Any) -> list[LayerSite]:
+    """Every Linear/Conv1d/Conv2d layer of ``model`` with its activation, in execution order.
+
+    ``example_inputs``: a tensor, a tuple of positional inputs, or a dict of keyword inputs.
+    The model is put in eval mode (BatchNorm statistics are what the math folds in).
+    """
+    model.eval()
+    candidates = _candidates(model)
+    reasons = _static_reasons(model, candidates)
+    args, kwargs = _example_args(example_inputs)
+    try:
+        with torch.no_grad():
+            program = torch.export.export(model, args, kwargs, strict=False)
+    except Exception as exc:  # tracing can fail in many ways; the eager walk still finds the layers
+        return _eager_sites(model, candidates, reasons, args, kwargs, exc)
+    graph = _ExportedGraph(model, program)
+    found: dict[str, list[tuple[str, ChannelAffine | None, ChannelAffine | None, str | None]]] = {}
+    order: list[str] = []
+    for node in graph.graph.nodes:
+        if node.op != "call_function" or _op_name(node) not in ("linear", "conv1d", "conv2d", "convolution"):
+            continue
+        fqn = graph.fqn(node.args[1])
+        if fqn is None or not fqn.endswith(".weight") and fqn != "weight":
+            continue
+        layer_name = fqn[: -len(".weight")] if fqn.endswith(".weight") else ""
+        if layer_name not in candidates:
+            continue
+        if layer_name not in found:
+            order.append(layer_name)
+        found.setdefault(layer_name, []).append(_walk(graph, node))
+    sites = []
+    for name in order + [n for n in candidates if n not in found]:
+        site = _new_site(name, candidates[name])
+        walks = found.get(name, [])
+        site.calls = len(walks)
+        if not walks:
+            site.skip_reason = reasons.get(name) or "not called in forward at the example inputs"
+        else:
+            site.skip_reason = reasons.get(name)
+            acts = {w[0] for w in walks}
+            if len(walks) == 1 or len(acts) == 1:
+                site.activation, site.bn_before, site.affine_after, why = walks[0]
+                if why and site.activation == "identity":
+                    site.notes.append(f"identity: {why}")
+            else:
+                site.notes.append(f"called {len(walks)} times with different activations; identity used")
+            if len(walks) > 1:
+                site.notes.append(f"called {len(walks)} times")
+        sites.append(site)
+    return sites
+
+
+def _eager_sites(
+    model: nn.Module,
+    candidates: dict[str, nn.Module],
+    reasons: dict[str, str],
+    args: tuple,
+    kwargs: dict,
+    error: Exception,
+) -> list[LayerSite]:
+    """Fallback: run the model with hooks to find which layers run and in what order."""
+    calls: dict[str, int] = {}
+    order: list[str] = []
+
+    def hook(name: str):
+        def record(_module, _inputs, _output):
+            if name not in calls:
+                order.append(name)
+            calls[name] = calls.get(name, 0) + 1
+
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in candidates.items()]
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    except Exception as exc:
+        raise ValueError(f"the model does not run on the example inputs ({type(exc).__name__}: {exc})") from None
+    finally:
+        for h in handles:
+            h.remove()
+    first_line = " ".join(str(error).split())[:120]
+    note = f"tracing failed ({type(error).__name__}: {first_line}); eager walk, activation treated as identity"
+    sites = []
+    for name in order + [n for n in candidates if n not in calls]:
+        site = _new_site(name, candidates[name])
+        site.calls = calls.get(name, 0)
+        site.skip_reason = reasons.get(name) or (None if site.calls else "not called in forward at the example inputs")
+        site.notes.append(note)
+        sites.append(site)
+    return sites

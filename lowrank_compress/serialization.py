@@ -1,0 +1,180 @@
+"""The ``.lrc.safetensors`` format: an ordinary safetensors file plus a JSON manifest.
+
+The manifest (safetensors metadata key ``lrc``) is the recipe: how to rebuild the architecture
+(arch spec + kwargs), the input shape, and each factorized layer's kind and rank. Loading rebuilds
+the architecture, replays the structure with empty factors, then loads the tensors strictly.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import UsageError
+from .fileio import atomic_output
+from .layers import LOW_RANK_TYPES, LowRankConv1d, LowRankConv2d, LowRankLinear
+
+MANIFEST_KEY = "lrc"
+FORMAT_VERSION = 1
+_KINDS = {cls.__name__: cls for cls in (LowRankLinear, LowRankConv1d, LowRankConv2d)}
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def structure_of(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Per factorized module fqn: kind, rank, bias, and the fqn it is tied to when shared."""
+    layers: dict[str, dict[str, Any]] = {}
+    first_name: dict[int, str] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if not isinstance(module, LOW_RANK_TYPES):
+            continue
+        entry: dict[str, Any] = {"kind": type(module).__name__, "rank": module.rank, "bias": module.up.bias is not None}
+        if id(module) in first_name:
+            entry["tied_to"] = first_name[id(module)]
+        else:
+            first_name[id(module)] = name
+        layers[name] = entry
+    return layers
+
+
+def build_manifest(model: nn.Module, **fields: Any) -> dict[str, Any]:
+    """The manifest for ``model``: fields from ``model.lrc_manifest`` updated by ``fields``."""
+    base = dict(getattr(model, "lrc_manifest", None) or {})
+    base.update({k: v for k, v in fields.items() if v is not None})
+    if not base.get("arch"):
+        raise UsageError("cannot save: the manifest needs the architecture spec (arch) to rebuild the model")
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    base.update(
+        format_version=FORMAT_VERSION,
+        lrc_version=_version(),
+        arch_kwargs=base.get("arch_kwargs") or {},
+        input_shape=list(base["input_shape"]) if base.get("input_shape") else None,
+        dtype=str(dtypes.pop()).replace("torch.", "") if len(dtypes) == 1 else "float32",
+        layers=structure_of(model),
+    )
+    return base
+
+
+def save(model: nn.Module, path: str | Path, **fields: Any) -> dict[str, Any]:
+    """Write ``model`` and its manifest to ``path`` atomically; returns the manifest.
+
+    ``fields`` (arch, arch_kwargs, input_shape, method, data_config, …) override what the model
+    carries in ``model.lrc_manifest`` (set by ``compress`` and ``load``).
+    """
+    from safetensors.torch import save_model
+
+    manifest = build_manifest(model, **fields)
+    with atomic_output(path) as tmp:
+        save_model(model, str(tmp), metadata={MANIFEST_KEY: json.dumps(manifest, sort_keys=True)})
+    return manifest
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The manifest of a compressed file, read from the header without loading tensors."""
+    from .checkpoint import read_safetensors_metadata
+
+    metadata = read_safetensors_metadata(path)
+    if MANIFEST_KEY not in metadata:
+        raise UsageError(f"{path} is not a compressed lrc model (no '{MANIFEST_KEY}' manifest in its metadata)")
+    try:
+        manifest = json.loads(metadata[MANIFEST_KEY])
+    except json.JSONDecodeError:
+        raise UsageError(f"{path} has a corrupt lrc manifest (not JSON)") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("layers"), dict):
+        raise UsageError(f"{path} has a corrupt lrc manifest (no layer table)")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise UsageError(f"{path} uses manifest format {version!r}; this lrc reads up to {FORMAT_VERSION}")
+    return manifest
+
+
+def _get(model: nn.Module, fqn: str) -> nn.Module:
+    try:
+        return model.get_submodule(fqn)
+    except AttributeError:
+        raise UsageError(f"the manifest names layer {fqn!r}, which the architecture does not have") from None
+
+
+def _set(model: nn.Module, fqn: str, module: nn.Module) -> None:
+    parent_name, _, child = fqn.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def apply_structure(model: nn.Module, layers: dict[str, dict[str, Any]]) -> nn.Module:
+    """Replace each named dense layer by an empty factorized module of the recorded rank."""
+    built: dict[str, nn.Module] = {}
+    for fqn, entry in layers.items():
+        if not isinstance(entry, dict) or entry.get("kind") not in _KINDS:
+            raise UsageError(f"the manifest entry for {fqn!r} has an unknown kind")
+        if "tied_to" in entry:
+            continue
+        dense = _get(model, fqn)
+        rank = entry.get("rank")
+        if not isinstance(rank, int) or rank < 1:
+            raise UsageError(f"the manifest entry for {fqn!r} has a bad rank {rank!r}")
+        cls = _KINDS[entry["kind"]]
+        w = dense.weight
+        if cls is LowRankLinear:
+            new = cls(dense.in_features, dense.out_features, rank, bool(entry.get("bias")), w.device, w.dtype)
+        else:
+            new = cls(
+                dense.in_channels, dense.out_channels, rank, dense.kernel_size, dense.stride, dense.padding,
+                dense.dilation, dense.padding_mode, bool(entry.get("bias")), w.device, w.dtype,
+            )
+        built[fqn] = new
+    for fqn, entry in layers.items():
+        target = built.get(entry.get("tied_to", fqn))
+        if target is None:
+            raise UsageError(f"the manifest ties {fqn!r} to an unknown layer")
+        _set(model, fqn, target)
+    return model
+
+
+def load_compressed(path: str | Path):
+    """Rebuild a compressed model with its metadata (a :class:`checkpoint.LoadedModel`)."""
+    from safetensors.torch import load_model
+
+    from .checkpoint import LoadedModel, build_model
+
+    manifest = read_manifest(path)
+    model = build_model(manifest.get("arch"), manifest.get("arch_kwargs") or {}, restricted=True)
+    dtype = _DTYPES.get(manifest.get("dtype", "float32"), torch.float32)
+    model.to(dtype)
+    apply_structure(model, manifest["layers"])
+    try:
+        missing, unexpected = load_model(model, str(path), strict=False)
+    except Exception as exc:
+        raise UsageError(f"{path}: tensors do not fit the manifest's structure ({' '.join(str(exc).split())[:200]})") from None
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(sorted(missing)[:4])}")
+        if unexpected:
+            parts.append(f"unexpected {', '.join(sorted(unexpected)[:4])}")
+        raise UsageError(f"{path}: tensors do not fit the manifest's structure ({'; '.join(parts)})")
+    model.eval()
+    model.lrc_manifest = manifest
+    shape = tuple(manifest["input_shape"]) if manifest.get("input_shape") else None
+    return LoadedModel(
+        model=model,
+        arch=manifest.get("arch"),
+        arch_kwargs=manifest.get("arch_kwargs") or {},
+        input_shape=shape,
+        data_config=manifest.get("data_config") or {},
+        manifest=manifest,
+    )
+
+
+def load(path: str | Path) -> nn.Module:
+    """Rebuild a compressed model from a ``.lrc.safetensors`` file (architecture + strict tensors)."""
+    return load_compressed(path).model
