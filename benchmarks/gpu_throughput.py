@@ -40,7 +40,9 @@ def build_models(rank_ratio: float, image_size: int) -> tuple[nn.Module, nn.Modu
     torch.manual_seed(0)
     dense = torchvision.models.resnet50(weights=None)
     compressed, report = compress(
-        copy.deepcopy(dense), CompressConfig(method="nkp", rank_ratio=rank_ratio), torch.zeros(1, 3, image_size, image_size)
+        copy.deepcopy(dense),
+        CompressConfig(method="nkp", rank_ratio=rank_ratio),
+        torch.zeros(1, 3, image_size, image_size),
     )
     return dense, compressed, report.to_dict()
 
@@ -97,13 +99,15 @@ def markdown(result: dict[str, Any]) -> str:
     """The figures as a markdown table."""
     d, c = result["dense"], result["compressed"]
     lines = [
-        f"Training throughput on {result['device']} — batch {result['batch_size']}, {result['image_size']}×{result['image_size']}, "
+        f"Training throughput on {result['device']} — batch {result['batch_size']}, "
+        f"{result['image_size']}×{result['image_size']}, "
         f"{'bf16 autocast' if result['bf16'] else 'float32'}, channels_last, {result['steps']} timed steps "
         f"after {result['warmup']} warm-up (torch {result['torch']})",
         "",
         "| model | params | train GFLOPs / image | images / s |",
         "|---|---:|---:|---:|",
-        f"| resnet50 dense | {d['params'] / 1e6:.2f} M | {d['train_flops_per_image'] / 1e9:.2f} | {d['images_per_s']:,.0f} |",
+        f"| resnet50 dense | {d['params'] / 1e6:.2f} M | {d['train_flops_per_image'] / 1e9:.2f} | "
+        f"{d['images_per_s']:,.0f} |",
         f"| resnet50 nkp, rank ratio {result['rank_ratio']} | {c['params'] / 1e6:.2f} M | "
         f"{c['train_flops_per_image'] / 1e9:.2f} | {c['images_per_s']:,.0f} |",
         "",
@@ -143,7 +147,9 @@ def main() -> None:
         result[name] = {
             "params": sum(p.numel() for p in model.parameters()),
             "train_flops_per_image": train_flops_per_image(model, args.image_size),
-            "images_per_s": images_per_second(model, device, args.batch_size, args.image_size, warmup, args.steps, not args.fp32),
+            "images_per_s": images_per_second(
+                model, device, args.batch_size, args.image_size, warmup, args.steps, not args.fp32
+            ),
         }
     result["speedup"] = result["compressed"]["images_per_s"] / result["dense"]["images_per_s"]
     result["flop_ratio"] = result["dense"]["train_flops_per_image"] / result["compressed"]["train_flops_per_image"]

@@ -32,6 +32,123 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 
 # --- compress / inspect commands ---
 
+from pathlib import Path as _CPath  # noqa: E402
+
+
+@app.command("inspect")
+def inspect_command(
+    checkpoint: _CPath = typer.Argument(..., help="A state dict (.safetensors/.pt/.pth/.bin) with --arch, or a .lrc.safetensors."),
+    arch: str | None = typer.Option(None, "--arch", help="torchvision:NAME, timm:NAME or package.module:callable."),
+    arch_kwargs: str | None = typer.Option(None, "--arch-kwargs", help="JSON keyword arguments for --arch."),
+    input_shape: str | None = typer.Option(None, "--input-shape", help="Example input shape to trace at, e.g. 1,3,224,224 [default: from the arch config]."),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow a checkpoint that holds a pickled model (runs code from the file)."),
+    json_path: _CPath | None = typer.Option(None, "--json", help="Also write the table as JSON here."),
+) -> None:
+    """List every candidate layer: kind, shape, activation found, params, max useful rank, eligibility."""
+    import json as _json
+
+    from .checkpoint import open_model, parse_arch_kwargs, parse_input_shape, read_safetensors_metadata
+    from .fileio import atomic_output, check_writable
+    from .serialization import MANIFEST_KEY, read_manifest
+    from .tables import manifest_table, sites_table
+
+    if json_path is not None:
+        check_writable(json_path)
+    shape = parse_input_shape(input_shape)
+    if checkpoint.suffix == ".safetensors" and MANIFEST_KEY in read_safetensors_metadata(checkpoint):
+        manifest = read_manifest(checkpoint)
+        out.print(manifest_table(manifest, f"{checkpoint.name}: {manifest.get('arch')}, method {manifest.get('method')}, input {manifest.get('input_shape')}"))
+        data: dict = {"manifest": manifest}
+    else:
+        import torch
+
+        from .graph import find_sites
+
+        loaded = open_model(checkpoint, arch, parse_arch_kwargs(arch_kwargs), trust_pickle, shape)
+        if loaded.input_shape is None:
+            raise UsageError(f"cannot tell the input shape of {checkpoint}; pass --input-shape, e.g. 1,3,224,224")
+        dtype = next((p.dtype for p in loaded.model.parameters() if p.is_floating_point()), torch.float32)
+        sites = find_sites(loaded.model, torch.randn(loaded.input_shape).to(dtype))
+        out.print(sites_table(sites, f"{checkpoint.name} ({loaded.arch}) at input {tuple(loaded.input_shape)}"))
+        data = {"arch": loaded.arch, "input_shape": list(loaded.input_shape), "layers": [s.describe() for s in sites]}
+    if json_path is not None:
+        with atomic_output(json_path) as tmp:
+            tmp.write_text(_json.dumps(data, indent=2, sort_keys=True))
+
+
+@app.command("compress")
+def compress_command(
+    checkpoint: _CPath = typer.Argument(..., help="The original model: a state dict (.safetensors/.pt/.pth/.bin) with --arch."),
+    arch: str | None = typer.Option(None, "--arch", help="torchvision:NAME, timm:NAME or package.module:callable."),
+    arch_kwargs: str | None = typer.Option(None, "--arch-kwargs", help="JSON keyword arguments for --arch."),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow a checkpoint that holds a pickled model (runs code from the file); then --arch is not needed."),
+    input_shape: str | None = typer.Option(None, "--input-shape", help="Example input shape, e.g. 1,3,224,224 or 1,1024 [default: from the arch config]."),
+    rank: int | None = typer.Option(None, "--rank", help="Same rank r for every layer, capped at each layer's max useful rank floor(m·d/(m+d))."),
+    rank_ratio: float | None = typer.Option(None, "--rank-ratio", help="r = round(F·min(m, d)) per layer (the paper's rank scale)."),
+    param_ratio: float | None = typer.Option(None, "--param-ratio", help="Each layer keeps F of its own weights: r = floor(F·m·d/(m+d))."),
+    target_params: float | None = typer.Option(None, "--target-params", help="The whole model keeps at most F of its parameters; ranks allocated by error per parameter."),
+    target_flops: float | None = typer.Option(None, "--target-flops", help="The whole model keeps at most F of its FLOPs at the input shape; ranks allocated by error per FLOP."),
+    method: str = typer.Option("nkp", "--method", help="nkp (nonlinear kernel projection) or spectral (SVD truncation)."),
+    include: str | None = typer.Option(None, "--include", help="Only layers whose name matches this regex (searched)."),
+    exclude: str | None = typer.Option(None, "--exclude", help="Skip layers whose name matches this regex (searched)."),
+    round_to: int = typer.Option(1, "--round-to", help="Round ranks to multiples of N (hardware-friendly)."),
+    calib: str | None = typer.Option(None, "--calib", help="Calibration inputs: an image folder, a tensor file (.npy/.pt/.safetensors, first axis = samples) or 'gaussian'."),
+    calib_samples: int = typer.Option(256, "--calib-samples", help="Number of calibration samples."),
+    calib_batch_size: int = typer.Option(32, "--calib-batch-size", help="Calibration batch size."),
+    refine_steps: int = typer.Option(200, "--refine-steps", help="Adam steps per layer on the post-activation error (calibrated only; 0 disables)."),
+    latency_aware: bool = typer.Option(False, "--latency-aware", help="Keep a layer dense where its factorized form is not faster (timed on this machine)."),
+    max_output_error: float | None = typer.Option(None, "--max-output-error", help="CI gate: exit 3 when the model's relative output error exceeds F (outputs are still written)."),
+    onnx_path: _CPath | None = typer.Option(None, "--onnx", help="Also export the compressed model to ONNX here and verify parity."),
+    plot: _CPath | None = typer.Option(None, "--plot", help="Write per-layer error-vs-rank curves and the chosen ranks to this PNG."),
+    seed: int = typer.Option(0, "--seed", help="Seed for example inputs, calibration sampling and refinement."),
+    output: _CPath | None = typer.Option(None, "-o", "--output", help="Output file [default: CKPT stem + .lrc.safetensors]."),
+    json_path: _CPath | None = typer.Option(None, "--json", help="Write the report as JSON here."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or tables (for CI logs); errors still print."),
+) -> None:
+    """Factorize every eligible Linear/Conv layer, initialized to keep each layer's output after its activation."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .checkpoint import parse_arch_kwargs, parse_input_shape
+    from .compress import CompressConfig
+    from .pipeline import CompressJob, run_compress
+    from .tables import report_table, skipped_table, totals_table
+
+    config = CompressConfig(
+        method=method, rank=rank, rank_ratio=rank_ratio, param_ratio=param_ratio, target_params=target_params,
+        target_flops=target_flops, include=include, exclude=exclude, round_to=round_to, refine_steps=refine_steps,
+        calib_samples=calib_samples, latency_aware=latency_aware, seed=seed,
+    )
+    if calib_batch_size < 1:
+        raise UsageError(f"--calib-batch-size must be ≥ 1, got {calib_batch_size}")
+    job = CompressJob(
+        checkpoint=checkpoint, config=config, output=output, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs),
+        trust_pickle=trust_pickle, input_shape=parse_input_shape(input_shape), calib=calib,
+        calib_batch_size=calib_batch_size, json_path=json_path, onnx_path=onnx_path, plot_path=plot,
+        max_output_error=max_output_error,
+    )
+    progress = Progress(TextColumn("[bold]compress[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TextColumn("{task.description}"), console=console, disable=quiet, transient=True)
+    task = progress.add_task("", total=None)
+
+    def on_layer(name: str, done: int, total: int) -> None:
+        progress.update(task, completed=done, total=total, description=name)
+
+    with progress:
+        result = run_compress(job, on_layer, raise_on_failure=False)
+    report = result.report
+    if not quiet:
+        out.print(report_table(report))
+        if report.skipped:
+            out.print(skipped_table(report.skipped))
+        out.print(totals_table(report))
+        for note in report.notes:
+            console.print(f"[yellow]note:[/] {note}")
+        if result.parity is not None:
+            out.print(f"ONNX {onnx_path}: max abs error {result.parity.max_abs_error:.2e}, max rel error {result.parity.max_rel_error:.2e}")
+    console.print(f"wrote {result.output}", highlight=False)
+    if result.failure is not None:
+        raise result.failure
+
 # --- export / bench commands ---
 
 from pathlib import Path as _XPath  # noqa: E402
@@ -289,30 +406,32 @@ def finetune_command(
     rank: int | None = typer.Option(None, "--rank", help="--from-scratch: the same rank for every layer."),
     rank_ratio: float | None = typer.Option(None, "--rank-ratio", help="--from-scratch: rank = ratio × min(m, d) per layer."),
     param_ratio: float | None = typer.Option(None, "--param-ratio", help="--from-scratch: each layer keeps this fraction of its parameters."),
-    epochs: int | None = typer.Option(None, "--epochs", help=f"Epochs [default: {_TD.epochs}]."),
-    batch_size: int | None = typer.Option(None, "--batch-size", help=f"Global batch (images per step over all processes) [default: {_TD.batch_size}]."),
-    lr: float | None = typer.Option(None, "--lr", help=f"Peak learning rate, used as given (a recipe's lr is scaled by batch/base_batch) [default: {_TD.lr}]."),
-    optimizer: str | None = typer.Option(None, "--optimizer", help=f"sgd or adamw [default: {_TD.optimizer}]."),
-    momentum: float | None = typer.Option(None, "--momentum", help=f"SGD momentum [default: {_TD.momentum}]."),
-    weight_decay: float | None = typer.Option(None, "--weight-decay", help=f"Weight decay of weights (not biases or norms) [default: {_TD.weight_decay}]."),
-    frobenius_decay: float | None = typer.Option(None, "--frobenius-decay", help="Penalty λ/2·‖AB‖²_F on each factorized layer's product, instead of plain decay on its factors [default: off]."),
-    warmup_steps: int | None = typer.Option(None, "--warmup-steps", help=f"Linear warm-up steps before the cosine decay [default: {_TD.warmup_steps}]."),
-    label_smoothing: float | None = typer.Option(None, "--label-smoothing", help=f"Cross-entropy label smoothing [default: {_TD.label_smoothing}]."),
-    kd_temperature: float | None = typer.Option(None, "--kd-temperature", help=f"Distillation temperature T [default: {_TD.kd_temperature}]."),
-    kd_weight: float | None = typer.Option(None, "--kd-weight", help=f"Weight of the KD term; CE gets 1 − weight [default: {_TD.kd_weight}]."),
-    clip_grad: float | None = typer.Option(None, "--clip-grad", help="Clip the gradient norm to this value [default: off]."),
-    ema: float | None = typer.Option(None, "--ema", help="Keep an EMA of the weights with this decay; it is evaluated and written [default: off]."),
-    workers: int | None = typer.Option(None, "--workers", help=f"DataLoader workers per process [default: {_TD.workers}]."),
-    seed: int | None = typer.Option(None, "--seed", help=f"Seed of data order, augmentation and init [default: {_TD.seed}]."),
+    epochs: int | None = typer.Option(None, "--epochs", help=f"Epochs (default {_TD.epochs})."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help=f"Global batch (images per step over all processes) (default {_TD.batch_size})."),
+    lr: float | None = typer.Option(None, "--lr", help=f"Peak learning rate, used as given (a recipe's lr is scaled by batch/base_batch) (default {_TD.lr})."),
+    optimizer: str | None = typer.Option(None, "--optimizer", help=f"sgd or adamw (default {_TD.optimizer})."),
+    momentum: float | None = typer.Option(None, "--momentum", help=f"SGD momentum (default {_TD.momentum})."),
+    weight_decay: float | None = typer.Option(None, "--weight-decay", help=f"Weight decay of weights (not biases or norms) (default {_TD.weight_decay})."),
+    frobenius_decay: float | None = typer.Option(None, "--frobenius-decay", help="Penalty λ/2·‖AB‖²_F on each factorized layer's product, instead of plain decay on its factors (default off)."),
+    warmup_steps: int | None = typer.Option(None, "--warmup-steps", help=f"Linear warm-up steps before the cosine decay (default {_TD.warmup_steps})."),
+    label_smoothing: float | None = typer.Option(None, "--label-smoothing", help=f"Cross-entropy label smoothing (default {_TD.label_smoothing})."),
+    kd_temperature: float | None = typer.Option(None, "--kd-temperature", help=f"Distillation temperature T (default {_TD.kd_temperature})."),
+    kd_weight: float | None = typer.Option(None, "--kd-weight", help=f"Weight of the KD term; CE gets 1 − weight (default {_TD.kd_weight})."),
+    clip_grad: float | None = typer.Option(None, "--clip-grad", help="Clip the gradient norm to this value (default off)."),
+    ema: float | None = typer.Option(None, "--ema", help="Keep an EMA of the weights with this decay; it is evaluated and written (default off)."),
+    workers: int | None = typer.Option(None, "--workers", help=f"DataLoader workers per process (default {_TD.workers})."),
+    seed: int | None = typer.Option(None, "--seed", help=f"Seed of data order, augmentation and init (default {_TD.seed})."),
     checkpoint_dir: _Path | None = typer.Option(None, "--checkpoint-dir", help="Write a resumable checkpoint (last.pt) here at each epoch end."),
     checkpoint_every: int | None = typer.Option(None, "--checkpoint-every", help="Also checkpoint every N steps."),
     resume: bool = typer.Option(False, "--resume", help="Continue from --checkpoint-dir/last.pt when it exists."),
     log: _Path | None = typer.Option(None, "--log", "--log-file", help="Append JSON-lines records (steps, epochs) to this file. Under torchrun spell it --log-file: torchrun takes --log as an abbreviation of its own options."),
-    log_every: int | None = typer.Option(None, "--log-every", help=f"Steps between log records [default: {_TD.log_every}]."),
+    log_every: int | None = typer.Option(None, "--log-every", help=f"Steps between log records (default {_TD.log_every})."),
     max_steps: int | None = typer.Option(None, "--max-steps", help="Stop after this many steps in total (the schedule still spans --epochs)."),
-    min_crop_scale: float | None = typer.Option(None, "--min-crop-scale", help=f"RandomResizedCrop's smallest area fraction [default: {_TD.min_crop_scale}]."),
-    hflip: float | None = typer.Option(None, "--hflip", help=f"Horizontal flip probability [default: {_TD.hflip}]."),
+    min_crop_scale: float | None = typer.Option(None, "--min-crop-scale", help=f"RandomResizedCrop's smallest area fraction (default {_TD.min_crop_scale})."),
+    hflip: float | None = typer.Option(None, "--hflip", help=f"Horizontal flip probability (default {_TD.hflip})."),
     precision: str | None = typer.Option(None, "--precision", help="auto (bf16 autocast on CUDA, fp32 on CPU), bf16, fp16 or fp32."),
+    train_split: str | None = typer.Option(None, "--train-split", help=f"Training split folder under --data (default {_TD.train_split})."),
+    val_split: str | None = typer.Option(None, "--val-split", help=f"Split evaluated after each epoch, when it exists (default {_TD.val_split})."),
     device: str = typer.Option("auto", "--device", help="auto, cuda or cpu (under torchrun each process uses GPU LOCAL_RANK)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
@@ -329,6 +448,7 @@ def finetune_command(
         label_smoothing=label_smoothing, kd_temperature=kd_temperature, kd_weight=kd_weight,
         clip_grad=clip_grad, ema=ema, workers=workers, seed=seed, checkpoint_every=checkpoint_every,
         log_every=log_every, max_steps=max_steps, min_crop_scale=min_crop_scale, hflip=hflip, precision=precision,
+        train_split=train_split, val_split=val_split,
         from_scratch=from_scratch, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs) or None,
         input_shape=list(parse_input_shape(input_shape) or []) or None, method=method, rank=rank,
         rank_ratio=rank_ratio, param_ratio=param_ratio,

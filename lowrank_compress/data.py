@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
 from .checkpoint import IMAGENET_MEAN, IMAGENET_STD, LoadedModel
+from .checkpoint import data_config as arch_data_config
 from .errors import UsageError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -46,12 +47,13 @@ DEFAULT_INTERPOLATION = "bilinear"
 def resolve_data_config(loaded: LoadedModel, input_shape: Sequence[int] | None = None) -> dict[str, Any]:
     """The complete eval preprocessing of a model: input_size (C, H, W), mean, std, interpolation, crop_pct.
 
-    Precedence for the input size: ``input_shape`` (N, C, H, W) given by the caller, then the
-    model's recorded input shape (a model compressed at 1,3,32,32 is fed 32×32 images), then the
-    arch's data config. Mean/std default to ImageNet's for 3 channels and to the channel average
+    Each value comes from the model's own data config (a file's metadata or manifest), else from
+    its timm/torchvision arch's config. The input size is overridden by ``input_shape`` (N, C, H, W)
+    given by the caller, else by the model's recorded input shape (a model compressed at 1,3,32,32
+    is fed 32×32 images). Mean/std default to ImageNet's for 3 channels and to the channel average
     of ImageNet's for any other channel count.
     """
-    config = dict(loaded.data_config or {})
+    config = {**arch_data_config(loaded.arch, loaded.model), **(loaded.data_config or {})}
     shape = input_shape or loaded.input_shape
     if shape is not None:
         if len(shape) != 4:

@@ -26,6 +26,7 @@ METHODS = ("nkp", "spectral")
 # Quadrature sizes: 1-D moments are cheap, so use many nodes; 2-D cross moments use a grid.
 _GH_1D = 160
 _GH_2D = 48
+_GH_2D_FIT = 24  # the per-row fit uses a coarser grid; the result is checked on the fine one
 _ROW_CHUNK = 2048
 
 
@@ -151,6 +152,7 @@ def cross_moment(
     c: torch.Tensor,
     e: torch.Tensor,
     rho: torch.Tensor,
+    nodes: int = _GH_2D,
 ) -> torch.Tensor:
     """E[σ(a + n u) σ(c + e(ρ u + √(1−ρ²) v))], u, v iid N(0, 1), elementwise over rows."""
     act = canonical_activation(activation)
@@ -166,7 +168,7 @@ def cross_moment(
         u, w = _hermite(_GH_1D)
         inner = _relu_mean(c[:, None] + (e * rho)[:, None] * u, (e * comp)[:, None].expand(-1, u.numel()))
         return (torch.relu(a[:, None] + n[:, None] * u) * inner * w).sum(1)
-    u, w = _hermite(_GH_2D)
+    u, w = _hermite(nodes)
     ww = w[:, None] * w[None, :]
     outs = []
     for lo in range(0, a.shape[0], _ROW_CHUNK):
@@ -444,7 +446,7 @@ def fit_rows(
     n: torch.Tensor,
     rho: torch.Tensor,
     fit_bias: bool,
-    iterations: int = 30,
+    iterations: int = 20,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Best per-row (length t_i, bias c_i) of a row restricted to correlation ρ_i with w_i.
 
@@ -468,8 +470,8 @@ def fit_rows(
     an, rn = a[idx] / n[idx], rho[idx]
     ones = torch.ones_like(an)
 
-    def objective(tt: torch.Tensor, cc: torch.Tensor) -> torch.Tensor:
-        return second_moment(act, cc, tt) - 2.0 * cross_moment(act, an, ones, cc, tt, rn)
+    def objective(tt: torch.Tensor, cc: torch.Tensor, nodes: int = _GH_2D_FIT) -> torch.Tensor:
+        return second_moment(act, cc, tt) - 2.0 * cross_moment(act, an, ones, cc, tt, rn, nodes)
 
     p = torch.stack([rn.clone(), an.clone()], 1)
     if act == "relu":
@@ -499,6 +501,7 @@ def fit_rows(
         hess = hess + damp[:, None, None] * torch.eye(2, dtype=torch.float64)
         step = torch.linalg.solve(hess, g.unsqueeze(-1)).squeeze(-1) * mask
         improved = torch.zeros_like(best, dtype=torch.bool)
+        before = best.clone()
         with torch.no_grad():
             for frac in (1.0, 0.5, 0.25, 0.1):
                 cand = torch.minimum(torch.maximum(p - frac * step, lo), hi)
@@ -507,8 +510,13 @@ def fit_rows(
                 p = torch.where(take[:, None], cand, p)
                 best = torch.where(take, val, best)
                 improved |= take
-        if not improved.any():
+        if not improved.any() or float((before - best).max()) < 1e-10:
             break
+    # Keep the spectral row wherever the fit is not better on the fine quadrature grid.
+    with torch.no_grad():
+        start = torch.stack([rn, an], 1)
+        worse = objective(p[:, 0], p[:, 1], _GH_2D) > objective(start[:, 0], start[:, 1], _GH_2D)
+    p = torch.where(worse[:, None], start, p)
     t_out, c_out = t.clone(), c.clone()
     t_out[idx] = p[:, 0] * n[idx]
     c_out[idx] = p[:, 1] * n[idx]

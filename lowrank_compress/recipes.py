@@ -69,13 +69,17 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "log_every": self.log_every}
-        positive.update({k: v for k, v in (("checkpoint_every", self.checkpoint_every), ("max_steps", self.max_steps)) if v is not None})
+        for name in ("checkpoint_every", "max_steps"):
+            if getattr(self, name) is not None:
+                positive[name] = getattr(self, name)
         for name, value in positive.items():
             if value < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
         if self.lr <= 0:
             raise UsageError(f"--lr must be positive, got {self.lr}")
-        for name in ("weight_decay", "frobenius_decay", "momentum", "label_smoothing", "kd_weight", "hflip", "warmup_steps", "workers"):
+        non_negative = ("weight_decay", "frobenius_decay", "momentum", "label_smoothing", "kd_weight", "hflip",
+                        "warmup_steps", "workers")
+        for name in non_negative:
             if getattr(self, name) < 0:
                 raise UsageError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
         if self.optimizer not in OPTIMIZERS:
@@ -142,7 +146,8 @@ def _check_value(key: str, value: Any, expected: type, source: str) -> Any:
             return value
     elif isinstance(value, expected):
         return value
-    raise UsageError(f"{source}: {key} must be {'a list of integers' if expected is list else expected.__name__}, got {value!r}")
+    what = "a list of integers" if expected is list else expected.__name__
+    raise UsageError(f"{source}: {key} must be {what}, got {value!r}")
 
 
 def validate_recipe(values: dict[str, Any], source: str = "recipe") -> dict[str, Any]:

@@ -277,6 +277,44 @@ class ModelEma:
 # ---------------------------------------------------------------- checkpoints
 
 
+@dataclass
+class _Position:
+    """Where a run is: epoch (0-based), batches done in it, optimizer steps done in total."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+
+
+@dataclass
+class _Trainables:
+    """The objects whose state a checkpoint holds, besides the position and the RNGs."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    ema: ModelEma | None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+            "ema": self.ema.module.state_dict() if self.ema is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            if state["ema"] is None:
+                raise UsageError("the checkpoint was written without --ema; resume without it or start afresh")
+            self.ema.module.load_state_dict(state["ema"])
+
+
+
 def checkpoint_path(directory: str | Path) -> Path:
     """Where a run's resumable checkpoint lives: ``DIR/last.pt``."""
     return Path(directory) / CHECKPOINT_NAME
@@ -300,7 +338,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise UsageError(f"{path} is not an lrc training checkpoint")
     if state.get("version", 0) > CHECKPOINT_VERSION:
-        raise UsageError(f"{path} is a checkpoint version {state['version']}; this lrc reads up to {CHECKPOINT_VERSION}")
+        raise UsageError(
+            f"{path} is a checkpoint version {state['version']}; this lrc reads up to {CHECKPOINT_VERSION}"
+        )
     return state
 
 
@@ -308,7 +348,14 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 
 class _Log:
-    """JSON-lines log (rank 0 only), appended to so a resumed run continues the same file."""
+    """JSON-lines log (rank 0 only), appended to so a resumed run continues the same file.
+
+    One object per line, each with ``time`` (Unix seconds) and ``event``: ``start`` (world_size,
+    device, config, steps_per_epoch, total_steps), ``resume`` (step, epoch, step_in_epoch), ``step``
+    (step, epoch, loss = mean over ranks and steps since the last record, lr, images_per_s),
+    ``epoch`` (epoch, step, train_loss, val_top1/val_top5/val_samples when a val split exists) and
+    ``end`` (step, output, stopped_at_max_steps). Epochs count from 1, steps are optimizer steps.
+    """
 
     def __init__(self, path: str | Path | None, enabled: bool) -> None:
         self.file = open(path, "a") if (path is not None and enabled) else None
@@ -325,7 +372,14 @@ class _Log:
 
 def _progress(enabled: bool):
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     return Progress(
         TextColumn("[bold]{task.description}"),
@@ -348,6 +402,7 @@ def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def _num_outputs(model: nn.Module, input_size: tuple[int, ...], device: torch.device) -> int:
+    """The number of logits the model returns for one input of ``input_size`` (C, H, W)."""
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -385,7 +440,10 @@ def finetune(
     """
     output = check_writable(output)
     if not (student.arch or (getattr(student.model, "lrc_manifest", None) or {}).get("arch")):
-        raise UsageError("the model's architecture is unknown, so the output could not be rebuilt; pass --arch")
+        raise UsageError(
+            "the model's architecture spec is unknown (a pickled module has none), so the output could not be "
+            "rebuilt; save the weights as a state dict and pass --arch"
+        )
     if resume and checkpoint_dir is None:
         raise UsageError("--resume needs --checkpoint-dir (where the checkpoint to resume from is)")
     if checkpoint_dir is not None:
@@ -398,7 +456,9 @@ def finetune(
 
     with distributed_context(device) as ctx:
         if config.batch_size % ctx.world_size:
-            raise UsageError(f"--batch-size {config.batch_size} (global) is not divisible by the {ctx.world_size} processes")
+            raise UsageError(
+                f"--batch-size {config.batch_size} (global) is not divisible by the {ctx.world_size} processes"
+            )
         return _run(student, train_folder, val_folder, output, config, teacher, checkpoint_dir, resume,
                     log_path, show_progress, data_config, ctx)
 
@@ -417,6 +477,7 @@ def _run(
     data_config: dict[str, Any],
     ctx: Dist,
 ) -> TrainResult:
+    """The body of :func:`finetune` inside the distributed context."""
     device = ctx.device
     cuda = device.type == "cuda"
     autocast_dtype = _autocast_dtype(config.precision, device)
@@ -448,7 +509,9 @@ def _run(
     model = student.model.to(device, memory_format=memory_format).train()
     classes = _num_outputs(model, data_config["input_size"], device)
     if images.num_classes > classes:
-        raise UsageError(f"{train_folder} has class index {images.num_classes - 1} but the model predicts {classes} classes")
+        raise UsageError(
+            f"{train_folder} has class index {images.num_classes - 1} but the model predicts {classes} classes"
+        )
     if teacher is not None:
         teacher = teacher.to(device, memory_format=memory_format).eval().requires_grad_(False)
         teacher_classes = _num_outputs(teacher, data_config["input_size"], device)
@@ -466,39 +529,19 @@ def _run(
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype is torch.float16)
     ema = ModelEma(model, config.ema) if config.ema is not None else None
 
-    # Position: (epoch, batches done in it, steps done in total).
-    epoch, step_in_epoch, global_step = 0, 0, 0
+    trainables = _Trainables(model, optimizer, scheduler, scaler, ema)
     ckpt_file = checkpoint_path(checkpoint_dir) if checkpoint_dir is not None else None
     log = _Log(log_path, ctx.main)
     note = _Notes(ctx.main)
-    if resume and ckpt_file is not None and ckpt_file.exists():
-        state = load_checkpoint(ckpt_file)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        if ema is not None:
-            if state["ema"] is None:
-                raise UsageError(f"{ckpt_file} was written without --ema; resume without it or start afresh")
-            ema.module.load_state_dict(state["ema"])
-        epoch, step_in_epoch, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
-        same_layout = state["world_size"] == ctx.world_size and state["batch_size"] == config.batch_size
-        if same_layout:
-            set_rng_state(state["rng"][ctx.rank])
-        else:
-            seed_everything(config.seed + ctx.rank + global_step)
-            note(f"resuming with {ctx.world_size} processes × batch {config.batch_size} (the checkpoint was "
-                 f"{state['world_size']} × {state['batch_size']}): continuing approximately, not bit-exactly")
-        samples_seen = state["samples_seen"]
-        if step_in_epoch >= state["steps_per_epoch"]:
-            epoch, step_in_epoch, samples_seen = epoch + 1, 0, 0
-        skip = samples_seen // ctx.world_size
-        note(f"resumed from {ckpt_file} at step {global_step} (epoch {epoch + 1}, batch {step_in_epoch})")
-        log.write(event="resume", step=global_step, epoch=epoch, step_in_epoch=step_in_epoch)
+    state = _read_on_rank0(ckpt_file, ctx) if resume and ckpt_file is not None else None
+    if state is not None:
+        pos, skip = _restore(trainables, state, config, ctx)
+        note(f"resumed from {ckpt_file} at step {pos.global_step} (epoch {pos.epoch + 1}, batch {pos.step_in_epoch})")
+        log.write(event="resume", step=pos.global_step, epoch=pos.epoch + 1, step_in_epoch=pos.step_in_epoch)
     else:
         if resume:
             note(f"no checkpoint at {ckpt_file}; starting from the beginning")
-        skip = 0
+        pos, skip = _Position(), 0
         log.write(event="start", world_size=ctx.world_size, device=str(device), config=asdict(config),
                   steps_per_epoch=steps_per_epoch, total_steps=total_steps)
 
@@ -507,21 +550,18 @@ def _run(
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
 
     def write_checkpoint() -> None:
-        rngs = [None] * ctx.world_size
+        # Every rank's generators: each drew its own stream (dropout, …) and resumes it.
+        rngs: list[Any] = [None] * ctx.world_size
         if ctx.distributed:
             dist.all_gather_object(rngs, rng_state())
         else:
             rngs = [rng_state()]
         if ctx.main and ckpt_file is not None:
             save_checkpoint(ckpt_file, {
-                "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "ema": ema.module.state_dict() if ema is not None else None,
-                "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
-                "samples_seen": step_in_epoch * config.batch_size, "steps_per_epoch": steps_per_epoch,
-                "world_size": ctx.world_size, "batch_size": config.batch_size, "rng": rngs,
-                "config": asdict(config),
+                "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **trainables.state_dict(),
+                **asdict(pos), "samples_seen": pos.step_in_epoch * config.batch_size,
+                "steps_per_epoch": steps_per_epoch, "world_size": ctx.world_size, "batch_size": config.batch_size,
+                "rng": rngs, "config": asdict(config),
             })
 
     final_model = ema.module if ema is not None else model
@@ -535,9 +575,11 @@ def _run(
     interval_start, interval_steps = time.perf_counter(), 0
     try:
         with _progress(show_progress and ctx.main) as progress:
-            task = progress.add_task("training", total=stop_at, completed=min(global_step, stop_at), loss="–", lr="–", speed="–")
-            while epoch < config.epochs and global_step < stop_at:
-                sampler.set_position(epoch, skip)
+            task = progress.add_task(
+                "training", total=stop_at, completed=min(pos.global_step, stop_at), loss="–", lr="–", speed="–"
+            )
+            while pos.epoch < config.epochs and pos.global_step < stop_at:
+                sampler.set_position(pos.epoch, skip)
                 skip = 0
                 train_model.train()
                 for inputs, labels in loader:
@@ -563,49 +605,52 @@ def _run(
                     scheduler.step()
                     if ema is not None:
                         ema.update(model)
-                    global_step += 1
-                    step_in_epoch += 1
+                    pos.global_step += 1
+                    pos.step_in_epoch += 1
                     # The finiteness flag of this step is read one step later, so the host does not wait
                     # for the device every step; checkpoints and the end force the read first.
-                    nonfinite.push(global_step, loss)
+                    nonfinite.push(pos.global_step, loss)
                     loss_sum += loss.detach().float()
                     loss_count += 1
                     interval_steps += 1
                     progress.advance(task)
-                    if global_step % config.log_every == 0 or global_step == stop_at or step_in_epoch == steps_per_epoch:
+                    epoch_done = pos.step_in_epoch == steps_per_epoch
+                    if pos.global_step % config.log_every == 0 or pos.global_step == stop_at or epoch_done:
                         nonfinite.flush()
                         last_loss = _mean_over_ranks(loss_sum, loss_count, ctx)
                         elapsed = time.perf_counter() - interval_start
                         speed = interval_steps * config.batch_size / max(elapsed, 1e-9)
                         lr = scheduler.get_last_lr()[0]
                         progress.update(task, loss=f"{last_loss:.4f}", lr=f"{lr:.3g}", speed=f"{speed:,.0f}")
-                        log.write(event="step", step=global_step, epoch=epoch, loss=last_loss, lr=lr, images_per_s=speed)
+                        log.write(event="step", step=pos.global_step, epoch=pos.epoch + 1, loss=last_loss, lr=lr,
+                                  images_per_s=speed)
                         loss_sum.zero_()
                         loss_count = 0
                         interval_start, interval_steps = time.perf_counter(), 0
-                    if global_step >= stop_at:
+                    if pos.global_step >= stop_at:
                         break
-                    if config.checkpoint_every and global_step % config.checkpoint_every == 0 and step_in_epoch < steps_per_epoch:
+                    # A checkpoint due at an epoch's last step is written after its evaluation instead.
+                    if config.checkpoint_every and pos.global_step % config.checkpoint_every == 0 and not epoch_done:
                         nonfinite.flush()
                         write_checkpoint()
                 nonfinite.flush()
-                if step_in_epoch < steps_per_epoch:
+                if pos.step_in_epoch < steps_per_epoch:
                     break  # stopped at max_steps mid-epoch
                 sync_buffers(model, ctx)
                 if val is not None:
                     if ema is not None:
                         sync_buffers(ema.module, ctx)
                     val_result = evaluate(final_model, val, device, channels_last=cuda)
-                    note(f"epoch {epoch + 1}/{config.epochs}: train loss {last_loss:.4f}, "
+                    note(f"epoch {pos.epoch + 1}/{config.epochs}: train loss {last_loss:.4f}, "
                          f"val top-1 {val_result['top1']:.4f}, top-5 {val_result['top5']:.4f}")
-                log.write(event="epoch", epoch=epoch + 1, step=global_step, train_loss=last_loss,
+                log.write(event="epoch", epoch=pos.epoch + 1, step=pos.global_step, train_loss=last_loss,
                           **({f"val_{k}": v for k, v in val_result.items()} if val_result else {}))
                 write_checkpoint()
-                epoch, step_in_epoch = epoch + 1, 0
+                pos.epoch, pos.step_in_epoch = pos.epoch + 1, 0
                 interval_start, interval_steps = time.perf_counter(), 0
         nonfinite.flush()
-        stopped = global_step < total_steps
-        if stopped and step_in_epoch > 0:  # a stop at an epoch end already has its checkpoint
+        stopped = pos.global_step < total_steps
+        if stopped and pos.step_in_epoch > 0:  # a stop at an epoch end already has its checkpoint
             write_checkpoint()
         sync_buffers(model, ctx)
         if ema is not None:
@@ -618,11 +663,54 @@ def _run(
             from .serialization import save
 
             save(_export(final_model), output, **fields)
-            log.write(event="end", step=global_step, output=str(output), stopped_at_max_steps=stopped)
+            log.write(event="end", step=pos.global_step, output=str(output), stopped_at_max_steps=stopped)
         _barrier(ctx)
     finally:
         log.close()
-    return TrainResult(global_step, epoch, last_loss, val_result, output, stopped)
+    return TrainResult(pos.global_step, pos.epoch, last_loss, val_result, output, stopped)
+
+
+def _read_on_rank0(ckpt_file: Path, ctx: Dist) -> dict[str, Any] | None:
+    """The checkpoint as rank 0 reads it (None when there is none), sent to every rank.
+
+    Only rank 0 writes checkpoints, so only its node needs the directory: other nodes of a
+    multi-node job receive the state over the process group. A read error is raised on every rank.
+    """
+    state, error = None, None
+    if ctx.main and ckpt_file.exists():
+        try:
+            state = load_checkpoint(ckpt_file)
+        except UsageError as exc:
+            error = str(exc)
+    if ctx.distributed:
+        shared = [state, error]
+        dist.broadcast_object_list(shared, src=0)
+        state, error = shared
+    if error is not None:
+        raise UsageError(error)
+    return state
+
+
+def _restore(trainables: _Trainables, state: dict[str, Any], config: TrainConfig, ctx: Dist) -> tuple[_Position, int]:
+    """Load a checkpoint's state into ``trainables``; returns the position and this rank's samples to skip.
+
+    With the same world size and global batch the RNG states and the data position are restored
+    exactly; otherwise the run continues from the same step with fresh generators (and says so).
+    """
+    trainables.load_state_dict(state)
+    pos = _Position(state["epoch"], state["step_in_epoch"], state["global_step"])
+    if state["world_size"] == ctx.world_size and state["batch_size"] == config.batch_size:
+        set_rng_state(state["rng"][ctx.rank])
+    else:
+        seed_everything(config.seed + ctx.rank + pos.global_step)
+        _Notes(ctx.main)(
+            f"resuming with {ctx.world_size} processes × batch {config.batch_size} (the checkpoint was "
+            f"{state['world_size']} × {state['batch_size']}): continuing approximately, not bit-exactly"
+        )
+    samples_seen = state["samples_seen"]
+    if pos.step_in_epoch >= state["steps_per_epoch"]:
+        pos, samples_seen = _Position(pos.epoch + 1, 0, pos.global_step), 0
+    return pos, samples_seen // ctx.world_size
 
 
 class _Notes:
@@ -706,7 +794,8 @@ def build_from_scratch(
     from .checkpoint import build_model, data_config, default_input_shape
     from .compress import CompressConfig, compress
 
-    chosen = [name for name, v in (("--rank", rank), ("--rank-ratio", rank_ratio), ("--param-ratio", param_ratio)) if v is not None]
+    policies = (("--rank", rank), ("--rank-ratio", rank_ratio), ("--param-ratio", param_ratio))
+    chosen = [name for name, value in policies if value is not None]
     if len(chosen) != 1:
         raise UsageError("--from-scratch needs exactly one of --rank, --rank-ratio, --param-ratio"
                          + (f" (got {', '.join(chosen)})" if chosen else ""))

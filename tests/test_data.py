@@ -79,6 +79,15 @@ def test_resolve_data_config_prefers_the_recorded_input_shape() -> None:
     assert resolve_data_config(loaded, (1, 3, 64, 48))["input_size"] == (3, 64, 48)
 
 
+def test_resolve_data_config_falls_back_to_the_archs_config() -> None:
+    import torchvision
+
+    model = torchvision.models.resnet18(weights=None)
+    config = resolve_data_config(LoadedModel(model, "torchvision:resnet18", input_shape=(1, 3, 32, 32)))
+    assert config["input_size"] == (3, 32, 32) and config["crop_pct"] == 224 / 256
+    assert config["interpolation"] == "bilinear" and config["std"] == (0.229, 0.224, 0.225)
+
+
 def test_resolve_data_config_without_a_size_asks_for_input_shape() -> None:
     with pytest.raises(UsageError, match="--input-shape"):
         resolve_data_config(LoadedModel(model=torch.nn.Identity()))

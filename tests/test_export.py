@@ -16,7 +16,7 @@ import torchvision
 from PIL import Image
 from torch import nn
 
-from lowrank_compress import factorize, from_dense
+from lowrank_compress import Factorization, from_dense
 from lowrank_compress.cli import main
 from lowrank_compress.errors import LrcError, UsageError
 from lowrank_compress.export import export_onnx, verify_onnx
@@ -42,11 +42,13 @@ def _one_thread():
 
 
 def factorize_every_layer(model: nn.Module, param_ratio: float = 0.25) -> nn.Module:
-    """Swap every eligible Linear/Conv for its rank-r spectral factorization, r = ⌊ratio·m·d/(m+d)⌋.
+    """Swap every eligible Linear/Conv for a rank-r factorized layer, r = ⌊ratio·m·d/(m+d)⌋.
 
-    Export only sees the structure (down/up layers), so the plain SVD is enough here; the
-    projection methods are tested elsewhere.
+    Export only sees the structure (down/up layers), so the factors are random with the dense
+    layer's scale (A B has entries of variance 1/d) rather than an SVD: a 4096×25088 SVD would
+    cost more than the export under test.
     """
+    gen = torch.Generator().manual_seed(0)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if not isinstance(child, (nn.Linear, nn.Conv1d, nn.Conv2d)) or unsupported_reason(child) is not None:
@@ -54,7 +56,9 @@ def factorize_every_layer(model: nn.Module, param_ratio: float = 0.25) -> nn.Mod
             m, d = child.weight.shape[0], child.weight[0].numel()
             rank = int(param_ratio * m * d / (m + d))
             if rank >= 1:
-                setattr(parent, name, from_dense(child, factorize(child.weight, rank, "spectral", "identity", child.bias)))
+                A = torch.randn(m, rank, generator=gen) / rank**0.5
+                B = torch.randn(rank, d, generator=gen) / d**0.5
+                setattr(parent, name, from_dense(child, Factorization(A, B, child.bias)))
     return model.eval()
 
 

@@ -250,21 +250,31 @@ def test_checkpoints_load_without_unpickling_code(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_two_torchrun_processes_end_with_identical_weights(small_dir: Path, compressed_teacher: Path, tmp_path: Path) -> None:
-    out = tmp_path / "ddp.lrc.safetensors"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "LRC_RANK_STATE_DIR": str(tmp_path / "ranks")}
-    command = [
-        str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "lowrank_compress",
-        "finetune", str(compressed_teacher), "--data", str(small_dir), "--no-teacher", "--epochs", "2", "--batch-size", "32",
-        "--lr", "0.02", "--max-steps", "8", "--workers", "0", "--device", "cpu", "--ema", "0.9",
-        "--log-file", str(tmp_path / "log.jsonl"), "--quiet", "-o", str(out),
-    ]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    start = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[0])
+def test_two_torchrun_processes_end_with_identical_weights_and_resume_exactly(
+    small_dir: Path, compressed_teacher: Path, tmp_path: Path
+) -> None:
+    def torchrun(name: str, *extra: str) -> None:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "LRC_RANK_STATE_DIR": str(tmp_path / f"{name}-ranks")}
+        command = [
+            str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "lowrank_compress",
+            "finetune", str(compressed_teacher), "--data", str(small_dir), "--no-teacher", "--epochs", "2",
+            "--batch-size", "32", "--lr", "0.02", "--workers", "0", "--device", "cpu", "--ema", "0.9",
+            "--checkpoint-dir", str(tmp_path / name), "--log-file", str(tmp_path / f"{name}.jsonl"), "--quiet",
+            "-o", str(tmp_path / f"{name}.lrc.safetensors"), *extra,
+        ]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    torchrun("full")
+    start = json.loads((tmp_path / "full.jsonl").read_text().splitlines()[0])
     assert start["world_size"] == 2 and start["steps_per_epoch"] == 6  # 192 images / (2 ranks × 16)
-    _assert_same_weights(tmp_path / "ranks" / "rank0.safetensors", tmp_path / "ranks" / "rank1.safetensors")
-    _assert_same_weights(tmp_path / "ranks" / "rank0.safetensors", out)
+    _assert_same_weights(tmp_path / "full-ranks" / "rank0.safetensors", tmp_path / "full-ranks" / "rank1.safetensors")
+    _assert_same_weights(tmp_path / "full-ranks" / "rank0.safetensors", tmp_path / "full.lrc.safetensors")
+
+    torchrun("split", "--max-steps", "4")
+    torchrun("split", "--resume")
+    _assert_same_weights(tmp_path / "split-ranks" / "rank0.safetensors", tmp_path / "split-ranks" / "rank1.safetensors")
+    _assert_same_weights(tmp_path / "full.lrc.safetensors", tmp_path / "split.lrc.safetensors")
 
 
 def test_from_scratch_factorizes_a_random_model_and_trains_it(small_dir: Path, tmp_path: Path) -> None:

@@ -1,0 +1,161 @@
+"""How much of the FLOP saving becomes onnxruntime CPU time (issue 6).
+
+    .venv/bin/python benchmarks/speed.py                                  # resnet50 + efficientnet_b0, batch 1 and 32
+    .venv/bin/python benchmarks/speed.py --models resnet50 --batch-sizes 32 --repeats 20 --json speed.json
+    .venv/bin/python benchmarks/speed.py --models resnet50 --image-size 64 --batch-sizes 1 --repeats 2  # smoke run
+
+What is measured: torchvision resnet50 and timm efficientnet_b0 (random init, 1000 classes,
+224×224) and each compressed data-free by ``lowrank_compress.compress`` under ``--target-flops``
+(default 0.5: at most half the FLOPs, ranks allocated from per-layer error curves, DESIGN.md §4)
+with ranks rounded to multiples of ``--round-to`` (default 16). Both are exported to ONNX (the
+parity check must pass) and timed in one onnxruntime CPU process, runs interleaved dense,
+compressed, dense, … (lowrank_compress.bench.measure_latency); the figure is the median.
+
+Columns: FLOP ratio = compressed / dense FLOPs (torch.utils.flop_counter, batch 1); latency ratio
+= compressed / dense median latency; quotient = latency ratio / FLOP ratio (1.0: time fell as much
+as FLOPs; above 1: less); realized = (1 − latency ratio) / (1 − FLOP ratio), the share of the FLOP
+saving that became time. Prints a markdown table with the CPU and thread count.
+
+Why ``--round-to 16``: onnxruntime's fastest CPU convolutions (the NCHWc kernels its
+ORT_ENABLE_ALL graph optimization switches to) work on blocks of 16 channels with AVX-512 (8 with
+AVX2). A rank that is not a multiple of the block cuts the factorized conv out of the blocked
+layout: reorders appear around it and fusions break, and resnet50 at half its FLOPs then runs at
+~0.95× the dense latency instead of ~0.6×.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowrank_compress.bench import count_flops, count_params, measure_latency
+from lowrank_compress.export import export_onnx
+
+ARCHS = {"resnet50": "torchvision:resnet50", "efficientnet_b0": "timm:efficientnet_b0"}
+
+
+def build(arch: str) -> nn.Module:
+    """A random-init model from an arch spec (no weights are downloaded)."""
+    from lowrank_compress.checkpoint import build_model
+
+    return build_model(arch).eval()
+
+
+def compress_model(model: nn.Module, example: torch.Tensor, args: argparse.Namespace) -> tuple[nn.Module, str]:
+    """The compressed copy of ``model`` and the policy used, in words (the one call to adjust)."""
+    from lowrank_compress.compress import CompressConfig, compress
+
+    config = CompressConfig(
+        method=args.method, target_flops=args.target_flops, round_to=args.round_to, exclude=args.exclude,
+        latency_aware=args.latency_aware,
+    )
+    compressed, _ = compress(copy.deepcopy(model), config, example)
+    policy = f"--target-flops {args.target_flops} --round-to {args.round_to} --method {args.method}"
+    if args.exclude:
+        policy += f" --exclude '{args.exclude}'"
+    if args.latency_aware:
+        policy += " --latency-aware"
+    return compressed.eval(), policy
+
+
+def measure(name: str, args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:
+    """Rows (one per batch size) for one architecture."""
+    torch.manual_seed(args.seed)
+    shape = (1, 3, args.image_size, args.image_size)
+    dense = build(ARCHS[name])
+    compressed, policy = compress_model(dense, torch.randn(shape), args)
+    flop_ratio = count_flops(compressed, shape) / count_flops(dense, shape)
+    param_ratio = count_params(compressed) / count_params(dense)
+    files = {}
+    for label, model in (("dense", dense), ("compressed", compressed)):
+        files[label] = workdir / f"{name}-{label}.onnx"
+        parity = export_onnx(model, files[label], shape)
+        if not parity.passed:
+            raise SystemExit(f"{name} {label}: ONNX parity failed ({parity.max_rel_error:.2e})")
+    report = measure_latency(
+        files, shape, batch_sizes=args.batch_sizes, runtime="onnxruntime", threads=args.threads,
+        warmup=args.warmup, repeats=args.repeats, baseline="dense",
+    )
+    rows = []
+    for batch in args.batch_sizes:
+        by_model = {r.model: r for r in report.results if r.batch_size == batch}
+        latency_ratio = by_model["compressed"].ratio
+        rows.append({
+            "model": name, "policy": policy, "batch_size": batch, "flop_ratio": flop_ratio, "param_ratio": param_ratio,
+            "dense_ms": by_model["dense"].median_s * 1e3, "compressed_ms": by_model["compressed"].median_s * 1e3,
+            "dense_iqr_ms": by_model["dense"].iqr_s * 1e3, "compressed_iqr_ms": by_model["compressed"].iqr_s * 1e3,
+            "latency_ratio": latency_ratio, "quotient": latency_ratio / flop_ratio,
+            "realized": (1 - latency_ratio) / (1 - flop_ratio) if flop_ratio < 1 else None,
+        })
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    head = "| model | batch | FLOP ratio | params ratio | dense ms | compressed ms | latency ratio | quotient | realized |"
+    lines = [head, "|" + "---|" * 9]
+    for r in rows:
+        realized = f"{r['realized']:.0%}" if r["realized"] is not None else "–"
+        lines.append(
+            f"| {r['model']} | {r['batch_size']} | {r['flop_ratio']:.3f} | {r['param_ratio']:.3f} | "
+            f"{r['dense_ms']:.1f} | {r['compressed_ms']:.1f} | {r['latency_ratio']:.3f} | {r['quotient']:.2f} | {realized} |"
+        )
+    return "\n".join(lines)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="resnet50,efficientnet_b0", help="comma-separated: " + ", ".join(ARCHS))
+    parser.add_argument("--target-flops", type=float, default=0.5, help="fraction of the FLOPs to keep")
+    parser.add_argument("--round-to", type=int, default=16, help="ranks are multiples of this")
+    parser.add_argument("--method", default="spectral", help="spectral or nkp (speed does not depend on it)")
+    parser.add_argument("--exclude", default=None, help="regex of layer names to keep dense")
+    parser.add_argument("--latency-aware", action="store_true", help="keep layers dense where factoring is not faster")
+    parser.add_argument("--batch-sizes", default="1,32", help="comma-separated batch sizes")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads [default: its own]")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    args = parser.parse_args()
+    args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    names = args.models.split(",")
+    unknown = [n for n in names if n not in ARCHS]
+    if unknown:
+        parser.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(ARCHS)}")
+
+    import onnxruntime
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="lrc-speed-") as tmp:
+        for name in names:
+            rows.extend(measure(name, args, Path(tmp)))
+    threads = "onnxruntime's default threads" if args.threads is None else f"{args.threads} threads"
+    print(f"onnxruntime {onnxruntime.__version__} CPU on {cpu_name()} ({torch.get_num_threads()} cores visible), {threads}, "
+          f"{args.image_size}×{args.image_size}, median of {args.repeats} interleaved runs")
+    print(f"policy: {rows[0]['policy']}\n")
+    print(markdown(rows))
+    if args.json is not None:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,469 @@
+"""Calibration-aware projection (DESIGN.md §3): keep a pretrained model's function at low rank.
+
+For each layer, in execution order:
+1. its inputs x̃ come from the model *as compressed so far* while its targets σ(z) come from the
+   original model at the same positions (asymmetric reconstruction, Zhang et al. 2015);
+2. streaming float64 statistics of the pre-activation responses z̃ = W x̃ + b (mean μ, covariance
+   Σ, m×m — never the d×d input covariance) and a bounded reservoir of (input patch, target) pairs;
+3. candidates — spectral, data-free nkp, and the calibrated response-space projection with a
+   bounded per-row Gaussian (scale, bias) fit — each refined by guarded Adam on the post-activation
+   error;
+4. the candidate with the lowest held-out post-activation error is kept (never worse than SVD on
+   the held-out samples, since spectral is always a candidate).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .activations import activation_fn, canonical_activation
+from .compress import (
+    CompressConfig,
+    LayerReport,
+    ProgressFn,
+    _call,
+    _factor_params,
+    plan_ranks,
+    replace_module,
+    unfold_batchnorm,
+)
+from .errors import UsageError
+from .graph import LayerSite
+from .layers import from_dense
+from .projection import (
+    Factorization,
+    cross_moment,
+    factorize_all,
+    fit_rows,
+    refine,
+    second_moment,
+)
+
+RESERVOIR = 2048  # (input patch, target) pairs kept per layer: 3/4 for refinement, 1/4 held out
+_TENSOR_SUFFIXES = (".npy", ".pt", ".pth", ".bin", ".safetensors")
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def _tensor_file(path: Path) -> torch.Tensor:
+    if path.suffix == ".npy":
+        try:
+            array = np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise UsageError(f"cannot read calibration file {path} ({exc})") from None
+        return torch.from_numpy(np.ascontiguousarray(array))
+    if path.suffix == ".safetensors":
+        from .checkpoint import read_safetensors_metadata
+
+        read_safetensors_metadata(path)
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(path))
+    else:
+        from .checkpoint import _read_torch
+
+        obj = _read_torch(path, trust_pickle=False)
+        tensors = obj if isinstance(obj, dict) else {"x": obj}
+    tensors = {k: v for k, v in tensors.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
+    for key in ("x", "inputs", "input", "images", "x_test", "x_train", "data"):
+        if key in tensors:
+            return tensors[key]
+    if len(tensors) == 1:
+        return next(iter(tensors.values()))
+    raise UsageError(f"calibration file {path} holds {len(tensors)} float tensors; name the inputs 'x'")
+
+
+def calibration_batches(
+    spec: str,
+    input_shape: tuple[int, ...],
+    data_config: dict[str, Any],
+    samples: int,
+    batch_size: int,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> list[torch.Tensor]:
+    """Calibration inputs as a list of batches of shape (b, *input_shape[1:]).
+
+    ``spec``: ``gaussian``, an image folder (class subfolders or flat, eval-transformed to the input
+    shape), or a tensor file (.npy, .pt via weights_only, .safetensors) whose first axis indexes
+    samples.
+    """
+    if samples < 1 or batch_size < 1:
+        raise UsageError("--calib-samples and --calib-batch-size must be ≥ 1")
+    per_sample = tuple(input_shape[1:])
+    if spec == "gaussian":
+        gen = torch.Generator().manual_seed(seed + 1)
+        data = torch.randn((samples, *per_sample), generator=gen)
+    else:
+        path = Path(spec)
+        if not path.exists():
+            raise UsageError(f"calibration data {path} does not exist (give a folder, a tensor file or 'gaussian')")
+        if path.is_dir():
+            from .data import image_tensors
+
+            data = image_tensors(path, input_shape, data_config, samples)
+        elif path.suffix in _TENSOR_SUFFIXES:
+            data = _tensor_file(path)
+            if tuple(data.shape[1:]) != per_sample:
+                raise UsageError(
+                    f"calibration tensor in {path} has samples of shape {tuple(data.shape[1:])}; "
+                    f"the model takes {per_sample} (input shape {tuple(input_shape)})"
+                )
+            data = data[:samples].float()
+        else:
+            raise UsageError(f"calibration data {path}: expected a folder, {', '.join(_TENSOR_SUFFIXES)} or 'gaussian'")
+    if data.shape[0] == 0:
+        raise UsageError(f"calibration data {spec} is empty")
+    if not torch.isfinite(data).all():
+        raise UsageError(f"calibration data {spec} contains NaN or Inf")
+    return [b.to(dtype) for b in data.split(batch_size)]
+
+
+# ---------------------------------------------------------------- per-layer views
+
+
+def _patches(site: LayerSite, x: torch.Tensor) -> torch.Tensor:
+    """The layer's input as rows matching its flattened weight: (positions, d)."""
+    module = site.module
+    if isinstance(module, nn.Linear):
+        return x.reshape(-1, x.shape[-1])
+    padding = module.padding
+    if isinstance(padding, str) or module.padding_mode != "zeros":
+        # 'same' padding and non-zero padding modes: pad explicitly, exactly as the conv does.
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
+        padding = (0,) * (x.dim() - 2)
+    if isinstance(module, nn.Conv1d):
+        x = x.unsqueeze(-1)
+        kernel, stride = (module.kernel_size[0], 1), (module.stride[0], 1)
+        dilation, padding = (module.dilation[0], 1), (padding[0], 0)
+    else:
+        kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
+    cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # (N, d, L)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def _responses(site: LayerSite, z: torch.Tensor) -> torch.Tensor:
+    """Layer output (N, m, ...) or (..., m) as rows (positions, m), BatchNorm before folded in."""
+    if isinstance(site.module, nn.Linear):
+        rows = z.reshape(-1, z.shape[-1])
+    else:
+        rows = z.movedim(1, -1).reshape(-1, z.shape[1])
+    if site.bn_before is not None:
+        rows = rows * site.bn_before.scale.to(rows.dtype) + site.bn_before.shift.to(rows.dtype)
+    return rows
+
+
+@dataclass
+class ResponseStats:
+    """Streaming float64 mean (m,) and covariance (m, m) of response rows (Chan's merge)."""
+
+    count: int
+    mean: torch.Tensor
+    scatter: torch.Tensor
+
+    @classmethod
+    def empty(cls, m: int) -> ResponseStats:
+        return cls(0, torch.zeros(m, dtype=torch.float64), torch.zeros(m, m, dtype=torch.float64))
+
+    def update(self, rows: torch.Tensor) -> None:
+        n = rows.shape[0]
+        if n == 0:
+            return
+        batch_mean = rows.mean(0, dtype=torch.float64)
+        centered = rows - batch_mean.to(rows.dtype)
+        batch_scatter = (centered.T @ centered).to(torch.float64)
+        total = self.count + n
+        delta = batch_mean - self.mean
+        self.scatter += batch_scatter + torch.outer(delta, delta) * (self.count * n / total)
+        self.mean += delta * (n / total)
+        self.count = total
+
+    @property
+    def covariance(self) -> torch.Tensor:
+        return self.scatter / max(self.count - 1, 1)
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the layer of interest has run."""
+
+
+def _run_until(model: nn.Module, module: nn.Module, batch: Any, capture) -> None:
+    """Run ``model`` on ``batch`` until ``module`` has been called; ``capture(inputs, output)``."""
+
+    def hook(_m, inputs, output):
+        capture(inputs[0], output)
+        raise _Stop
+
+    handle = module.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            _call(model, batch)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+
+
+# ---------------------------------------------------------------- original-model pass
+
+
+@dataclass
+class _Targets:
+    positions: list[torch.Tensor]  # per batch: indices into that batch's response rows
+    post: torch.Tensor  # (P, m) targets σ(z) at the reservoir positions
+    stats: ResponseStats  # of the original responses (for rank allocation)
+
+
+def _original_pass(
+    original: nn.Module, sites: list[LayerSite], batches: list[Any], seed: int
+) -> dict[str, _Targets]:
+    """One pass over the original model: reservoir positions, targets and response statistics."""
+    gen = torch.Generator().manual_seed(seed + 7)
+    per_batch = math.ceil(RESERVOIR / max(len(batches), 1))
+    modules = {s.name: original.get_submodule(s.name) for s in sites}
+    acc = {s.name: ([], [], ResponseStats.empty(s.shape[0])) for s in sites}
+    fns = {s.name: activation_fn(s.activation) for s in sites}
+
+    def hook(site: LayerSite):
+        def record(_m, _inputs, output):
+            rows = _responses(site, output.detach().to(torch.float32))
+            positions, post, stats = acc[site.name]
+            stats.update(rows)
+            idx = torch.randperm(rows.shape[0], generator=gen)[:per_batch].sort().values
+            positions.append(idx)
+            post.append(fns[site.name](rows[idx]))
+
+        return record
+
+    handles = [modules[s.name].register_forward_hook(hook(s)) for s in sites]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                _call(original, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: _Targets(p, torch.cat(t), st) for name, (p, t, st) in acc.items()}
+
+
+# ---------------------------------------------------------------- candidates
+
+
+def _post_error(site: LayerSite, factors: Factorization, x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor | None) -> float:
+    """Mean α-weighted squared post-activation error on (x, y) rows, relative to Σ α y²."""
+    f = activation_fn(site.activation)
+    with torch.no_grad():
+        A, B = factors.A.to(torch.float32), factors.B.to(torch.float32)
+        z = (x @ B.T) @ A.T
+        if factors.bias is not None:
+            z = z + factors.bias.to(torch.float32)
+        diff = (f(z) - y) ** 2
+        energy = y**2
+        if alpha is not None:
+            diff, energy = diff * alpha, energy * alpha
+        total = float(energy.sum())
+    return float(diff.sum()) / total if total > 0 else float(diff.sum())
+
+
+def response_projection(
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    stats: ResponseStats,
+    rank: int,
+    activation: str,
+    alpha: torch.Tensor | None = None,
+) -> Factorization:
+    """Calibrated nkp: response-space projection plus the per-row Gaussian (scale, bias) fit.
+
+    With S̃ = diag(√α) Σ diag(√α) = U Λ Uᵀ and M = diag(α^-½) U_r U_rᵀ diag(α^½), the linear part is
+    z' = M(z − μ) + μ; each row is then rescaled and shifted by the bounded fit of
+    :func:`projection.fit_rows` for z_i ~ N(μ_i, Σ_ii) and its captured correlation ρ_i.
+    A = diag(D) diag(α^-½) U_r, B = U_rᵀ diag(α^½) W.
+    """
+    m = w.shape[0]
+    cov, mu = stats.covariance, stats.mean
+    a = torch.ones(m, dtype=torch.float64) if alpha is None else alpha
+    a = a.clamp_min(float(a.max()) * 1e-8 + 1e-30)
+    root = a.sqrt()
+    evals, evecs = torch.linalg.eigh(root[:, None] * cov * root[None, :])
+    order = torch.argsort(evals, descending=True)[:rank]
+    lam, u = evals[order].clamp_min(0.0), evecs[:, order]
+    n = torch.diagonal(cov).clamp_min(0.0).sqrt()
+    captured = ((u * u * lam).sum(1) / a).clamp_min(0.0).sqrt()  # std of the projected row
+    rho = torch.where(n > 0, captured / n.clamp_min(1e-300), torch.zeros_like(n)).clamp(0.0, 1.0)
+    act = canonical_activation(activation)
+    if act == "identity":
+        t, c = captured, mu.clone()
+    else:
+        t, c = fit_rows(act, mu, n, rho, fit_bias=True)
+    scale = torch.where(captured > 0, t / captured.clamp_min(1e-300), torch.zeros_like(t))
+    left = root.reciprocal()[:, None] * u  # diag(α^-½) U_r
+    B = u.T @ (root[:, None] * w)
+    base = torch.zeros(m, dtype=torch.float64) if b is None else b
+    linear_bias = left @ (u.T @ (root * (base - mu)))  # M (b − μ)
+    A = scale[:, None] * left
+    return Factorization(A, B, scale * linear_bias + c)
+
+
+def _candidates(
+    site: LayerSite,
+    rank: int,
+    stats: ResponseStats,
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    x_held: torch.Tensor,
+    y_held: torch.Tensor,
+    refine_steps: int,
+    seed: int,
+) -> tuple[dict[str, Factorization], dict[str, float]]:
+    """Every candidate (in BN-folded space) with its relative held-out post-activation error."""
+    w, b = site.effective_weight()
+    alpha = site.row_weights()
+    act = canonical_activation(site.activation)
+    base = factorize_all(w, rank, act, b, alpha)
+    cands: dict[str, Factorization] = {
+        "spectral": base["spectral"],
+        "nkp": base["nkp"],
+        "nkp_calibrated": response_projection(w, b, stats, rank, act, alpha),
+    }
+    # A factorization without a bias cannot move the mean; give every candidate an explicit one.
+    zeros = torch.zeros(w.shape[0], dtype=torch.float64)
+    cands = {
+        k: Factorization(f.A.to(torch.float64), f.B.to(torch.float64),
+                         f.bias.to(torch.float64) if f.bias is not None else (zeros if b is None else b))
+        for k, f in cands.items()
+    }
+    a32 = None if alpha is None else alpha.to(torch.float32)
+    errors = {k: _post_error(site, f, x_held, y_held, a32) for k, f in cands.items()}
+    if refine_steps > 0:
+        for k in list(cands):
+            if not math.isfinite(errors[k]):
+                continue
+            refined, _, _ = refine(
+                w, None, cands[k], act, inputs=x_train, targets=y_train, held_out=(x_held, y_held),
+                row_weights=alpha, steps=refine_steps, batch_size=256, eval_every=20, seed=seed,
+            )
+            name = f"{k}+refine"
+            cands[name] = refined
+            errors[name] = _post_error(site, refined, x_held, y_held, a32)
+    return cands, errors
+
+
+def choose_candidate(errors: dict[str, float], method: str) -> str:
+    """The lowest held-out error; spectral wins ties; ``--method spectral`` only picks spectral ones."""
+    allowed = {k: v for k, v in errors.items() if math.isfinite(v) and (method != "spectral" or k.startswith("spectral"))}
+    return min(allowed, key=lambda k: (allowed[k], not k.startswith("spectral")))
+
+
+# ---------------------------------------------------------------- rank curves from statistics
+
+
+def stats_error_curve(site: LayerSite, stats: ResponseStats, ranks: list[int]) -> list[float]:
+    """Relative post-activation error vs rank under z ~ N(μ, Σ), from the response statistics."""
+    cov, mu = stats.covariance, stats.mean
+    m = cov.shape[0]
+    alpha = site.row_weights()
+    a = torch.ones(m, dtype=torch.float64) if alpha is None else alpha
+    a = a.clamp_min(float(a.max()) * 1e-8 + 1e-30)
+    evals, evecs = torch.linalg.eigh(a.sqrt()[:, None] * cov * a.sqrt()[None, :])
+    order = torch.argsort(evals, descending=True)
+    lam, u = evals[order].clamp_min(0.0), evecs[:, order]
+    cum = torch.cumsum(u * u * lam, dim=1) / a[:, None]
+    n = torch.diagonal(cov).clamp_min(0.0).sqrt()
+    act = canonical_activation(site.activation)
+    energy = second_moment(act, mu, n)
+    weight = torch.ones(m, dtype=torch.float64) if alpha is None else alpha
+    total = float((weight * energy).sum())
+    out = []
+    for r in ranks:
+        captured = cum[:, min(r, m) - 1].clamp_min(0.0).sqrt()
+        rho = torch.where(n > 0, captured / n.clamp_min(1e-300), torch.zeros_like(n)).clamp(0.0, 1.0)
+        t, c = (captured, mu) if act == "identity" else fit_rows(act, mu, n, rho, fit_bias=True)
+        err = (energy + second_moment(act, c, t) - 2.0 * cross_moment(act, mu, n, c, t, rho)).clamp_min(0.0)
+        out.append(float((weight * err).sum()) / total if total > 0 else 0.0)
+    return out
+
+
+# ---------------------------------------------------------------- the calibrated job
+
+
+def calibrated_compress(
+    model: nn.Module,
+    sites: list[LayerSite],
+    config: CompressConfig,
+    example_inputs: Any,
+    calibration: Iterable[Any],
+    progress: ProgressFn | None = None,
+    asymmetric: bool = True,
+) -> tuple[list[LayerReport], list[dict[str, str]]]:
+    """Compress ``sites`` of ``model`` in place with calibration data (see the module docstring).
+
+    ``asymmetric=False`` calibrates every layer on the original model's inputs instead (for
+    comparison; the asymmetric default is what works, DESIGN.md §3).
+    """
+    import copy
+
+    batches = list(calibration)
+    if not batches:
+        raise UsageError("the calibration data is empty")
+    original = copy.deepcopy(model).eval()
+    targets = _original_pass(original, sites, batches, config.seed)
+    by_name = {s.name: s for s in sites}
+
+    def curve(site: LayerSite, ranks: list[int]) -> list[float]:
+        return stats_error_curve(site, targets[site.name].stats, ranks)
+
+    ranks, notes, reasons = plan_ranks(model, sites, config, example_inputs, curve)
+    skipped = [{"name": n, "reason": r} for n, r in reasons.items()]
+    todo = [s for s in sites if s.name in ranks]
+    reports: list[LayerReport] = []
+    source = model if asymmetric else original
+    for i, site in enumerate(todo):
+        if progress is not None:
+            progress(site.name, i, len(todo))
+        target = targets[site.name]
+        stats = ResponseStats.empty(site.shape[0])
+        inputs: list[torch.Tensor] = []
+        module = site.module if asymmetric else original.get_submodule(site.name)
+        for batch, idx in zip(batches, target.positions):
+            def capture(x, output, idx=idx):
+                rows = _responses(site, output.detach().to(torch.float32))
+                stats.update(rows)
+                inputs.append(_patches(site, x.detach().to(torch.float32))[idx])
+
+            _run_until(source, module, batch, capture)
+        x_all = torch.cat(inputs)
+        y_all = target.post
+        gen = torch.Generator().manual_seed(config.seed + i)
+        perm = torch.randperm(x_all.shape[0], generator=gen)
+        held = max(1, x_all.shape[0] // 4)
+        h_idx, t_idx = perm[:held], perm[held:] if x_all.shape[0] > 1 else perm
+        cands, errors = _candidates(
+            by_name[site.name], ranks[site.name], stats, x_all[t_idx], y_all[t_idx], x_all[h_idx], y_all[h_idx],
+            config.refine_steps, config.seed + i,
+        )
+        best = choose_candidate(errors, config.method)
+        module_factors = unfold_batchnorm(site, cands[best]).to(site.module.weight.dtype)
+        new = from_dense(site.module, module_factors)
+        replace_module(model, site.module, new)
+        reports.append(LayerReport(
+            name=site.name, kind=site.kind, activation=site.activation, shape=list(site.shape), rank=ranks[site.name],
+            params_before=site.params,
+            params_after=_factor_params(site, ranks[site.name], module_factors.bias is not None),
+            error_spectral=errors["spectral"], error_nkp=errors["nkp_calibrated"], method=best,
+            note=notes.get(site.name), candidates=errors,
+        ))
+    if progress is not None:
+        progress("done", len(todo), len(todo))
+    return reports, skipped

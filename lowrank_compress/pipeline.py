@@ -1,0 +1,155 @@
+"""The compress job end to end: load, calibrate, compress, measure, write (what ``lrc compress`` runs)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import LoadedModel, open_model
+from .compress import CompressConfig, CompressReport, ProgressFn, compress
+from .errors import BudgetExceeded, LrcError, UsageError
+from .fileio import atomic_output, check_writable
+from .serialization import save
+
+
+@dataclass
+class CompressJob:
+    """Everything ``lrc compress`` takes."""
+
+    checkpoint: Path
+    config: CompressConfig
+    output: Path | None = None
+    arch: str | None = None
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    trust_pickle: bool = False
+    input_shape: tuple[int, ...] | None = None
+    calib: str | None = None
+    calib_batch_size: int = 32
+    json_path: Path | None = None
+    onnx_path: Path | None = None
+    plot_path: Path | None = None
+    max_output_error: float | None = None
+
+
+@dataclass
+class JobResult:
+    report: CompressReport
+    output: Path
+    model: nn.Module
+    loaded: LoadedModel
+    parity: Any = None
+    failure: Exception | None = None
+
+
+def default_output(checkpoint: Path) -> Path:
+    """``resnet50.pt`` → ``resnet50.lrc.safetensors`` beside it."""
+    name = checkpoint.name
+    for suffix in (".lrc.safetensors", ".safetensors", ".pth", ".pt", ".bin", ".ckpt"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return checkpoint.with_name(name + ".lrc.safetensors")
+
+
+def _outputs(result: Any) -> list[torch.Tensor]:
+    if isinstance(result, torch.Tensor):
+        return [result]
+    if isinstance(result, dict):
+        return [t for v in result.values() for t in _outputs(v)]
+    if isinstance(result, (tuple, list)):
+        return [t for v in result for t in _outputs(v)]
+    return []
+
+
+def output_error(original: nn.Module, compressed: nn.Module, batches: list[Any]) -> float:
+    """‖f(x) − f̃(x)‖ / ‖f(x)‖ over all outputs of all batches (Frobenius norms)."""
+    from .compress import _call
+
+    num, den = 0.0, 0.0
+    with torch.no_grad():
+        for batch in batches:
+            for ref, new in zip(_outputs(_call(original, batch)), _outputs(_call(compressed, batch))):
+                num += float((ref.double() - new.double()).pow(2).sum())
+                den += float(ref.double().pow(2).sum())
+    return (num / den) ** 0.5 if den > 0 else 0.0
+
+
+def run_compress(job: CompressJob, progress: ProgressFn | None = None, raise_on_failure: bool = True) -> JobResult:
+    """Run a compress job. Outputs are written atomically; a missed budget or a failed ONNX parity
+    check is raised after writing (or left in ``result.failure`` with ``raise_on_failure=False``)."""
+    from .calibration import calibration_batches
+
+    out = job.output or default_output(job.checkpoint)
+    for path in (out, job.json_path, job.onnx_path, job.plot_path):
+        if path is not None:
+            check_writable(path)
+    if job.max_output_error is not None and not job.max_output_error >= 0:
+        raise UsageError(f"--max-output-error must be ≥ 0, got {job.max_output_error}")
+    torch.manual_seed(job.config.seed)
+    loaded = open_model(job.checkpoint, job.arch, job.arch_kwargs, job.trust_pickle, job.input_shape)
+    shape = loaded.input_shape
+    if shape is None:
+        raise UsageError(f"cannot tell the input shape of {job.checkpoint}; pass --input-shape, e.g. 1,3,224,224")
+    model = loaded.model
+    gen = torch.Generator().manual_seed(job.config.seed)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    example = torch.randn(shape, generator=gen).to(dtype)
+    _check_runs(model, example)
+    calibration = None
+    if job.calib is not None:
+        calibration = calibration_batches(
+            job.calib, shape, loaded.data_config, job.config.calib_samples, job.calib_batch_size, job.config.seed, dtype
+        )
+    original = copy.deepcopy(model)
+    model, report = compress(model, job.config, example, calibration=calibration, progress=progress)
+    check = calibration[:4] if calibration else [torch.randn((8, *shape[1:]), generator=gen).to(dtype)]
+    report.output_error = output_error(original, model, check)
+    del original
+
+    save(model, out, arch=loaded.arch, arch_kwargs=loaded.arch_kwargs, input_shape=list(shape),
+         data_config=_jsonable(loaded.data_config))
+    if job.json_path is not None:
+        with atomic_output(job.json_path) as tmp:
+            tmp.write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True))
+    parity = None
+    if job.onnx_path is not None:
+        from .export import export_onnx
+
+        parity = export_onnx(model, job.onnx_path, input_shape=shape,
+                             calib_inputs=calibration[:2] if calibration else None)
+    if job.plot_path is not None:
+        from .plots import plot_compression
+
+        plot_compression(report, job.plot_path)
+    result = JobResult(report=report, output=out, model=model, loaded=loaded, parity=parity)
+    if parity is not None and not parity.passed:
+        result.failure = LrcError(
+            f"ONNX parity failed: max relative error {parity.max_rel_error:.2e} > tolerance {parity.rtol:.0e} "
+            f"(file kept at {job.onnx_path})"
+        )
+    elif job.max_output_error is not None and report.output_error > job.max_output_error:
+        result.failure = BudgetExceeded(f"output error {report.output_error:.4f} > budget {job.max_output_error:.4f}")
+    if raise_on_failure and result.failure is not None:
+        raise result.failure
+    return result
+
+
+def _check_runs(model: nn.Module, example: torch.Tensor) -> None:
+    try:
+        with torch.no_grad():
+            model(example)
+    except Exception as exc:
+        raise UsageError(
+            f"the model does not run on an input of shape {tuple(example.shape)} "
+            f"({type(exc).__name__}: {' '.join(str(exc).split())[:160]}); check --input-shape"
+        ) from None
+
+
+def _jsonable(config: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(config, default=lambda v: list(v) if isinstance(v, tuple) else str(v)))

@@ -1,0 +1,88 @@
+"""Rich tables for the CLI: layer sites, compression reports, manifests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+
+from .compress import CompressReport
+from .graph import LayerSite
+
+
+def _fmt_int(n: int | None) -> str:
+    if n is None:
+        return "–"
+    for unit, size in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def _fmt_err(x: float | None) -> str:
+    return "–" if x is None else f"{x:.4f}"
+
+
+def sites_table(sites: list[LayerSite], title: str) -> Table:
+    table = Table(title=title, title_justify="left")
+    for col, justify in (("layer", "left"), ("kind", "left"), ("shape m×d", "right"), ("activation", "left"),
+                         ("params", "right"), ("max rank", "right"), ("status", "left")):
+        table.add_column(col, justify=justify)
+    for s in sites:
+        act = s.activation + (" (BN before)" if s.bn_before is not None else "") + (" (affine after)" if s.affine_after is not None else "")
+        status = "[green]eligible[/]" if s.eligible else f"[yellow]skip:[/] {s.skip_reason}"
+        table.add_row(s.name, s.kind, f"{s.shape[0]}×{s.shape[1]}", act, _fmt_int(s.params), str(s.max_useful_rank), status)
+    return table
+
+
+def manifest_table(manifest: dict[str, Any], title: str) -> Table:
+    table = Table(title=title, title_justify="left")
+    for col in ("layer", "kind", "rank", "bias"):
+        table.add_column(col)
+    for name, entry in manifest.get("layers", {}).items():
+        rank = str(entry.get("rank")) + (f" (tied to {entry['tied_to']})" if "tied_to" in entry else "")
+        table.add_row(name, str(entry.get("kind")), rank, "yes" if entry.get("bias") else "no")
+    return table
+
+
+def report_table(report: CompressReport) -> Table:
+    calibrated = any(len(layer.candidates) > 2 for layer in report.layers)
+    table = Table(title="compressed layers", title_justify="left")
+    columns = ["layer", "act", "shape", "rank", "params", "err spectral", "err nkp"]
+    if calibrated:
+        columns += ["kept", "err kept"]
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("layer", "act", "kept") else "right")
+    for layer in report.layers:
+        row = [
+            layer.name, layer.activation, "×".join(map(str, layer.shape)), str(layer.rank),
+            f"{_fmt_int(layer.params_before)}→{_fmt_int(layer.params_after)}",
+            _fmt_err(layer.error_spectral), _fmt_err(layer.error_nkp),
+        ]
+        if calibrated:
+            row += [layer.method, _fmt_err(layer.candidates.get(layer.method))]
+        table.add_row(*row)
+    return table
+
+
+def totals_table(report: CompressReport) -> Table:
+    table = Table(title="totals", title_justify="left")
+    for col in ("", "before", "after", "ratio"):
+        table.add_column(col, justify="right")
+    table.add_row("params", _fmt_int(report.params_before), _fmt_int(report.params_after),
+                  f"{report.params_after / max(report.params_before, 1):.3f}")
+    table.add_row("FLOPs", _fmt_int(report.flops_before), _fmt_int(report.flops_after),
+                  f"{report.flops_after / max(report.flops_before, 1):.3f}")
+    if report.output_error is not None:
+        table.add_row("output error", "", f"{report.output_error:.4f}", "")
+    table.add_row("layers", "", f"{len(report.layers)} factorized", f"{len(report.skipped)} skipped")
+    return table
+
+
+def skipped_table(skipped: list[dict[str, str]]) -> Table:
+    table = Table(title="left dense", title_justify="left")
+    table.add_column("layer")
+    table.add_column("reason")
+    for item in skipped:
+        table.add_row(item["name"], item["reason"])
+    return table

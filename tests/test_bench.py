@@ -1,0 +1,226 @@
+"""Parameters, FLOPs and interleaved latency (lowrank_compress.bench) and the ``lrc bench`` command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from lowrank_compress import Factorization, from_dense
+from lowrank_compress.bench import (
+    count_flops,
+    count_onnx_params,
+    count_params,
+    layer_latency,
+    measure_latency,
+    time_interleaved,
+)
+from lowrank_compress.cli import main
+from lowrank_compress.errors import UsageError
+from lowrank_compress.export import export_onnx
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Two cores shared with other jobs: one intra-op thread avoids spin-wait contention.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def low_rank(layer: nn.Module, rank: int) -> nn.Module:
+    m, d = layer.weight.shape[0], layer.weight[0].numel()
+    return from_dense(layer, Factorization(torch.randn(m, rank) / rank**0.5, torch.randn(rank, d) / d**0.5, layer.bias))
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
+
+
+# ---------------------------------------------------------------- counting
+
+
+def test_shared_parameters_count_once() -> None:
+    shared = nn.Linear(8, 8)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    assert count_params(model) == 8 * 8 + 8
+
+
+def test_flops_are_two_per_multiply_add() -> None:
+    dense = nn.Linear(100, 50)
+    assert count_flops(dense, (4, 100)) == 2 * 4 * 100 * 50
+    assert count_flops(low_rank(dense, 10), (4, 100)) == 2 * 4 * 10 * (100 + 50)
+    conv = nn.Conv2d(8, 16, 3, padding=1)
+    assert count_flops(conv, (1, 8, 10, 10)) == 2 * 10 * 10 * 16 * 8 * 9
+    assert count_flops(low_rank(conv, 4), (1, 8, 10, 10)) == 2 * 10 * 10 * 4 * (8 * 9 + 16)
+
+
+def test_flops_of_a_wrong_shape_is_a_usage_error() -> None:
+    with pytest.raises(UsageError, match="does not fit the model"):
+        count_flops(mlp(), (1, 33))
+
+
+def test_onnx_params_are_the_initializers(tmp_path: Path) -> None:
+    model = mlp()
+    export_onnx(model, tmp_path / "m.onnx", (1, 32))
+    assert count_onnx_params(tmp_path / "m.onnx") == count_params(model)
+
+
+# ---------------------------------------------------------------- timing
+
+
+def test_runs_are_interleaved_with_a_rotating_order() -> None:
+    calls: list[str] = []
+    runners = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    times = time_interleaved(runners, warmup=1, repeats=3)
+    assert calls == list("abc") + list("abc") + list("bca") + list("cab")
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3, "c": 3}
+
+
+def test_latency_has_a_median_and_ratio_per_model_and_batch() -> None:
+    report = measure_latency({"base": mlp(), "small": mlp()}, (1, 32), batch_sizes=(1, 4), warmup=1, repeats=3)
+    assert [(r.model, r.batch_size) for r in report.results] == [("base", 1), ("small", 1), ("base", 4), ("small", 4)]
+    assert all(r.median_s > 0 and r.runs == 3 for r in report.results)
+    assert report.ratio("base", 4) == 1.0
+    assert report.worst_ratio("small")[1] in (1, 4)
+
+
+def test_onnxruntime_times_modules_and_onnx_files_together(tmp_path: Path) -> None:
+    model = mlp()
+    export_onnx(model, tmp_path / "m.onnx", (1, 32))
+    report = measure_latency(
+        {"file": tmp_path / "m.onnx", "module": model}, (1, 32), batch_sizes=(2,), runtime="onnxruntime",
+        threads=1, warmup=1, repeats=3,
+    )
+    assert report.baseline == "file" and len(report.results) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_onnx_file_on_torch_runtime_is_a_usage_error(tmp_path: Path) -> None:
+    export_onnx(mlp(), tmp_path / "m.onnx", (1, 32))
+    with pytest.raises(UsageError, match="--runtime onnxruntime"):
+        measure_latency({"file": tmp_path / "m.onnx"}, (1, 32), runtime="torch")
+
+
+def test_onnx_file_with_a_wrong_rank_shape_is_a_usage_error(tmp_path: Path) -> None:
+    export_onnx(mlp(), tmp_path / "m.onnx", (1, 32))
+    with pytest.raises(UsageError, match="axes"):
+        measure_latency({"file": tmp_path / "m.onnx"}, (1, 3, 32), runtime="onnxruntime")
+
+
+@pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])
+def test_layer_latency_times_dense_and_factorized(runtime: str) -> None:
+    conv = nn.Conv2d(32, 32, 3, padding=1)
+    dense_s, factorized_s = layer_latency(conv, low_rank(conv, 4), torch.randn(2, 32, 16, 16), runtime=runtime, repeats=5)
+    assert dense_s > 0 and factorized_s > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_latency_uses_events() -> None:
+    report = measure_latency({"a": mlp(), "b": mlp()}, (1, 32), batch_sizes=(8,), device="cuda", warmup=2, repeats=5)
+    assert report.device == "cuda" and all(r.median_s > 0 for r in report.results)
+
+
+# ---------------------------------------------------------------- lrc bench
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "test_resnet.pt"
+    torch.save(timm.create_model("test_resnet", pretrained=False, num_classes=10).state_dict(), path)
+    return path
+
+
+ARCH = ["--arch", "timm:test_resnet", "--arch-kwargs", '{"num_classes": 10}']
+QUICK = ["--input-shape", "1,3,32,32", "--batch-sizes", "1,2", "--warmup", "1", "--repeats", "3", "--threads", "1"]
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), err
+    return lines[0]
+
+
+def test_gate_exits_3_when_the_ratio_misses_its_budget(tmp_path: Path, checkpoint: Path, capsys) -> None:
+    # A model against itself has a ratio near 1, far above a 0.01 budget.
+    out = tmp_path / "bench.json"
+    code, _, err = run_cli(
+        ["bench", str(checkpoint), "--vs", str(checkpoint), *ARCH, *QUICK, "--device", "cpu",
+         "--json", str(out), "--max-latency-ratio", "0.01"],
+        capsys,
+    )
+    assert code == 3
+    assert "> budget 0.01" in _one_error_line(err)
+    result = json.loads(out.read_text())
+    assert result["passed"] is False and result["worst_latency_ratio"] > 0.01
+
+
+def test_gate_exits_0_when_the_ratio_meets_its_budget(tmp_path: Path, checkpoint: Path, capsys) -> None:
+    out = tmp_path / "bench.json"
+    code, stdout, _ = run_cli(
+        ["bench", str(checkpoint), "--vs", str(checkpoint), *ARCH, *QUICK, "--device", "cpu",
+         "--json", str(out), "--max-latency-ratio", "100"],
+        capsys,
+    )
+    assert code == 0 and "median ms" in stdout
+    result = json.loads(out.read_text())
+    assert result["passed"] is True and result["max_latency_ratio"] == 100
+    assert result["models"]["model"]["flops"] == result["models"]["baseline"]["flops"] > 0
+    assert {(r["model"], r["batch_size"]) for r in result["results"]} == {
+        ("baseline", 1), ("model", 1), ("baseline", 2), ("model", 2)
+    }
+
+
+def test_bench_on_onnxruntime_against_an_onnx_baseline(tmp_path: Path, checkpoint: Path, capsys) -> None:
+    export = ["export", str(checkpoint), *ARCH, "--onnx", str(tmp_path / "m.onnx"), "--input-shape", "1,3,32,32"]
+    assert run_cli(export, capsys)[0] == 0
+    code, stdout, _ = run_cli(
+        ["bench", str(checkpoint), "--vs", str(tmp_path / "m.onnx"), *ARCH, *QUICK, "--runtime", "onnxruntime"], capsys
+    )
+    assert code == 0 and "onnxruntime on cpu" in stdout
+
+
+def test_latency_budget_needs_a_baseline(checkpoint: Path, capsys) -> None:
+    code, _, err = run_cli(["bench", str(checkpoint), *ARCH, *QUICK, "--max-latency-ratio", "0.5"], capsys)
+    assert code == 2 and "--vs" in _one_error_line(err)
+
+
+def test_bench_wrong_rank_input_shape_is_one_line(checkpoint: Path, capsys) -> None:
+    code, _, err = run_cli(["bench", str(checkpoint), *ARCH, "--input-shape", "1,3,32", "--device", "cpu"], capsys)
+    assert code == 2 and "does not fit the model" in _one_error_line(err)
+
+
+def test_bench_non_model_file_is_one_line(tmp_path: Path, capsys) -> None:
+    bogus = tmp_path / "weights.onnx"
+    bogus.write_text("not onnx")
+    code, _, err = run_cli(["bench", str(bogus), *QUICK, "--runtime", "onnxruntime"], capsys)
+    assert code == 2 and "not a readable ONNX file" in _one_error_line(err)
+
+
+@pytest.mark.parametrize("flag,value", [("--batch-sizes", "1,x"), ("--runtime", "tvm"), ("--threads", "0")])
+def test_bench_bad_options_are_usage_errors(checkpoint: Path, capsys, flag: str, value: str) -> None:
+    code, _, err = run_cli(["bench", str(checkpoint), *ARCH, "--input-shape", "1,3,32,32", flag, value], capsys)
+    assert code == 2
+    _one_error_line(err)
+
+
+def test_bench_unwritable_json_fails_before_timing(tmp_path: Path, checkpoint: Path, capsys) -> None:
+    code, _, err = run_cli(["bench", str(checkpoint), *ARCH, *QUICK, "--json", str(tmp_path / "no" / "b.json")], capsys)
+    assert code == 2
+    _one_error_line(err)
