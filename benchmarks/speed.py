@@ -99,14 +99,17 @@ def measure(name: str, args: argparse.Namespace, workdir: Path) -> list[dict[str
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    head = "| model | batch | FLOP ratio | params ratio | dense ms | compressed ms | latency ratio | quotient | realized |"
-    lines = [head, "|" + "---|" * 9]
+    columns = ["model", "batch", "FLOP ratio", "params ratio", "dense ms", "compressed ms", "latency ratio", "quotient",
+               "realized"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
         realized = f"{r['realized']:.0%}" if r["realized"] is not None else "–"
-        lines.append(
-            f"| {r['model']} | {r['batch_size']} | {r['flop_ratio']:.3f} | {r['param_ratio']:.3f} | "
-            f"{r['dense_ms']:.1f} | {r['compressed_ms']:.1f} | {r['latency_ratio']:.3f} | {r['quotient']:.2f} | {realized} |"
-        )
+        cells = [
+            r["model"], str(r["batch_size"]), f"{r['flop_ratio']:.3f}", f"{r['param_ratio']:.3f}",
+            f"{r['dense_ms']:.1f}", f"{r['compressed_ms']:.1f}", f"{r['latency_ratio']:.3f}", f"{r['quotient']:.2f}",
+            realized,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -149,8 +152,10 @@ def main() -> None:
         for name in names:
             rows.extend(measure(name, args, Path(tmp)))
     threads = "onnxruntime's default threads" if args.threads is None else f"{args.threads} threads"
-    print(f"onnxruntime {onnxruntime.__version__} CPU on {cpu_name()} ({torch.get_num_threads()} cores visible), {threads}, "
-          f"{args.image_size}×{args.image_size}, median of {args.repeats} interleaved runs")
+    print(
+        f"onnxruntime {onnxruntime.__version__} CPU on {cpu_name()} ({torch.get_num_threads()} cores visible), "
+        f"{threads}, {args.image_size}×{args.image_size}, median of {args.repeats} interleaved runs"
+    )
     print(f"policy: {rows[0]['policy']}\n")
     print(markdown(rows))
     if args.json is not None:

@@ -53,7 +53,8 @@ def activation_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
         "sigmoid": torch.sigmoid,
         "tanh": torch.tanh,
         "relu6": F.relu6,
-        "hardsigmoid": F.hardsigmoid,
+        # F.hardsigmoid has no double backward, which the per-row Newton fit needs; same values.
+        "hardsigmoid": lambda z: (z / 6.0 + 0.5).clamp(0.0, 1.0),
         "mish": F.mish,
         "elu": F.elu,
     }[key]

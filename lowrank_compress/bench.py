@@ -190,14 +190,17 @@ def measure_latency(
 ) -> LatencyReport:
     """Median latency of each model at each batch size, interleaved, with ratios against ``baseline``.
 
-    ``models`` maps names to ``nn.Module``s or ONNX file paths (onnxruntime only); modules timed on
-    onnxruntime are exported to a temporary file first. ``input_shape`` (N, …): N is replaced by each
-    batch size. ``baseline`` defaults to the first model. ``threads`` is the intra-op thread count
-    of the runtime (None: its default). Returns medians in seconds per forward pass.
+    ``models`` maps names to ``nn.Module``s or ONNX file paths (onnxruntime only); modules are put
+    in eval mode (and, on the torch runtime, moved to ``device``); modules timed on onnxruntime are
+    exported to a temporary file first. ``input_shape`` (N, …): N is replaced by each batch size.
+    ``baseline`` defaults to the first model. ``threads`` is the intra-op thread count of the
+    runtime (None: its default). Returns medians in seconds per forward pass.
     """
     _check_runtime(runtime, device)
     if not models:
         raise UsageError("nothing to time")
+    if not batch_sizes or any(b < 1 for b in batch_sizes):
+        raise UsageError(f"batch sizes must be positive integers, got {list(batch_sizes)}")
     baseline = baseline if baseline is not None else next(iter(models))
     if baseline not in models:
         raise UsageError(f"baseline {baseline!r} is not among the models")
@@ -206,6 +209,7 @@ def measure_latency(
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch_threads(threads))
         prepared: dict[str, object] = {}
+        tmpdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lrc-bench-")))
         for name, model in models.items():
             if runtime == "torch":
                 if _is_onnx(model):
@@ -216,8 +220,7 @@ def measure_latency(
             else:
                 path = model
                 if not _is_onnx(model):
-                    tmpdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="lrc-bench-"))
-                    path = Path(tmpdir) / f"{len(prepared)}.onnx"
+                    path = tmpdir / f"{len(prepared)}.onnx"
                     module = model.eval()
                     example = torch.zeros((1, *shape[1:]), dtype=model_dtype(module))
                     reference_forward(module, example)
@@ -228,8 +231,6 @@ def measure_latency(
                     raise UsageError(f"input shape {shape} has {len(shape)} axes; {name} takes {rank}")
                 prepared[name] = session
         for batch in batch_sizes:
-            if batch < 1:
-                raise UsageError(f"batch sizes must be positive, got {batch}")
             runners: dict[str, Callable[[], object]] = {}
             x = torch.randn((batch, *shape[1:]), generator=torch.Generator().manual_seed(batch))
             for name, item in prepared.items():
@@ -258,10 +259,12 @@ def layer_latency(
 ) -> tuple[float, float]:
     """(dense, factorized) median seconds per call of two versions of one layer on ``input``.
 
-    ``input`` is the layer's real input (batch included; its device is where torch times it).
-    On onnxruntime each layer is exported alone with the input's static shape, so the figure
-    includes what the runtime does to a lone Conv/Gemm (layout reorders around it), which affects
-    both versions alike. Runs are interleaved as in :func:`measure_latency`.
+    ``input`` is the layer's real input at the batch size that matters (batch included; its device
+    is where torch times it). On onnxruntime each layer is exported alone with the input's static
+    shape, so both figures include the layout reorders onnxruntime puts around a lone Conv
+    (NCHW ↔ its blocked NCHWc layout); inside a whole graph those reorders are absent. They add the
+    same time to both versions, so the *difference* is what the factorization saves in the graph,
+    while the ratio understates the gain. Runs are interleaved as in :func:`measure_latency`.
     """
     device = input.device.type
     _check_runtime(runtime, device)

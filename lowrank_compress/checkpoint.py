@@ -238,6 +238,29 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str |
     model.load_state_dict(state, strict=True)
 
 
+def _layout(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _rebuild_spec(model: nn.Module, arch: str | None, arch_kwargs: dict[str, Any] | None, path: Path) -> str | None:
+    """The spec that rebuilds a pickled model's structure (what a manifest records), or None.
+
+    An explicit ``arch`` must build the same state-dict layout. Without one, the model's own class
+    is the spec when constructing it with ``arch_kwargs`` (default: none) gives that layout.
+    """
+    if arch is not None:
+        if _layout(build_model(arch, arch_kwargs)) != _layout(model):
+            raise UsageError(f"--arch {arch} does not build the structure of the model pickled in {path}")
+        return arch
+    cls = type(model)
+    spec = f"{cls.__module__}:{cls.__qualname__}"
+    try:
+        fresh = build_model(spec, arch_kwargs, restricted=True)
+    except Exception:  # a constructor that needs arguments, a class defined in a function, …
+        return None
+    return spec if _layout(fresh) == _layout(model) else None
+
+
 # ---------------------------------------------------------------- input shapes and data configs
 
 
@@ -332,7 +355,7 @@ def open_model(
     if path.suffix == ".safetensors":
         metadata = read_safetensors_metadata(path)
         if MANIFEST_KEY in metadata:
-            loaded = load_compressed(path)
+            loaded = load_compressed(path, arch, arch_kwargs)
             if input_shape is not None:
                 loaded.input_shape = input_shape
             return loaded
@@ -347,8 +370,7 @@ def open_model(
     content = read_checkpoint(path, trust_pickle=trust_pickle)
     if isinstance(content, nn.Module):
         model = content
-        if arch is not None:
-            raise UsageError(f"{path} holds a whole pickled model; drop --arch")
+        arch = _rebuild_spec(model, arch, arch_kwargs, path)
     else:
         if arch is None:
             raise UsageError(f"{path} holds a state dict; pass --arch to say which architecture it belongs to")

@@ -21,6 +21,8 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 out = Console()
+if not out.is_terminal:
+    out = Console(width=160)  # CI logs: wide enough that layer names are not cut
 
 _DEBUG = {"on": False}
 
@@ -174,8 +176,8 @@ def export_command(
     arch: str | None = typer.Option(None, "--arch", help=_ARCH_HELP),
     arch_kwargs: str | None = typer.Option(None, "--arch-kwargs", help="JSON keyword arguments for --arch."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow a checkpoint holding a pickled model (runs code from the file)."),
-    calib: _XPath | None = typer.Option(None, "--calib", help="Folder of images to compare on as well (eval transform at the input shape)."),
-    calib_samples: int = typer.Option(32, "--calib-samples", help="At most this many --calib images."),
+    calib: str | None = typer.Option(None, "--calib", help="Also compare on these inputs: an image folder, a tensor file (.npy/.pt/.safetensors, first axis = samples) or 'gaussian'."),
+    calib_samples: int = typer.Option(32, "--calib-samples", help="At most this many --calib samples."),
     json_path: _XPath | None = typer.Option(None, "--json", help="Write the parity report here as JSON."),
 ) -> None:
     """Export to ONNX (input "input", output "output", dynamic batch), check it, compare with PyTorch in onnxruntime."""
@@ -196,14 +198,15 @@ def export_command(
     shape = _model_shape(loaded.input_shape, shape, model)
     calib_inputs = None
     if calib is not None:
-        from .data import image_tensors
+        from .calibration import calibration_batches
+        from .export import CALIB_CHUNK
 
-        calib_inputs = image_tensors(calib, shape, loaded.data_config, calib_samples)
+        calib_inputs = calibration_batches(calib, shape, loaded.data_config, calib_samples, CALIB_CHUNK)
     report = export_onnx(loaded.model, onnx, shape, opset=opset, rtol=rtol, calib_inputs=calib_inputs, exporter=exporter)
     table = Table(title=f"{onnx} ({report.exporter} exporter, opset {report.opset})")
     for column in ("max abs error", "max rel error", "tolerance", "checked", "parity"):
         table.add_column(column, justify="right")
-    checked = f"batches {','.join(map(str, report.batch_sizes))}" + (f" + {report.calib_samples} images" if report.calib_samples else "")
+    checked = f"batches {','.join(map(str, report.batch_sizes))}" + (f" + {report.calib_samples} calib" if report.calib_samples else "")
     table.add_row(
         f"{report.max_abs_error:.2e}", f"{report.max_rel_error:.2e}", f"{rtol:.0e}", checked,
         "[green]pass[/]" if report.passed else "[red]FAIL[/]",

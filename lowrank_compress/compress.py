@@ -104,6 +104,9 @@ class LayerReport:
     method: str
     note: str | None = None
     candidates: dict[str, float] = field(default_factory=dict)
+    # {"spectral"/"nkp": {"ranks": [...], "errors": [...]}}: Gaussian-input error vs rank, filled
+    # only by compress(..., curves=True) since it costs about as much as a data-free compression.
+    curves: dict[str, dict[str, list]] = field(default_factory=dict)
 
 
 @dataclass
@@ -275,6 +278,21 @@ def _may_add_bias(site: LayerSite, method: str) -> bool:
     return site.module.bias is None and method == "nkp" and (site.bn_before is not None or site.activation != "identity")
 
 
+def error_curves(site: LayerSite, rank: int, points: int = 12) -> dict[str, dict[str, list]]:
+    """Relative Gaussian-input error vs rank of spectral and nkp for one site, for plots.
+
+    ``points`` ranks from 1 to the max useful rank, log-spaced (plots show rank on a log axis),
+    plus the chosen ``rank``.
+    """
+    w, b = site.effective_weight()
+    top = site.max_useful_rank
+    ranks = sorted({max(1, round(top ** (i / (points - 1)))) for i in range(points)} | {rank})
+    return {
+        method: {"ranks": ranks, "errors": error_curve(w, ranks, method, site.activation, b, site.row_weights())}
+        for method in ("spectral", "nkp")
+    }
+
+
 def _gaussian_curve(method: str) -> Callable[[LayerSite, list[int]], list[float]]:
     def curve(site: LayerSite, ranks: list[int]) -> list[float]:
         w, b = site.effective_weight()
@@ -323,6 +341,7 @@ def compress(
     example_inputs: Any,
     calibration: Iterable[Any] | None = None,
     progress: ProgressFn | None = None,
+    curves: bool = False,
 ) -> tuple[nn.Module, CompressReport]:
     """Replace the eligible Linear/Conv layers of ``model`` (in place) by factorized layers.
 
@@ -330,7 +349,8 @@ def compress(
     to trace the model. Without ``calibration`` the projection is data-free (Gaussian inputs); with
     it, the layers are calibrated in order on the compressed model's own activations
     (see :mod:`lowrank_compress.calibration`). ``progress(stage, done, total)`` is called per layer.
-    Returns the same model object and a report.
+    ``curves=True`` also records each layer's error-vs-rank curves in the report (for
+    :func:`lowrank_compress.plots.plot_compression`). Returns the same model object and a report.
     """
     model.eval()
     with torch.no_grad():
@@ -348,6 +368,10 @@ def compress(
     else:
         layer_reports, more_skipped = _compress_data_free(model, chosen, config, example_inputs, progress)
         skipped.extend(more_skipped)
+    if curves:
+        by_name = {s.name: s for s in chosen}
+        for layer in layer_reports:
+            layer.curves = error_curves(by_name[layer.name], layer.rank)
 
     with torch.no_grad():
         params_after = count_params(model)

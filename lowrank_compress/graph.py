@@ -65,9 +65,12 @@ class LayerSite:
 
     @property
     def max_useful_rank(self) -> int:
-        """floor(m·d/(m+d)): the largest rank whose factors still have fewer weights than W."""
+        """The largest rank r whose factors still have fewer weights than W: r·(m+d) < m·d.
+
+        That is floor(m·d/(m+d)), one less where m+d divides m·d (there the factors tie with W).
+        """
         m, d = self.shape
-        return (m * d) // (m + d)
+        return (m * d - 1) // (m + d)
 
     def effective_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(W, b) of the layer with the BatchNorm before the activation folded in, float64, (m, d)."""
@@ -296,7 +299,7 @@ def _static_reasons(model: nn.Module, candidates: dict[str, nn.Module]) -> dict[
             others = [o for o in owners.get(id(module.weight), []) if o != name and not o.startswith(name + ".")]
             if any(model.get_submodule(o) is not module for o in others):
                 reason = f"weight is shared with {others[0]}"
-        if reason is None and (m := module.weight.shape[0]) * (d := module.weight[0].numel()) // (m + d) < 1:
+        if reason is None and ((m := module.weight.shape[0]) * (d := module.weight[0].numel()) - 1) // (m + d) < 1:
             reason = "too small: no rank saves parameters"
         if reason is not None:
             reasons[name] = reason
@@ -325,6 +328,9 @@ def find_sites(model: nn.Module, example_inputs: Any) -> list[LayerSite]:
     except Exception as exc:  # tracing can fail in many ways; the eager walk still finds the layers
         return _eager_sites(model, candidates, reasons, args, kwargs, exc)
     graph = _ExportedGraph(model, program)
+    # A module reachable under several names (shared) is lifted under any of them: use the first.
+    first = {id(module): name for name, module in candidates.items()}
+    aliases = {n: first[id(m)] for n, m in model.named_modules(remove_duplicate=False) if id(m) in first}
     found: dict[str, list[tuple[str, ChannelAffine | None, ChannelAffine | None, str | None]]] = {}
     order: list[str] = []
     for node in graph.graph.nodes:
@@ -334,6 +340,7 @@ def find_sites(model: nn.Module, example_inputs: Any) -> list[LayerSite]:
         if fqn is None or not fqn.endswith(".weight") and fqn != "weight":
             continue
         layer_name = fqn[: -len(".weight")] if fqn.endswith(".weight") else ""
+        layer_name = aliases.get(layer_name, layer_name)
         if layer_name not in candidates:
             continue
         if layer_name not in found:

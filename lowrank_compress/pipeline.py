@@ -97,6 +97,11 @@ def run_compress(job: CompressJob, progress: ProgressFn | None = None, raise_on_
     if shape is None:
         raise UsageError(f"cannot tell the input shape of {job.checkpoint}; pass --input-shape, e.g. 1,3,224,224")
     model = loaded.model
+    if loaded.arch is None:
+        raise UsageError(
+            f"cannot tell how to rebuild the {type(model).__name__} pickled in {job.checkpoint} from its class alone; "
+            "pass --arch (and --arch-kwargs) that builds it, to record in the output's manifest"
+        )
     gen = torch.Generator().manual_seed(job.config.seed)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     example = torch.randn(shape, generator=gen).to(dtype)

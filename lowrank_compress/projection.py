@@ -60,10 +60,9 @@ def flatten_weight(weight: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"weight must be a tensor, got {type(weight).__name__}")
     if weight.ndim < 2:
         raise ValueError(f"weight must be at least 2-D (m, d, ...), got shape {tuple(weight.shape)}")
-    flat = weight.reshape(weight.shape[0], -1)
-    if flat.shape[0] == 0 or flat.shape[1] == 0:
+    if weight.numel() == 0:  # checked first: reshape(0, -1) itself fails
         raise ValueError(f"weight has an empty dimension: shape {tuple(weight.shape)}")
-    return flat
+    return weight.reshape(weight.shape[0], -1)
 
 
 def _check_finite(name: str, t: torch.Tensor | None) -> None:
@@ -465,13 +464,16 @@ def fit_rows(
     if act == "relu" and not fit_bias and not a.any():
         return 2.0 * n * arccos_kernel(rho), c
 
-    # Work in units of the row norm so that the box and the damping are scale-free.
+    # Work in units of the row norm so that the box and the damping are scale-free. Only ReLU-like
+    # activations are homogeneous, so the objective is evaluated at the row's real scale (÷ n²).
     idx = live.nonzero().squeeze(1)
-    an, rn = a[idx] / n[idx], rho[idx]
+    nr = n[idx]
+    an, rn = a[idx] / nr, rho[idx]
     ones = torch.ones_like(an)
 
     def objective(tt: torch.Tensor, cc: torch.Tensor, nodes: int = _GH_2D_FIT) -> torch.Tensor:
-        return second_moment(act, cc, tt) - 2.0 * cross_moment(act, an, ones, cc, tt, rn, nodes)
+        moment = second_moment(act, cc * nr, tt * nr) - 2.0 * cross_moment(act, a[idx], nr, cc * nr, tt * nr, rn, nodes)
+        return moment / (nr * nr)
 
     p = torch.stack([rn.clone(), an.clone()], 1)
     if act == "relu":
@@ -541,13 +543,15 @@ def refine(
     samples: int = 1000,
     eval_every: int = 16,
     seed: int = 0,
+    patience: int | None = None,
 ) -> tuple[Factorization, float, float]:
     """Adam on the sampled post-activation error (the paper's LFAI-WS-Adam), guarded.
 
     Inputs (n, d) default to ``samples`` Gaussian draws and targets (n, m) to σ(W x + b); held-out
     pairs default to as many fresh Gaussian draws. The learning rate is relative to each factor's
     RMS, gradients are clipped, and the iterate with the lowest held-out error is returned, so the
-    result is never worse than the start on the held-out set.
+    result is never worse than the start on the held-out set. With ``patience`` the run stops after
+    that many held-out evaluations without improvement.
 
     Returns (factorization, held-out error before, held-out error after), errors as mean Σ_i α_i (·)².
     """
@@ -590,6 +594,7 @@ def refine(
     with torch.no_grad():
         start = float(loss_on(xh32, yh32))
     best, best_state = start, None
+    stale = 0
     clip = None
     n = x32.shape[0]
     for step in range(steps):
@@ -608,6 +613,11 @@ def refine(
                 val = float(loss_on(xh32, yh32))
             if math.isfinite(val) and val < best:
                 best, best_state = val, (A.detach().clone(), B.detach().clone(), c.detach().clone())
+                stale = 0
+            else:
+                stale += 1
+                if patience is not None and stale >= patience:
+                    break
     if best_state is None:
         return factorization, start, start
     out_bias = best_state[2] if train_bias else None

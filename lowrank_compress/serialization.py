@@ -140,14 +140,21 @@ def apply_structure(model: nn.Module, layers: dict[str, dict[str, Any]]) -> nn.M
     return model
 
 
-def load_compressed(path: str | Path):
-    """Rebuild a compressed model with its metadata (a :class:`checkpoint.LoadedModel`)."""
+def load_compressed(path: str | Path, arch: str | None = None, arch_kwargs: dict[str, Any] | None = None):
+    """Rebuild a compressed model with its metadata (a :class:`checkpoint.LoadedModel`).
+
+    The manifest's arch spec may only name torchvision/timm models or ``nn.Module`` classes; an
+    ``arch`` given by the caller (e.g. a factory function) is trusted and used instead.
+    """
     from safetensors.torch import load_model
 
     from .checkpoint import LoadedModel, build_model
 
     manifest = read_manifest(path)
-    model = build_model(manifest.get("arch"), manifest.get("arch_kwargs") or {}, restricted=True)
+    if arch is None:
+        model = build_model(manifest.get("arch"), manifest.get("arch_kwargs") or {}, restricted=True)
+    else:
+        model = build_model(arch, arch_kwargs or manifest.get("arch_kwargs") or {})
     dtype = _DTYPES.get(manifest.get("dtype", "float32"), torch.float32)
     model.to(dtype)
     apply_structure(model, manifest["layers"])
@@ -175,6 +182,9 @@ def load_compressed(path: str | Path):
     )
 
 
-def load(path: str | Path) -> nn.Module:
-    """Rebuild a compressed model from a ``.lrc.safetensors`` file (architecture + strict tensors)."""
-    return load_compressed(path).model
+def load(path: str | Path, arch: str | None = None, arch_kwargs: dict[str, Any] | None = None) -> nn.Module:
+    """Rebuild a compressed model from a ``.lrc.safetensors`` file (architecture + strict tensors).
+
+    ``arch`` overrides the manifest's spec; needed when that spec is a factory function.
+    """
+    return load_compressed(path, arch, arch_kwargs).model

@@ -116,7 +116,8 @@ def test_onnx_file_with_a_wrong_rank_shape_is_a_usage_error(tmp_path: Path) -> N
 @pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])
 def test_layer_latency_times_dense_and_factorized(runtime: str) -> None:
     conv = nn.Conv2d(32, 32, 3, padding=1)
-    dense_s, factorized_s = layer_latency(conv, low_rank(conv, 4), torch.randn(2, 32, 16, 16), runtime=runtime, repeats=5)
+    x = torch.randn(2, 32, 16, 16)
+    dense_s, factorized_s = layer_latency(conv, low_rank(conv, 4), x, runtime=runtime, repeats=5)
     assert dense_s > 0 and factorized_s > 0
 
 

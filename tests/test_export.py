@@ -66,20 +66,20 @@ def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 10))
 
 
+def timm_model(name: str, **kwargs) -> nn.Module:
+    return timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
+
+
 # (name, factory, input shape): the acceptance list of issue 6, random init, small inputs.
 MODELS: list[tuple[str, Callable[[], nn.Module], tuple[int, ...]]] = [
     ("mlp", mlp, (1, 32)),
     ("torchvision_resnet18", lambda: torchvision.models.resnet18(num_classes=10), (1, 3, 64, 64)),
     ("torchvision_resnet50", lambda: torchvision.models.resnet50(num_classes=10), (1, 3, 64, 64)),
     ("torchvision_mobilenet_v3_small", lambda: torchvision.models.mobilenet_v3_small(num_classes=10), (1, 3, 64, 64)),
-    ("timm_resnet50", lambda: timm.create_model("resnet50", pretrained=False, num_classes=10), (1, 3, 64, 64)),
-    ("timm_efficientnet_b0", lambda: timm.create_model("efficientnet_b0", pretrained=False, num_classes=10), (1, 3, 64, 64)),
-    (
-        "timm_vit_tiny_patch16_224",
-        lambda: timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, num_classes=10),
-        (1, 3, 64, 64),
-    ),
-    ("timm_convnext_atto", lambda: timm.create_model("convnext_atto", pretrained=False, num_classes=10), (1, 3, 64, 64)),
+    ("timm_resnet50", lambda: timm_model("resnet50"), (1, 3, 64, 64)),
+    ("timm_efficientnet_b0", lambda: timm_model("efficientnet_b0"), (1, 3, 64, 64)),
+    ("timm_vit_tiny_patch16_224", lambda: timm_model("vit_tiny_patch16_224", img_size=64), (1, 3, 64, 64)),
+    ("timm_convnext_atto", lambda: timm_model("convnext_atto"), (1, 3, 64, 64)),
 ]
 
 
@@ -117,7 +117,8 @@ def test_parity_holds_after_compress(tmp_path: Path) -> None:
 
     torch.manual_seed(0)
     example = torch.randn(1, 3, 64, 64)
-    model, report = compress(torchvision.models.resnet18(num_classes=10), CompressConfig(method="spectral", param_ratio=0.25), example)
+    config = CompressConfig(method="spectral", param_ratio=0.25)
+    model, report = compress(torchvision.models.resnet18(num_classes=10), config, example)
     assert report.layers
     _check_parity(model, (1, 3, 64, 64), tmp_path / "r18.onnx")
 
@@ -270,7 +271,8 @@ def _one_error_line(err: str) -> str:
 def test_cli_exports_and_reports_parity(tmp_path: Path, checkpoint: Path, capsys) -> None:
     out = tmp_path / "model.onnx"
     code, stdout, _ = run_cli(
-        ["export", str(checkpoint), *ARCH, "--onnx", str(out), "--input-shape", "1,3,32,32", "--json", str(tmp_path / "p.json")],
+        ["export", str(checkpoint), *ARCH, "--onnx", str(out), "--input-shape", "1,3,32,32",
+         "--json", str(tmp_path / "p.json")],
         capsys,
     )
     assert code == 0 and out.is_file()
@@ -289,7 +291,16 @@ def test_cli_compares_on_calibration_images(tmp_path: Path, checkpoint: Path, ca
          "--calib", str(images)],
         capsys,
     )
-    assert code == 0 and "+ 5 images" in stdout
+    assert code == 0 and "+ 5 calib" in stdout
+
+
+def test_cli_compares_on_gaussian_calibration(tmp_path: Path, checkpoint: Path, capsys) -> None:
+    code, stdout, _ = run_cli(
+        ["export", str(checkpoint), *ARCH, "--onnx", str(tmp_path / "m.onnx"), "--input-shape", "1,3,32,32",
+         "--calib", "gaussian", "--calib-samples", "20"],
+        capsys,
+    )
+    assert code == 0 and "+ 20 calib" in stdout
 
 
 def test_cli_parity_miss_exits_1_and_keeps_the_file(tmp_path: Path, checkpoint: Path, capsys) -> None:
