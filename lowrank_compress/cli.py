@@ -98,7 +98,9 @@ def compress_command(
     calib_samples: int = typer.Option(256, "--calib-samples", help="Number of calibration samples."),
     calib_batch_size: int = typer.Option(32, "--calib-batch-size", help="Calibration batch size."),
     refine_steps: int = typer.Option(200, "--refine-steps", help="Adam steps per layer on the post-activation error (calibrated only; 0 disables)."),
-    latency_aware: bool = typer.Option(False, "--latency-aware", help="Keep a layer dense where its factorized form is not faster (timed on this machine)."),
+    latency_aware: bool = typer.Option(False, "--latency-aware", help="Keep a layer dense where its factorized form is not faster (timed on this machine); budgets are re-allocated."),
+    latency_runtime: str = typer.Option("torch", "--latency-runtime", help="Runtime to time layers on for --latency-aware: torch or onnxruntime."),
+    latency_batch_size: int = typer.Option(1, "--latency-batch-size", help="Batch size to time layers at for --latency-aware (the deployment batch)."),
     max_output_error: float | None = typer.Option(None, "--max-output-error", help="CI gate: exit 3 when the model's relative output error exceeds F (outputs are still written)."),
     onnx_path: _CPath | None = typer.Option(None, "--onnx", help="Also export the compressed model to ONNX here and verify parity."),
     plot: _CPath | None = typer.Option(None, "--plot", help="Write per-layer error-vs-rank curves and the chosen ranks to this PNG."),
@@ -118,7 +120,8 @@ def compress_command(
     config = CompressConfig(
         method=method, rank=rank, rank_ratio=rank_ratio, param_ratio=param_ratio, target_params=target_params,
         target_flops=target_flops, include=include, exclude=exclude, round_to=round_to, refine_steps=refine_steps,
-        calib_samples=calib_samples, latency_aware=latency_aware, seed=seed,
+        calib_samples=calib_samples, latency_aware=latency_aware, latency_runtime=latency_runtime,
+        latency_batch_size=latency_batch_size, seed=seed,
     )
     if calib_batch_size < 1:
         raise UsageError(f"--calib-batch-size must be ≥ 1, got {calib_batch_size}")
@@ -493,6 +496,36 @@ def finetune_command(
         out.print(f"wrote {result.output}: {result.steps} steps{stop}{val}", highlight=False)
 
 # --- demo command ---
+
+from pathlib import Path as _DPath  # noqa: E402
+
+
+@app.command("demo")
+def demo_command(
+    out_dir: _DPath = typer.Option(_DPath("lrc-demo"), "--out", help="Folder for report.json, summary.md, the PNG plots and the fine-tuned model (created if missing; files in it are replaced)."),
+    fast: bool = typer.Option(False, "--fast", help="Less calibration, refinement and fine-tuning, and no data-free nkp row (what the test suite runs, well under a minute)."),
+) -> None:
+    """Compress the bundled digits CNN (spectral vs nkp, two budgets), fine-tune, export to ONNX, write a report."""
+    from rich.table import Table
+
+    from .demo import percent, run_demo
+
+    result = run_demo(out_dir, fast=fast, log=lambda message: console.print(f"[dim]demo:[/] {message}", highlight=False))
+    o = result.original
+    table = Table(title=f"digits CNN, {o['params']:,} params, test accuracy {percent(o['accuracy'])} "
+                        f"({o['test_samples']} held-out digits): accuracy before fine-tuning", title_justify="left")
+    for column in ("method", "--target-params", "params kept", "FLOPs kept", "test accuracy"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for run in result.runs:
+        table.add_row(run.label, str(run.target_params), f"{run.param_ratio:.3f}", f"{run.flop_ratio:.3f}", percent(run.accuracy))
+    out.print(table)
+    ft, onnx = result.finetune, result.onnx
+    out.print(f"fine-tuned {ft['run']} ({ft['steps']} steps of distillation): test accuracy "
+              f"{percent(ft['accuracy_before'])} → {percent(ft['accuracy_after'])}", highlight=False)
+    out.print(f"ONNX {onnx['file']}: max abs error {onnx['max_abs_error']:.2e}, parity "
+              f"{'passed' if onnx['passed'] else 'FAILED'}", highlight=False)
+    out.print(f"report: {result.out_dir / 'summary.md'} (and report.json, error_vs_rank.png, accuracy_vs_params.png) "
+              f"in {result.seconds:.0f} s", highlight=False)
 
 
 def _fail(message: str, code: int) -> None:

@@ -44,6 +44,8 @@ class CompressConfig:
     refine_steps: int = 200
     calib_samples: int = 256
     latency_aware: bool = False
+    latency_runtime: str = "torch"
+    latency_batch_size: int = 1
     seed: int = 0
     version: int = CONFIG_VERSION
 
@@ -65,6 +67,10 @@ class CompressConfig:
             raise UsageError(f"--round-to must be a positive integer, got {self.round_to!r}")
         if self.refine_steps < 0:
             raise UsageError(f"--refine-steps must be ≥ 0, got {self.refine_steps}")
+        if self.latency_runtime not in ("torch", "onnxruntime"):
+            raise UsageError(f"--latency-runtime must be torch or onnxruntime, got {self.latency_runtime!r}")
+        if self.latency_batch_size < 1:
+            raise UsageError(f"--latency-batch-size must be ≥ 1, got {self.latency_batch_size}")
         if self.calib_samples < 1:
             raise UsageError(f"--calib-samples must be ≥ 1, got {self.calib_samples}")
         for name in ("include", "exclude"):
@@ -395,7 +401,79 @@ def plan_ranks(
     example_inputs: Any,
     curve_fn: Callable[[LayerSite, list[int]], list[float]] | None = None,
 ) -> tuple[dict[str, int], dict[str, str], dict[str, str]]:
-    """Ranks per site name, notes per site, and skip reasons per site, for any policy."""
+    """Ranks per site name, notes per site, and skip reasons per site, for any policy.
+
+    With ``config.latency_aware`` each planned layer is timed dense vs factorized on its real
+    input shape; layers that are not faster factorized stay dense, and a budget is re-allocated
+    over the remaining layers (reverting costs budget that other layers must give back).
+    """
+    ranks, notes, reasons = _plan_once(model, sites, config, example_inputs, curve_fn)
+    if not config.latency_aware:
+        return ranks, notes, reasons
+    reverted: dict[str, str] = {}
+    for _ in range(3):
+        slow = _not_faster(model, [s for s in sites if s.name in ranks], ranks, example_inputs, config)
+        if not slow:
+            break
+        reverted.update(slow)
+        remaining = [s for s in sites if s.name not in reverted]
+        ranks, notes, reasons = _plan_once(model, remaining, config, example_inputs, curve_fn)
+        if config.target_params is None and config.target_flops is None:
+            break
+    reasons.update({name: f"reverted by --latency-aware: {why}" for name, why in reverted.items()})
+    return ranks, notes, reasons
+
+
+def _layer_inputs(model: nn.Module, sites: list[LayerSite], example_inputs: Any) -> dict[str, torch.Tensor]:
+    captured: dict[str, torch.Tensor] = {}
+
+    def hook(name: str):
+        def record(_module, inputs, _output):
+            captured.setdefault(name, inputs[0].detach())
+
+        return record
+
+    handles = [s.module.register_forward_hook(hook(s.name)) for s in sites]
+    try:
+        with torch.no_grad():
+            _call(model, example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return captured
+
+
+def _not_faster(
+    model: nn.Module, sites: list[LayerSite], ranks: dict[str, int], example_inputs: Any, config: CompressConfig
+) -> dict[str, str]:
+    """Sites whose factorized form is not faster than the dense layer, with the timings."""
+    from .bench import layer_latency
+
+    inputs = _layer_inputs(model, sites, example_inputs)
+    slow = {}
+    gen = torch.Generator().manual_seed(config.seed)
+    for site in sites:
+        x = inputs.get(site.name)
+        if x is None:
+            continue
+        x = x[:1].expand(config.latency_batch_size, *x.shape[1:]).contiguous()
+        m, d = site.shape
+        r = ranks[site.name]
+        w = site.module.weight
+        probe = Factorization(torch.randn(m, r, generator=gen).to(w.dtype), torch.randn(r, d, generator=gen).to(w.dtype))
+        dense_s, factor_s = layer_latency(site.module, from_dense(site.module, probe), x, runtime=config.latency_runtime)
+        if factor_s >= dense_s:
+            slow[site.name] = f"factorized {factor_s * 1e3:.3f} ms ≥ dense {dense_s * 1e3:.3f} ms"
+    return slow
+
+
+def _plan_once(
+    model: nn.Module,
+    sites: list[LayerSite],
+    config: CompressConfig,
+    example_inputs: Any,
+    curve_fn: Callable[[LayerSite, list[int]], list[float]] | None = None,
+) -> tuple[dict[str, int], dict[str, str], dict[str, str]]:
     ranks: dict[str, int] = {}
     notes: dict[str, str] = {}
     reasons: dict[str, str] = {}

@@ -514,10 +514,12 @@ def fit_rows(
                 improved |= take
         if not improved.any() or float((before - best).max()) < 1e-10:
             break
-    # Keep the spectral row wherever the fit is not better on the fine quadrature grid.
+    # Keep the spectral row wherever the fit is not better on the fine quadrature grid, and where
+    # the row is fully captured (ρ = 1: the start is exact; quadrature noise must not move it).
     with torch.no_grad():
         start = torch.stack([rn, an], 1)
         worse = objective(p[:, 0], p[:, 1], _GH_2D) > objective(start[:, 0], start[:, 1], _GH_2D)
+        worse |= rn >= 1.0 - 1e-9
     p = torch.where(worse[:, None], start, p)
     t_out, c_out = t.clone(), c.clone()
     t_out[idx] = p[:, 0] * n[idx]
