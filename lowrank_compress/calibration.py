@@ -44,6 +44,7 @@ from .projection import (
     cross_moment,
     factorize_all,
     fit_rows,
+    function_error,
     refine,
     second_moment,
 )
@@ -326,12 +327,14 @@ def _candidates(
     y_held: torch.Tensor,
     refine_steps: int,
     seed: int,
-) -> tuple[dict[str, Factorization], dict[str, float]]:
-    """Every candidate (in BN-folded space) with its relative held-out post-activation error."""
+) -> tuple[dict[str, Factorization], dict[str, float], dict[str, float]]:
+    """Every candidate (in BN-folded space) with its relative held-out post-activation error, and
+    the Gaussian (data-free) relative function errors of spectral and nkp."""
     w, b = site.effective_weight()
     alpha = site.row_weights()
     act = canonical_activation(site.activation)
     base = factorize_all(w, rank, act, b, alpha)
+    gaussian = {k: function_error(w, b, f, act, alpha, relative=True) for k, f in base.items()}
     cands: dict[str, Factorization] = {
         "spectral": base["spectral"],
         "nkp": base["nkp"],
@@ -361,7 +364,7 @@ def _candidates(
             name = f"{k}+refine"
             cands[name] = refined
             errors[name] = _post_error(site, refined, x_held, y_held, a32)
-    return cands, errors
+    return cands, errors, gaussian
 
 
 def choose_candidate(errors: dict[str, float], method: str) -> str:
@@ -457,7 +460,7 @@ def calibrated_compress(
         perm = torch.randperm(x_all.shape[0], generator=gen)
         held = max(1, x_all.shape[0] // 4)
         h_idx, t_idx = perm[:held], perm[held:] if x_all.shape[0] > 1 else perm
-        cands, errors = _candidates(
+        cands, errors, gaussian = _candidates(
             by_name[site.name], ranks[site.name], stats, x_all[t_idx], y_all[t_idx], x_all[h_idx], y_all[h_idx],
             config.refine_steps, config.seed + i,
         )
@@ -469,7 +472,7 @@ def calibrated_compress(
             name=site.name, kind=site.kind, activation=site.activation, shape=list(site.shape), rank=ranks[site.name],
             params_before=site.params,
             params_after=_factor_params(site, ranks[site.name], module_factors.bias is not None),
-            error_spectral=errors["spectral"], error_nkp=errors["nkp_calibrated"], method=best,
+            error_spectral=gaussian["spectral"], error_nkp=gaussian["nkp"], method=best,
             note=notes.get(site.name), candidates=errors,
         ))
     if progress is not None:

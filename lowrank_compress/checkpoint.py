@@ -90,11 +90,15 @@ def _read_torch(path: Path, trust_pickle: bool) -> Any:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if trust_pickle:
-            return torch.load(str(path), map_location="cpu", weights_only=False)
-        found = re.search(r"(?:GLOBAL|global) ([\w.]+)", str(exc))
-        what = f" ({found.group(1)})" if found else ""
+            try:
+                return torch.load(str(path), map_location="cpu", weights_only=False)
+            except Exception as inner:  # unpickling can fail in any way
+                raise UsageError(f"cannot read {path} as a PyTorch checkpoint ({_short(inner)})") from None
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if found is None:  # no disallowed class named: a corrupt or foreign file, not a pickled object
+            raise UsageError(f"cannot read {path} as a PyTorch checkpoint (not a torch.save file, or a corrupt one)") from None
         raise UsageError(
-            f"{path} holds pickled Python objects{what}; unpickling runs arbitrary code, so it is refused. "
+            f"{path} holds pickled Python objects ({found.group(1)}); unpickling runs arbitrary code, so it is refused. "
             "Save a state dict instead, or pass --trust-pickle for a file you trust"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, AttributeError) as exc:

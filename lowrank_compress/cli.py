@@ -512,10 +512,10 @@ def demo_command(
 
     result = run_demo(out_dir, fast=fast, log=lambda message: console.print(f"[dim]demo:[/] {message}", highlight=False))
     o = result.original
-    table = Table(title=f"digits CNN, {o['params']:,} params, test accuracy {percent(o['accuracy'])} "
-                        f"({o['test_samples']} held-out digits): accuracy before fine-tuning", title_justify="left")
+    table = Table(title=f"digits CNN before fine-tuning ({o['test_samples']} held-out digits)", title_justify="left")
     for column in ("method", "--target-params", "params kept", "FLOPs kept", "test accuracy"):
         table.add_column(column, justify="left" if column == "method" else "right")
+    table.add_row(f"original ({o['params']:,} params)", "–", "1.000", "1.000", percent(o["accuracy"]))
     for run in result.runs:
         table.add_row(run.label, str(run.target_params), f"{run.param_ratio:.3f}", f"{run.flop_ratio:.3f}", percent(run.accuracy))
     out.print(table)

@@ -23,13 +23,10 @@ outputs near zero do not blow it up. Parity passes when rel error ≤ ``rtol``.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
-import sys
-import tempfile
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -39,6 +36,7 @@ from torch import nn
 
 from .errors import LrcError, UsageError
 from .fileio import atomic_output, check_writable
+from .fileio import quiet_output as _quiet_output
 
 DEFAULT_OPSET = 17
 # Opset ranges on torch 2.14 (torch.onnx._constants); the dynamo exporter starts at 18.
@@ -130,30 +128,6 @@ def _output_names(outputs: torch.Tensor | tuple | list) -> list[str]:
 def _as_arrays(outputs: torch.Tensor | tuple | list) -> list[np.ndarray]:
     items = [outputs] if isinstance(outputs, torch.Tensor) else list(outputs)
     return [o.detach().float().cpu().numpy() for o in items]
-
-
-@contextlib.contextmanager
-def _quiet_output() -> Iterator[None]:
-    """Send file descriptors 1 and 2 to a scratch file for the duration of the block.
-
-    The TorchScript exporter dumps its whole IR graph to C++ stderr when it fails and the dynamo
-    exporter prints progress lines; neither helps a user who gets a one-line error instead.
-    """
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = [os.dup(1), os.dup(2)]
-    with tempfile.TemporaryFile() as sink:
-        try:
-            os.dup2(sink.fileno(), 1)
-            os.dup2(sink.fileno(), 2)
-            yield
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            for fd in saved:
-                os.close(fd)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .activations import canonical_activation
+from .fileio import quiet_output
 from .layers import DENSE_TYPES, LOW_RANK_TYPES, unsupported_reason
 
 
@@ -323,7 +324,8 @@ def find_sites(model: nn.Module, example_inputs: Any) -> list[LayerSite]:
     reasons = _static_reasons(model, candidates)
     args, kwargs = _example_args(example_inputs)
     try:
-        with torch.no_grad():
+        # torch.export logs and prints whole graphs when it fails; the site notes say what matters.
+        with torch.no_grad(), quiet_output():
             program = torch.export.export(model, args, kwargs, strict=False)
     except Exception as exc:  # tracing can fail in many ways; the eager walk still finds the layers
         return _eager_sites(model, candidates, reasons, args, kwargs, exc)

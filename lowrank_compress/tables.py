@@ -48,11 +48,11 @@ def manifest_table(manifest: dict[str, Any], title: str) -> Table:
 def report_table(report: CompressReport) -> Table:
     calibrated = any(len(layer.candidates) > 2 for layer in report.layers)
     table = Table(title="compressed layers", title_justify="left")
-    columns = ["layer", "act", "shape", "rank", "params", "err spectral", "err nkp"]
+    columns = ["layer", "act", "shape", "rank", "params", "gauss err spectral", "gauss err nkp"]
     if calibrated:
-        columns += ["kept", "err kept"]
+        columns += ["held-out spectral", "kept", "held-out kept"]
     for col in columns:
-        table.add_column(col, justify="left" if col in ("layer", "act", "kept") else "right")
+        table.add_column(col, justify="left" if col in ("layer", "act", "kept") else "right", overflow="fold")
     for layer in report.layers:
         row = [
             layer.name, layer.activation, "×".join(map(str, layer.shape)), str(layer.rank),
@@ -60,7 +60,7 @@ def report_table(report: CompressReport) -> Table:
             _fmt_err(layer.error_spectral), _fmt_err(layer.error_nkp),
         ]
         if calibrated:
-            row += [layer.method, _fmt_err(layer.candidates.get(layer.method))]
+            row += [_fmt_err(layer.candidates.get("spectral")), layer.method, _fmt_err(layer.candidates.get(layer.method))]
         table.add_row(*row)
     return table
 
