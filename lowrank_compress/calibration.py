@@ -199,21 +199,87 @@ class _Stop(Exception):
     """Raised by a hook to end a forward pass once the layer of interest has run."""
 
 
-def _run_until(model: nn.Module, module: nn.Module, batch: Any, capture) -> None:
-    """Run ``model`` on ``batch`` until ``module`` has been called; ``capture(inputs, output)``."""
+def _clone(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_clone(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _clone(v) for k, v in value.items()}
+    return value
 
-    def hook(_m, inputs, output):
-        capture(inputs[0], output)
-        raise _Stop
 
-    handle = module.register_forward_hook(hook)
+def _ancestors(name: str) -> list[str]:
+    """Enclosing module names, outermost first, without the root and the layer itself."""
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
+class _LayerInputs:
+    """Runs the model up to one layer per batch, re-entering at the innermost cached block.
+
+    Compressing layers inside a block never changes that block's inputs, so once a pass has
+    recorded the (args, kwargs) a block received, the next layers inside it are reached by calling
+    the block alone instead of the whole model. Only blocks called exactly once per forward are
+    cached; a cache is dropped as soon as the walk leaves its block.
+    """
+
+    def __init__(self, model: nn.Module, batches: list[Any], once: set[str]):
+        self.model, self.batches, self.once = model, batches, once
+        self.cache: dict[str, list[tuple[tuple, dict]]] = {}
+
+    def run(self, site_name: str, module: nn.Module, capture) -> None:
+        """Call ``capture(batch_index, layer_input, layer_output)`` for every batch."""
+        ancestors = [a for a in _ancestors(site_name) if a in self.once]
+        self.cache = {k: v for k, v in self.cache.items() if k in ancestors}
+        start = next((a for a in reversed(ancestors) if a in self.cache), None)
+        deeper = ancestors[ancestors.index(start) + 1:] if start is not None else ancestors
+        recorded: dict[str, list[tuple[tuple, dict]]] = {a: [] for a in deeper}
+        for b, batch in enumerate(self.batches):
+            handles = []
+            for name in deeper:
+                def pre(_m, args, kwargs, name=name):
+                    recorded[name].append((_clone(args), _clone(kwargs)))
+
+                handles.append(self.model.get_submodule(name).register_forward_pre_hook(pre, with_kwargs=True))
+
+            def stop(_m, inputs, output, b=b):
+                capture(b, inputs[0], output)
+                raise _Stop
+
+            handles.append(module.register_forward_hook(stop))
+            try:
+                with torch.no_grad():
+                    if start is None:
+                        _call(self.model, batch)
+                    else:
+                        args, kwargs = self.cache[start][b]
+                        self.model.get_submodule(start)(*_clone(args), **_clone(kwargs))
+            except _Stop:
+                pass
+            finally:
+                for h in handles:
+                    h.remove()
+        self.cache.update({k: v for k, v in recorded.items() if len(v) == len(self.batches)})
+
+
+def _called_once(model: nn.Module, sites: list[LayerSite], batch: Any) -> set[str]:
+    """Enclosing blocks of the sites that run exactly once in a forward pass."""
+    names = {a for s in sites for a in _ancestors(s.name)}
+    counts = dict.fromkeys(names, 0)
+    handles = []
+    for name in names:
+        def pre(_m, _args, name=name):
+            counts[name] += 1
+
+        handles.append(model.get_submodule(name).register_forward_pre_hook(pre))
     try:
         with torch.no_grad():
             _call(model, batch)
-    except _Stop:
-        pass
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
+    return {n for n, c in counts.items() if c == 1}
 
 
 # ---------------------------------------------------------------- original-model pass
@@ -236,8 +302,15 @@ def _original_pass(
     acc = {s.name: ([], [], ResponseStats.empty(s.shape[0])) for s in sites}
     fns = {s.name: activation_fn(s.activation) for s in sites}
 
+    called: set[str] = set()
+
     def hook(site: LayerSite):
         def record(_m, _inputs, output):
+            # A module called several times per forward (shared) is calibrated on its first call,
+            # the one the compressed pass stops at.
+            if site.name in called:
+                return
+            called.add(site.name)
             rows = _responses(site, output.detach().to(torch.float32))
             positions, post, stats = acc[site.name]
             stats.update(rows)
@@ -251,6 +324,7 @@ def _original_pass(
     try:
         with torch.no_grad():
             for batch in batches:
+                called.clear()
                 _call(original, batch)
     finally:
         for h in handles:
@@ -438,6 +512,7 @@ def calibrated_compress(
     todo = [s for s in sites if s.name in ranks]
     reports: list[LayerReport] = []
     source = model if asymmetric else original
+    runner = _LayerInputs(source, batches, _called_once(source, todo, batches[0]))
     for i, site in enumerate(todo):
         if progress is not None:
             progress(site.name, i, len(todo))
@@ -445,13 +520,12 @@ def calibrated_compress(
         stats = ResponseStats.empty(site.shape[0])
         inputs: list[torch.Tensor] = []
         module = site.module if asymmetric else original.get_submodule(site.name)
-        for batch, idx in zip(batches, target.positions):
-            def capture(x, output, idx=idx):
-                rows = _responses(site, output.detach().to(torch.float32))
-                stats.update(rows)
-                inputs.append(_patches(site, x.detach().to(torch.float32))[idx])
 
-            _run_until(source, module, batch, capture)
+        def capture(b: int, x: torch.Tensor, output: torch.Tensor, site=site, stats=stats, inputs=inputs, target=target) -> None:
+            stats.update(_responses(site, output.detach().to(torch.float32)))
+            inputs.append(_patches(site, x.detach().to(torch.float32))[target.positions[b]])
+
+        runner.run(site.name, module, capture)
         x_all = torch.cat(inputs)
         y_all = target.post
         if observer is not None:

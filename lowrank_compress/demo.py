@@ -2,8 +2,8 @@
 
 Steps (all on the shipped model ``assets/digits_cnn.safetensors`` and its held-out split):
 1. compress it at ``--target-params`` 0.5 and 0.25 three ways — spectral (SVD truncation,
-   data-free), nkp data-free, and nkp calibrated on training images — and measure test accuracy
-   before any fine-tuning;
+   data-free), nkp data-free (left out in fast mode), and nkp calibrated on training images — and
+   measure test accuracy before any fine-tuning;
 2. fine-tune the calibrated nkp model at 0.25 briefly by distillation from the original
    (``train.finetune`` on an image folder of the training split, CPU);
 3. export the fine-tuned model to ONNX and check parity with PyTorch in onnxruntime;
@@ -58,8 +58,9 @@ FINETUNED_ONNX = "digits_nkp_calibrated_0.25_finetuned.onnx"
 class DemoSettings:
     """How much work each step does; ``fast`` is the test-suite size (well under a minute).
 
-    Fast mode leaves out data-free nkp: like every budgeted run it spends most of its time on the
-    per-layer error curves of the rank allocation, and it adds nothing the other two do not test.
+    Fast mode leaves out data-free nkp: it spends most of its time on the per-layer error curves
+    of the rank allocation (the nonlinear row fit at every candidate rank), and it exercises no
+    code the other two rows do not.
     """
 
     variants: tuple[Variant, ...]
@@ -109,9 +110,6 @@ class DemoResult:
     files: list[str]
     seconds: float = 0.0
     layers: list[dict[str, Any]] = field(default_factory=list)
-
-    def run(self, label: str, target_params: float) -> DemoRun:
-        return next(r for r in self.runs if r.label == label and r.target_params == target_params)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -222,15 +220,15 @@ def summary_markdown(result: DemoResult) -> str:
     lines = [
         "# lrc demo: the bundled digits CNN",
         "",
-        f"Model `{o['arch']}`: {o['params']:,} parameters, {o['flops']:,} FLOPs at input "
-        f"{'×'.join(map(str, o['input_shape']))}; test accuracy **{percent(o['accuracy'])}** on "
-        f"{o['test_samples']} held-out digits. Calibration: {s.calib_samples} training images, "
-        f"{s.refine_steps} refinement steps per layer{' (fast mode)' if result.fast else ''}.",
+        (f"Model `{o['arch']}`: {o['params']:,} parameters, {o['flops']:,} FLOPs at input "
+         f"{'×'.join(map(str, o['input_shape']))}; test accuracy **{percent(o['accuracy'])}** on "
+         f"{o['test_samples']} held-out digits. Calibration: {s.calib_samples} training images, "
+         f"{s.refine_steps} refinement steps per layer{' (fast mode)' if result.fast else ''}."),
         "",
         "## Accuracy before fine-tuning",
         "",
-        "Every run keeps at most the given fraction of the model's parameters (`--target-params`), ranks "
-        "allocated across layers by error per parameter. No fine-tuning.",
+        ("Every run keeps at most the given fraction of the model's parameters (`--target-params`), ranks "
+         "allocated across layers by error per parameter. No fine-tuning."),
         "",
         "| method | --target-params | params kept | FLOPs kept | test accuracy | seconds |",
         "|---|---|---|---|---|---|",
@@ -243,15 +241,15 @@ def summary_markdown(result: DemoResult) -> str:
         "",
         "## Fine-tuning",
         "",
-        f"{label} at {budget}: distilled from the original on CPU for {ft['steps']} steps "
-        f"(batch {ft['config']['batch_size']}, AdamW lr {ft['config']['lr']}, KD weight "
-        f"{ft['config']['kd_weight']}, T = {ft['config']['kd_temperature']}): test accuracy "
-        f"{percent(ft['accuracy_before'])} → **{percent(ft['accuracy_after'])}** ({ft['seconds']:.1f} s).",
+        (f"{label} at {budget}: distilled from the original on CPU for {ft['steps']} steps "
+         f"(batch {ft['config']['batch_size']}, AdamW lr {ft['config']['lr']}, KD weight "
+         f"{ft['config']['kd_weight']}, T = {ft['config']['kd_temperature']}): test accuracy "
+         f"{percent(ft['accuracy_before'])} → **{percent(ft['accuracy_after'])}** ({ft['seconds']:.1f} s)."),
         "",
         "## ONNX",
         "",
-        f"`{onnx['file']}`: max abs error {onnx['max_abs_error']:.2e}, max rel error {onnx['max_rel_error']:.2e} "
-        f"(tolerance {onnx['rtol']:.0e}) — parity **{'passed' if onnx['passed'] else 'FAILED'}**.",
+        (f"`{onnx['file']}`: max abs error {onnx['max_abs_error']:.2e}, max rel error {onnx['max_rel_error']:.2e} "
+         f"(tolerance {onnx['rtol']:.0e}) — parity **{'passed' if onnx['passed'] else 'FAILED'}**."),
         "",
         "## Files",
         "",
@@ -265,8 +263,8 @@ def summary_markdown(result: DemoResult) -> str:
         "",
         "```bash",
         f"lrc compress {digits.bundled_checkpoint_path()} --target-params {budget} --method nkp \\",
-        f"    --calib {result.out_dir / CALIB_FILE} --calib-samples {s.calib_samples} "
-        f"--refine-steps {s.refine_steps} \\",
+        (f"    --calib {result.out_dir / CALIB_FILE} --calib-samples {s.calib_samples} "
+         f"--refine-steps {s.refine_steps} \\"),
         f"    -o digits_nkp_{budget}.lrc.safetensors --plot digits_nkp_{budget}.png",
         "```",
         "",

@@ -74,9 +74,10 @@ def plot_compression(report: CompressReport, path: str | os.PathLike) -> None:
             if curve:
                 ax.plot(curve["ranks"], curve["errors"], color=_COLORS[method], lw=1.5, label=f"{method} (Gaussian)")
         ax.axvline(layer.rank, color="0.4", ls=":", lw=1, label="chosen rank")
-        ax.plot([layer.rank], [layer.error_spectral], "x", color=_COLORS["spectral"], ms=7, mew=2,
-                label="spectral, measured")
-        kept = layer.candidates.get(layer.method)
+        # candidates hold the errors the choice was made on: held-out ones when calibrated.
+        spectral, kept = layer.candidates.get("spectral"), layer.candidates.get(layer.method)
+        if spectral is not None:
+            ax.plot([layer.rank], [spectral], "x", color=_COLORS["spectral"], ms=7, mew=2, label="spectral, measured")
         if kept is not None:
             ax.plot([layer.rank], [kept], "*", color=_COLORS["kept"], ms=10, label="kept, measured")
         ax.set_xscale("log")

@@ -22,7 +22,7 @@ def fast_demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Comp
     out = tmp_path_factory.mktemp("demo") / "lrc-demo"  # does not exist yet: the demo creates it
     proc = subprocess.run(
         [sys.executable, "-m", "lowrank_compress", "demo", "--fast", "--out", str(out)],
-        capture_output=True, text=True, timeout=300,
+        check=False, capture_output=True, text=True, timeout=300,
     )
     return proc, out
 
@@ -110,7 +110,7 @@ def test_demo_into_a_file_path_is_a_usage_error(tmp_path: Path) -> None:
     target.write_text("not a folder")
     proc = subprocess.run(
         [sys.executable, "-m", "lowrank_compress", "demo", "--fast", "--out", str(target)],
-        capture_output=True, text=True, timeout=120,
+        check=False, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2
     assert "not a directory" in proc.stderr
