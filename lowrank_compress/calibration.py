@@ -507,7 +507,7 @@ def calibrated_compress(
     def curve(site: LayerSite, ranks: list[int]) -> list[float]:
         return stats_error_curve(site, targets[site.name].stats, ranks)
 
-    ranks, notes, reasons = plan_ranks(model, sites, config, example_inputs, curve)
+    ranks, notes, reasons = plan_ranks(model, sites, config, example_inputs, curve, calibrated=True)
     skipped = [{"name": n, "reason": r} for n, r in reasons.items()]
     todo = [s for s in sites if s.name in ranks]
     reports: list[LayerReport] = []

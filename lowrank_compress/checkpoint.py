@@ -15,6 +15,7 @@ import inspect
 import json
 import pickle
 import re
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +73,8 @@ def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
 
 def _short(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
+    if not text:  # e.g. EOFError from an empty or cut-off pickle
+        return type(exc).__name__
     return text[:200] + ("…" if len(text) > 200 else "")
 
 
@@ -87,7 +90,10 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 def _read_torch(path: Path, trust_pickle: bool) -> Any:
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        # torch warns about the pickle protocol of files it then refuses; the error says all there is.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if trust_pickle:
             try:

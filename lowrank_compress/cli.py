@@ -7,6 +7,7 @@ import sys
 import traceback
 
 import click
+import rich.markup
 import typer
 from rich.console import Console
 
@@ -42,7 +43,7 @@ def inspect_command(
     checkpoint: _CPath = typer.Argument(..., help="A state dict (.safetensors/.pt/.pth/.bin) with --arch, or a .lrc.safetensors."),
     arch: str | None = typer.Option(None, "--arch", help="torchvision:NAME, timm:NAME or package.module:callable."),
     arch_kwargs: str | None = typer.Option(None, "--arch-kwargs", help="JSON keyword arguments for --arch."),
-    input_shape: str | None = typer.Option(None, "--input-shape", help="Example input shape to trace at, e.g. 1,3,224,224 [default: from the arch config]."),
+    input_shape: str | None = typer.Option(None, "--input-shape", help="Example input shape to trace at, e.g. 1,3,224,224 \\[default: from the arch config]."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow a checkpoint that holds a pickled model (runs code from the file)."),
     json_path: _CPath | None = typer.Option(None, "--json", help="Also write the table as JSON here."),
 ) -> None:
@@ -84,7 +85,7 @@ def compress_command(
     arch: str | None = typer.Option(None, "--arch", help="torchvision:NAME, timm:NAME or package.module:callable."),
     arch_kwargs: str | None = typer.Option(None, "--arch-kwargs", help="JSON keyword arguments for --arch."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow a checkpoint that holds a pickled model (runs code from the file); then --arch is not needed."),
-    input_shape: str | None = typer.Option(None, "--input-shape", help="Example input shape, e.g. 1,3,224,224 or 1,1024 [default: from the arch config]."),
+    input_shape: str | None = typer.Option(None, "--input-shape", help="Example input shape, e.g. 1,3,224,224 or 1,1024 \\[default: from the arch config]."),
     rank: int | None = typer.Option(None, "--rank", help="Same rank r for every layer, capped at each layer's max useful rank floor(m·d/(m+d))."),
     rank_ratio: float | None = typer.Option(None, "--rank-ratio", help="r = round(F·min(m, d)) per layer (the paper's rank scale)."),
     param_ratio: float | None = typer.Option(None, "--param-ratio", help="Each layer keeps F of its own weights: r = floor(F·m·d/(m+d))."),
@@ -105,7 +106,7 @@ def compress_command(
     onnx_path: _CPath | None = typer.Option(None, "--onnx", help="Also export the compressed model to ONNX here and verify parity."),
     plot: _CPath | None = typer.Option(None, "--plot", help="Write per-layer error-vs-rank curves and the chosen ranks to this PNG."),
     seed: int = typer.Option(0, "--seed", help="Seed for example inputs, calibration sampling and refinement."),
-    output: _CPath | None = typer.Option(None, "-o", "--output", help="Output file [default: CKPT stem + .lrc.safetensors]."),
+    output: _CPath | None = typer.Option(None, "-o", "--output", help="Output file \\[default: CKPT stem + .lrc.safetensors]."),
     json_path: _CPath | None = typer.Option(None, "--json", help="Write the report as JSON here."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or tables (for CI logs); errors still print."),
 ) -> None:
@@ -150,7 +151,7 @@ def compress_command(
             console.print(f"[yellow]note:[/] {note}")
         if result.parity is not None:
             out.print(f"ONNX {onnx_path}: max abs error {result.parity.max_abs_error:.2e}, max rel error {result.parity.max_rel_error:.2e}")
-    console.print(f"wrote {result.output}", highlight=False)
+    console.print(f"wrote {result.output}", highlight=False, soft_wrap=True, markup=False)
     if result.failure is not None:
         raise result.failure
 
@@ -172,7 +173,7 @@ def _model_shape(loaded_shape: tuple[int, ...] | None, given: tuple[int, ...] | 
 def export_command(
     model: _XPath = typer.Argument(..., help="A compressed .lrc.safetensors, or an original checkpoint with --arch."),
     onnx: _XPath = typer.Option(..., "--onnx", help="Where to write the ONNX file (written atomically)."),
-    input_shape: str | None = typer.Option(None, "--input-shape", help="N,C,H,W (or N,D) to trace at; the batch axis stays dynamic [default: the model's recorded shape, else the arch config]."),
+    input_shape: str | None = typer.Option(None, "--input-shape", help="N,C,H,W (or N,D) to trace at; the batch axis stays dynamic \\[default: the model's recorded shape, else the arch config]."),
     opset: int = typer.Option(17, "--opset", help="ONNX opset (7–20 with the torchscript exporter, up to 23 with dynamo)."),
     exporter: str = typer.Option("auto", "--exporter", help="torchscript, dynamo, or auto (torchscript, then dynamo where it fails)."),
     rtol: float = typer.Option(1e-4, "--rtol", help="Parity tolerance on max|onnx − torch| / max|torch| over the checked inputs."),
@@ -256,10 +257,10 @@ def bench_command(
     arch: str | None = typer.Option(None, "--arch", help=_ARCH_HELP + " Used for whichever file needs it."),
     arch_kwargs: str | None = typer.Option(None, "--arch-kwargs", help="JSON keyword arguments for --arch."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow checkpoints holding pickled models (runs code from the file)."),
-    input_shape: str | None = typer.Option(None, "--input-shape", help="N,C,H,W (or N,D); N is replaced by each batch size [default: the model's recorded shape]."),
+    input_shape: str | None = typer.Option(None, "--input-shape", help="N,C,H,W (or N,D); N is replaced by each batch size \\[default: the model's recorded shape]."),
     runtime: str = typer.Option("torch", "--runtime", help="torch or onnxruntime (CPU; modules are exported to a temporary ONNX file)."),
     device: str = typer.Option("auto", "--device", help="auto, cuda or cpu (torch runtime; CUDA runs are timed with CUDA events)."),
-    threads: int | None = typer.Option(None, "--threads", help="Intra-op threads of the runtime [default: the runtime's own]."),
+    threads: int | None = typer.Option(None, "--threads", help="Intra-op threads of the runtime \\[default: the runtime's own]."),
     batch_sizes: str = typer.Option("1,32", "--batch-sizes", help="Comma-separated batch sizes to time."),
     warmup: int = typer.Option(3, "--warmup", help="Untimed rounds before timing."),
     repeats: int = typer.Option(10, "--repeats", help="Timed rounds; each runs every model once, interleaved."),
@@ -530,34 +531,87 @@ def demo_command(
 
 def _fail(message: str, code: int) -> None:
     first = " ".join(str(message).strip().splitlines()[:1]) or "unknown error"
-    console.print(f"[bold red]error:[/] {first}", highlight=False, markup=True, soft_wrap=True)
+    # Escaped: a path or message with [brackets] is text, not rich markup.
+    console.print(f"[bold red]error:[/] {rich.markup.escape(first)}", highlight=False, markup=True, soft_wrap=True)
     sys.exit(code)
 
 
+# Typer ≥ 0.16 ships its own copy of click: catch both its exceptions and click's.
+_EXIT = (click.exceptions.Exit, typer.Exit)
+_ABORT = (click.exceptions.Abort, typer.Abort)
+_PARSE_ERRORS = (click.exceptions.ClickException, typer.TyperException)
+# The exit code of the signal (SIGINT or SIGTERM) that stopped the running command, if one did.
+_SIGNALLED: dict[str, int | None] = {"code": None}
+
+
+def _on_signal(signum: int, frame) -> None:
+    _SIGNALLED["code"] = 128 + signum
+    raise KeyboardInterrupt
+
+
+def _interrupted() -> None:
+    import signal
+
+    code = _SIGNALLED["code"] or 130
+    what = "terminated" if code == 128 + signal.SIGTERM else "interrupted"
+    _fail(f"{what}; no partial output was written", code)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the app, turning every failure into one line and an exit code."""
+    """Entry point: run the app, turning every failure into one line and an exit code.
+
+    Ctrl-C (SIGINT) and SIGTERM (what CI runners send on cancel) raise KeyboardInterrupt, so every
+    output in progress is removed on the way up, and exit with 130 or 143 and one line, however a
+    library on the way wrapped the interrupt. A signal the parent process ignores stays ignored.
+    """
+    import signal
+    import threading
+
+    _SIGNALLED["code"] = None
+    installed = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
+            if signal.getsignal(sig) == default:
+                installed[sig] = signal.signal(sig, _on_signal)
+    try:
+        _main(argv)
+    finally:
+        for sig, previous in installed.items():
+            signal.signal(sig, previous)
+
+
+def _main(argv: list[str] | None) -> None:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:]) or os.environ.get("LRC_DEBUG") == "1"
     try:
-        app(args=argv, standalone_mode=False, prog_name="lrc")
-    except click.exceptions.Exit as exc:
+        code = app(args=argv, standalone_mode=False, prog_name="lrc")
+    except _EXIT as exc:
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        _fail("interrupted", 130)
-    except click.exceptions.ClickException as exc:
+    except (KeyboardInterrupt, *_ABORT):
+        _interrupted()
+    except _PARSE_ERRORS as exc:
         if debug:
             traceback.print_exc()
-        _fail(exc.format_message(), 2)
-    except KeyboardInterrupt:
-        _fail("interrupted; no partial output was written", 130)
-    except LrcError as exc:
+        _fail(exc.format_message() if hasattr(exc, "format_message") else str(exc), 2)
+    except Exception as exc:
+        if _SIGNALLED["code"] is not None:
+            _interrupted()  # a library turned the KeyboardInterrupt into an error of its own
         if debug:
             traceback.print_exc()
-        _fail(str(exc), exc.exit_code)
-    except (ValueError, FileNotFoundError, IsADirectoryError, PermissionError) as exc:
-        if debug:
-            traceback.print_exc()
-        _fail(str(exc), UsageError.exit_code if isinstance(exc, ValueError) else 1)
-    except Exception as exc:  # any other failure still ends in one line unless --debug
-        if debug:
-            traceback.print_exc()
-        _fail(f"{type(exc).__name__}: {exc}", 1)
+        _fail(*_message(exc))
+    # Typer ≥ 0.16 turns a KeyboardInterrupt into exit code 130 and, with standalone_mode=False,
+    # returns that code instead of raising.
+    if isinstance(code, int) and not isinstance(code, bool) and code != 0:
+        if code == 130 or _SIGNALLED["code"] is not None:
+            _interrupted()
+        sys.exit(code)
+
+
+def _message(exc: Exception) -> tuple[str, int]:
+    """The one line and the exit code for a failure (any other failure still ends in one line)."""
+    if isinstance(exc, LrcError):
+        return str(exc), exc.exit_code
+    if isinstance(exc, ValueError):
+        return str(exc), UsageError.exit_code
+    if isinstance(exc, (FileNotFoundError, IsADirectoryError, PermissionError)):
+        return str(exc), 1
+    return f"{type(exc).__name__}: {exc}", 1

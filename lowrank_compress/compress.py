@@ -264,6 +264,7 @@ def _budgeted_ranks(
     config: CompressConfig,
     example_inputs: Any,
     curve_fn: Callable[[LayerSite, list[int]], list[float]],
+    calibrated: bool = False,
 ) -> tuple[dict[str, int | None], dict[str, ErrorCurve]]:
     """Allocate ranks under --target-params / --target-flops from per-layer error curves."""
     by_flops = config.target_flops is not None
@@ -277,7 +278,7 @@ def _budgeted_ranks(
         if not ranks:
             continue
         # A factorized layer gains a bias where the nonlinear fit moves a bias-free layer's outputs.
-        extra = 0.0 if by_flops or not _may_add_bias(site, config.method) else float(m)
+        extra = 0.0 if by_flops or not _may_add_bias(site, config.method, calibrated) else float(m)
         errors = curve_fn(site, ranks)
         dense = per * m * d
         curves.append(ErrorCurve(site.name, ranks, [per * r * (m + d) + extra for r in ranks], errors, dense))
@@ -288,8 +289,11 @@ def _budgeted_ranks(
     return allocate(curves, budget, fixed_cost=fixed), {c.name: c for c in curves}
 
 
-def _may_add_bias(site: LayerSite, method: str) -> bool:
-    return site.module.bias is None and method == "nkp" and (site.bn_before is not None or site.activation != "identity")
+def _may_add_bias(site: LayerSite, method: str, calibrated: bool = False) -> bool:
+    """Whether factorizing may give a bias-free layer a bias (calibrated candidates all fit one)."""
+    if site.module.bias is not None:
+        return False
+    return calibrated or (method == "nkp" and (site.bn_before is not None or site.activation != "identity"))
 
 
 def error_curves(site: LayerSite, rank: int, points: int = 12) -> dict[str, dict[str, list]]:
@@ -408,6 +412,7 @@ def plan_ranks(
     config: CompressConfig,
     example_inputs: Any,
     curve_fn: Callable[[LayerSite, list[int]], list[float]] | None = None,
+    calibrated: bool = False,
 ) -> tuple[dict[str, int], dict[str, str], dict[str, str]]:
     """Ranks per site name, notes per site, and skip reasons per site, for any policy.
 
@@ -415,7 +420,7 @@ def plan_ranks(
     input shape; layers that are not faster factorized stay dense, and a budget is re-allocated
     over the remaining layers (reverting costs budget that other layers must give back).
     """
-    ranks, notes, reasons = _plan_once(model, sites, config, example_inputs, curve_fn)
+    ranks, notes, reasons = _plan_once(model, sites, config, example_inputs, curve_fn, calibrated)
     if not config.latency_aware:
         return ranks, notes, reasons
     reverted: dict[str, str] = {}
@@ -425,7 +430,7 @@ def plan_ranks(
             break
         reverted.update(slow)
         remaining = [s for s in sites if s.name not in reverted]
-        ranks, notes, reasons = _plan_once(model, remaining, config, example_inputs, curve_fn)
+        ranks, notes, reasons = _plan_once(model, remaining, config, example_inputs, curve_fn, calibrated)
         if config.target_params is None and config.target_flops is None:
             break
     reasons.update({name: f"reverted by --latency-aware: {why}" for name, why in reverted.items()})
@@ -481,12 +486,14 @@ def _plan_once(
     config: CompressConfig,
     example_inputs: Any,
     curve_fn: Callable[[LayerSite, list[int]], list[float]] | None = None,
+    calibrated: bool = False,
 ) -> tuple[dict[str, int], dict[str, str], dict[str, str]]:
     ranks: dict[str, int] = {}
     notes: dict[str, str] = {}
     reasons: dict[str, str] = {}
     if config.target_params is not None or config.target_flops is not None:
-        allocation, _ = _budgeted_ranks(model, sites, config, example_inputs, curve_fn or _gaussian_curve(config.method))
+        curve = curve_fn or _gaussian_curve(config.method)
+        allocation, _ = _budgeted_ranks(model, sites, config, example_inputs, curve, calibrated)
         for site in sites:
             r = allocation.get(site.name)
             if r is None:

@@ -150,7 +150,10 @@ def _require_extras() -> None:
 def _prepare_out_dir(out_dir: Path) -> Path:
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--out {out_dir} exists and is not a directory")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a parent that is a file, a read-only or full file system
+        raise UsageError(f"cannot create --out {out_dir} ({exc.strerror})") from None
     return out_dir
 
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import UsageError
+from .errors import LrcError, UsageError
+
+_WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
 
 
 def check_writable(path: str | os.PathLike) -> Path:
@@ -18,6 +21,11 @@ def check_writable(path: str | os.PathLike) -> Path:
     parent = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
         raise UsageError(f"output path {path} is a directory")
+    if path.exists() and not path.is_file():
+        # A device, FIFO or socket: renaming a temporary file over it would replace it (as root, even /dev/null).
+        raise UsageError(f"output path {path} is not a regular file")
+    if parent.exists() and not parent.is_dir():
+        raise UsageError(f"output directory {parent} is not a directory")
     if not parent.is_dir():
         raise UsageError(f"output directory {parent} does not exist")
     if not os.access(parent, os.W_OK):
@@ -33,7 +41,12 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     output is ever left behind.
     """
     path = check_writable(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    except OSError as exc:
+        if exc.errno in _WRITE_ERRORS:  # e.g. no inode left on a full file system
+            raise LrcError(f"cannot write {path}: {exc.strerror}") from exc
+        raise
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -42,6 +55,11 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         os.umask(umask)
         os.chmod(tmp_path, 0o666 & ~umask)
         os.replace(tmp_path, path)
+    except OSError as exc:
+        tmp_path.unlink(missing_ok=True)
+        if exc.errno in _WRITE_ERRORS:  # name the target, not the temporary file
+            raise LrcError(f"cannot write {path}: {exc.strerror}") from exc
+        raise
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise

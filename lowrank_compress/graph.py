@@ -25,6 +25,7 @@ from torch import nn
 from .activations import canonical_activation
 from .fileio import quiet_output
 from .layers import DENSE_TYPES, LOW_RANK_TYPES, unsupported_reason
+from .projection import LARGE_WEIGHT
 
 
 @dataclass
@@ -74,15 +75,21 @@ class LayerSite:
         return (m * d - 1) // (m + d)
 
     def effective_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(W, b) of the layer with the BatchNorm before the activation folded in, float64, (m, d)."""
-        w = self.module.weight.detach().reshape(self.shape[0], -1).to(torch.float64)
+        """(W, b) of the layer with the BatchNorm before the activation folded in, float64, (m, d).
+
+        A weight of LARGE_WEIGHT elements or more keeps its dtype: the projection math reads it in
+        float64 row blocks, and a whole float64 copy of a 16384² layer would take 2 GiB.
+        """
+        w = self.module.weight.detach().reshape(self.shape[0], -1)
+        if w.numel() < LARGE_WEIGHT:
+            w = w.to(torch.float64)
         b = self.module.bias
         b = None if b is None else b.detach().to(torch.float64)
         if self.bn_before is None:
             return w, b
         scale, shift = self.bn_before.scale.to(torch.float64), self.bn_before.shift.to(torch.float64)
         base = torch.zeros_like(shift) if b is None else b
-        return w * scale[:, None], base * scale + shift
+        return w * scale.to(w.dtype)[:, None], base * scale + shift
 
     def row_weights(self) -> torch.Tensor | None:
         """α_i = scale_i² of the per-channel affine after the activation, if any."""
@@ -280,7 +287,7 @@ def _candidates(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def _static_reasons(model: nn.Module, candidates: dict[str, nn.Module]) -> dict[str, str]:
-    """Reasons that do not need a trace: MHA internals, shared weights, unsupported conv kinds."""
+    """Reasons known without a trace: MHA internals, factors of compressed layers, shared weights, unsupported convs."""
     reasons: dict[str, str] = {}
     for parent_name, parent in model.named_modules():
         if isinstance(parent, nn.MultiheadAttention):
@@ -288,6 +295,12 @@ def _static_reasons(model: nn.Module, candidates: dict[str, nn.Module]) -> dict[
                 full = f"{parent_name}.{child_name}" if child_name else parent_name
                 if full in candidates:
                     reasons[full] = "inside nn.MultiheadAttention (its weights are used functionally)"
+        elif isinstance(parent, LOW_RANK_TYPES):
+            # A model loaded from a .lrc.safetensors: its factors are not layers to factorize again.
+            for child_name, _ in parent.named_modules():
+                full = f"{parent_name}.{child_name}"
+                if full in candidates:
+                    reasons[full] = f"part of the factorized layer {parent_name} (already compressed)"
     owners: dict[int, list[str]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         for pname, param in module.named_parameters(recurse=False):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,14 +68,23 @@ def _outputs(result: Any) -> list[torch.Tensor]:
 
 def output_error(original: nn.Module, compressed: nn.Module, batches: list[Any]) -> float:
     """‖f(x) − f̃(x)‖ / ‖f(x)‖ over all outputs of all batches (Frobenius norms)."""
+    return _error_against(_model_outputs(original, batches), compressed, batches)
+
+
+def _model_outputs(model: nn.Module, batches: list[Any]) -> list[list[torch.Tensor]]:
     from .compress import _call
 
-    num, den = 0.0, 0.0
     with torch.no_grad():
-        for batch in batches:
-            for ref, new in zip(_outputs(_call(original, batch)), _outputs(_call(compressed, batch))):
-                num += float((ref.double() - new.double()).pow(2).sum())
-                den += float(ref.double().pow(2).sum())
+        return [_outputs(_call(model, batch)) for batch in batches]
+
+
+def _error_against(references: list[list[torch.Tensor]], compressed: nn.Module, batches: list[Any]) -> float:
+    """:func:`output_error` against outputs of the original model recorded earlier."""
+    num, den = 0.0, 0.0
+    for refs, news in zip(references, _model_outputs(compressed, batches)):
+        for ref, new in zip(refs, news):
+            num += float((ref.double() - new.double()).pow(2).sum())
+            den += float(ref.double().pow(2).sum())
     return (num / den) ** 0.5 if den > 0 else 0.0
 
 
@@ -111,11 +119,13 @@ def run_compress(job: CompressJob, progress: ProgressFn | None = None, raise_on_
         calibration = calibration_batches(
             job.calib, shape, loaded.data_config, job.config.calib_samples, job.calib_batch_size, job.config.seed, dtype
         )
-    original = copy.deepcopy(model)
-    model, report = compress(model, job.config, example, calibration=calibration, progress=progress)
     check = calibration[:4] if calibration else [torch.randn((8, *shape[1:]), generator=gen).to(dtype)]
-    report.output_error = output_error(original, model, check)
-    del original
+    # The original's outputs, not a copy of the original: a copy would double the peak memory.
+    references = _model_outputs(model, check)
+    model, report = compress(model, job.config, example, calibration=calibration, progress=progress,
+                             curves=job.plot_path is not None)
+    report.output_error = _error_against(references, model, check)
+    del references
 
     save(model, out, arch=loaded.arch, arch_kwargs=loaded.arch_kwargs, input_shape=list(shape),
          data_config=_jsonable(loaded.data_config))

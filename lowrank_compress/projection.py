@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +29,11 @@ _GH_1D = 160
 _GH_2D = 48
 _GH_2D_FIT = 24  # the per-row fit uses a coarser grid; the result is checked on the fine one
 _ROW_CHUNK = 2048
+# A weight with at least this many elements is never copied whole to float64 (a 16384² layer would
+# take 2 GiB more): the randomized SVD reads it in float32 and row-wise float64 quantities are
+# computed over blocks of _BLOCK_ELEMENTS.
+LARGE_WEIGHT = 50_000_000
+_BLOCK_ELEMENTS = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -66,7 +72,8 @@ def flatten_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 def _check_finite(name: str, t: torch.Tensor | None) -> None:
-    if t is not None and not torch.isfinite(t).all():
+    # In chunks: isfinite on a whole 16384² weight allocates 1.75 GiB of temporaries.
+    if t is not None and not all(bool(torch.isfinite(c).all()) for c in t.reshape(-1).split(_BLOCK_ELEMENTS)):
         raise ValueError(f"{name} contains NaN or Inf values")
 
 
@@ -180,6 +187,20 @@ def cross_moment(
     return torch.cat(outs) if outs else a.new_zeros(0)
 
 
+def _row_blocks(w: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
+    """(rows, those rows of w (m, d) in float64): one block unless w has LARGE_WEIGHT elements."""
+    m, d = w.shape
+    step = m if w.numel() < LARGE_WEIGHT else max(1, _BLOCK_ELEMENTS // max(d, 1))
+    for start in range(0, m, step):
+        rows = slice(start, min(start + step, m))
+        yield rows, w[rows].to(torch.float64)
+
+
+def _row_norms(w: torch.Tensor) -> torch.Tensor:
+    """Row norms of w (m, d), float64, (m,)."""
+    return torch.cat([block.norm(dim=1) for _, block in _row_blocks(w)])
+
+
 def _row_stats(w: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Row norms of w and v and their cosine (0 where either row is zero)."""
     n = w.norm(dim=1)
@@ -196,15 +217,17 @@ def row_errors(
     activation: str = "relu",
 ) -> torch.Tensor:
     """Per-row expected squared post-activation error under x ~ N(0, I), float64, shape (m,)."""
-    w = flatten_weight(weight).to(torch.float64)
+    w = flatten_weight(weight)
     m = w.shape[0]
-    v = factorization.product().to(torch.float64).reshape(m, -1)
-    if v.shape != w.shape:
-        raise ValueError(f"factorization shape {tuple(v.shape)} does not match weight {tuple(w.shape)}")
+    A, B = factorization.A, factorization.B
+    if (A.shape[0], B.shape[-1]) != tuple(w.shape):
+        raise ValueError(f"factorization shape {(A.shape[0], B.shape[-1])} does not match weight {tuple(w.shape)}")
     zeros = torch.zeros(m, dtype=torch.float64)
     a = zeros if bias is None else bias.to(torch.float64)
     c = zeros if factorization.bias is None else factorization.bias.to(torch.float64)
-    n, e, rho = _row_stats(w, v)
+    # Row by row, so a large layer's product A B is never formed whole.
+    stats = [_row_stats(block, (A[rows] @ B).to(torch.float64)) for rows, block in _row_blocks(w)]
+    n, e, rho = (torch.cat(parts) for parts in zip(*stats))
     act = canonical_activation(activation)
     err = second_moment(act, a, n) + second_moment(act, c, e) - 2.0 * cross_moment(act, a, n, c, e, rho)
     return err.clamp_min(0.0)
@@ -240,9 +263,9 @@ def output_energy(
     row_weights: torch.Tensor | None = None,
 ) -> float:
     """E Σ_i α_i σ(w_i·x + b_i)² for x ~ N(0, I)."""
-    w = flatten_weight(weight).to(torch.float64)
+    w = flatten_weight(weight)
     a = torch.zeros(w.shape[0], dtype=torch.float64) if bias is None else bias.to(torch.float64)
-    energy = second_moment(activation, a, w.norm(dim=1))
+    energy = second_moment(activation, a, _row_norms(w))
     alpha = _check_row_weights(row_weights, w.shape[0])
     return float(energy.sum() if alpha is None else (alpha * energy).sum())
 
@@ -293,13 +316,16 @@ def _subspace(
     randomized SVD with power iterations instead.
     """
     m, d = w.shape
-    target = w if alpha is None else alpha.sqrt()[:, None] * w
+    target = w if alpha is None else alpha.sqrt().to(w.dtype)[:, None] * w
     if rank <= min(m, d) // 8 and m * d >= 4_000_000:
         # float32 keeps very large layers (e.g. 16384²) within memory.
-        work = target.to(torch.float32) if m * d >= 50_000_000 else target
+        work = target.to(torch.float32) if m * d >= LARGE_WEIGHT else target
         _, s, v = torch.svd_lowrank(work, q=min(rank + 16, min(m, d)), niter=6)
         s, vt = s[:rank].to(torch.float64), v[:, :rank].T.to(torch.float64)
-    elif m <= d:
+        coords = torch.cat([block @ vt.T for _, block in _row_blocks(w)])
+        return coords, vt, s
+    w, target = w.to(torch.float64), target.to(torch.float64)
+    if m <= d:
         evals, evecs = torch.linalg.eigh(target @ target.T)
         order = torch.argsort(evals, descending=True)[:rank]
         s = evals[order].clamp_min(0.0).sqrt()
@@ -378,7 +404,8 @@ def factorize_all(
     _check_finite("weight", w)
     b = _check_bias(bias, m)
     alpha = _check_row_weights(row_weights, m)
-    w = w.to(torch.float64)
+    if w.numel() < LARGE_WEIGHT:
+        w = w.to(torch.float64)
     dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
 
     coords, basis, s = _subspace(w, rank, alpha)
@@ -388,7 +415,7 @@ def factorize_all(
     for method in methods:
         scaled, new_bias = coords, b
         if method == "nkp" and act != "identity":
-            n = w.norm(dim=1)
+            n = _row_norms(w)
             proj_norm = coords.norm(dim=1)
             rho = torch.where(n > 0, proj_norm / n.clamp_min(1e-300), torch.zeros_like(n)).clamp(0.0, 1.0)
             a = torch.zeros(m, dtype=torch.float64) if b is None else b

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import UsageError
+from .errors import LrcError, UsageError
 from .fileio import atomic_output
 from .layers import LOW_RANK_TYPES, LowRankConv1d, LowRankConv2d, LowRankLinear
 
@@ -70,11 +70,15 @@ def save(model: nn.Module, path: str | Path, **fields: Any) -> dict[str, Any]:
     ``fields`` (arch, arch_kwargs, input_shape, method, data_config, …) override what the model
     carries in ``model.lrc_manifest`` (set by ``compress`` and ``load``).
     """
+    from safetensors import SafetensorError
     from safetensors.torch import save_model
 
     manifest = build_manifest(model, **fields)
     with atomic_output(path) as tmp:
-        save_model(model, str(tmp), metadata={MANIFEST_KEY: json.dumps(manifest, sort_keys=True)})
+        try:
+            save_model(model, str(tmp), metadata={MANIFEST_KEY: json.dumps(manifest, sort_keys=True)})
+        except SafetensorError as exc:  # e.g. a full disk, reported by the Rust writer
+            raise LrcError(f"cannot write {path}: {' '.join(str(exc).split())}") from None
     return manifest
 
 

@@ -18,14 +18,6 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def pytest_configure(config):
-    # Plain `-n N` means --dist load, which spreads the tests of one model over both workers, and
-    # each worker would compress the same model again. loadgroup keeps each xdist_group together
-    # (tests without a group are spread as with load).
-    if getattr(config.option, "dist", "no") == "load":
-        config.option.dist = "loadgroup"
-
-
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread():
     # Two cores shared with other jobs (and pytest-xdist workers): one intra-op thread each.

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -26,19 +25,9 @@ from lowrank_compress.layers import LOW_RANK_TYPES
 from lowrank_compress.serialization import load, save
 
 
-@dataclass
-class Compressed:
-    key: str
-    case: ModelCase
-    x: torch.Tensor
-    reference: torch.Tensor
-    state: dict[str, torch.Tensor]
-    params_before: int
-    sites: dict[str, LayerSite]
-    model: nn.Module
-    report: CompressReport
-    path: Path
-    loaded: nn.Module
+# One test item per model and entry point: pytest-xdist (with pytest 9) cannot keep the tests that
+# share a module-scoped model on one worker, so each item compresses its model once and checks
+# every point of the issue on it.
 
 
 def _outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -46,28 +35,13 @@ def _outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model(x)
 
 
-@pytest.fixture(
-    scope="module",
-    params=[pytest.param(key, marks=pytest.mark.xdist_group(f"model-{key}")) for key in MODEL_CASES],
-)
-def compressed(request, tmp_path_factory) -> Compressed:
-    key = request.param
-    case = MODEL_CASES[key]
-    model = case.build()
-    x = torch.randn(case.input_shape, generator=torch.Generator().manual_seed(1))
-    reference = _outputs(model, x)
-    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-    params_before = sum(p.numel() for p in model.parameters())
-    sites = {s.name: s for s in find_sites(model, x)}
-    model, report = compress(model, CompressConfig(rank_ratio=0.25, exclude=case.exclude), x)
-    path = tmp_path_factory.mktemp(key) / f"{key}.lrc.safetensors"
-    save(model, path, arch=case.arch, arch_kwargs=case.arch_kwargs or {}, input_shape=list(case.input_shape))
-    return Compressed(key, case, x, reference, state, params_before, sites, model, report, path, load(path))
+def _example(case: ModelCase) -> torch.Tensor:
+    return torch.randn(case.input_shape, generator=torch.Generator().manual_seed(1))
 
 
-def test_known_layers_have_the_expected_activation(compressed):
-    for name, expected in compressed.case.expect.items():
-        site = compressed.sites[name]
+def check_known_activations(case: ModelCase, sites: dict[str, LayerSite]) -> None:
+    for name, expected in case.expect.items():
+        site = sites[name]
         if isinstance(expected, str):
             assert site.skip_reason is not None and expected in site.skip_reason, (name, site.skip_reason)
             continue
@@ -75,84 +49,97 @@ def test_known_layers_have_the_expected_activation(compressed):
         assert site.activation == activation, (name, site.activation, site.notes)
         assert (site.bn_before.name if site.bn_before else None) == bn_before, name
         assert (site.affine_after.name if site.affine_after else None) == affine_after, name
-    # and the report says the same for the layers it factorized
-    for layer in compressed.report.layers:
-        assert layer.activation == compressed.sites[layer.name].activation
 
 
-def test_quarter_rank_ratio_gives_finite_outputs_of_the_right_shape(compressed):
-    out = _outputs(compressed.model, compressed.x)
-    assert out.shape == compressed.reference.shape
-    assert bool(torch.isfinite(out).all())
-    assert not torch.equal(out, compressed.reference)  # it really changed
-    assert len(compressed.report.layers) >= 3
+def check_layer_reports(layers: list[dict], sites: dict[str, LayerSite], model: nn.Module) -> None:
+    """Rank round(0.25·min(m, d)), the activation found, params that add up, nkp ≤ spectral."""
+    assert len(layers) >= 3
+    for layer in layers:
+        name, (m, d) = layer["name"], layer["shape"]
+        assert layer["rank"] == max(1, round(0.25 * min(m, d))), name
+        assert layer["activation"] == sites[name].activation, name
+        module = model.get_submodule(name)
+        assert isinstance(module, LOW_RANK_TYPES) and module.rank == layer["rank"], name
+        assert layer["params_after"] == sum(p.numel() for p in module.parameters()), name
+        assert layer["params_before"] == sites[name].params, name
+        assert layer["params_after"] < layer["params_before"], name
+        assert layer["error_nkp"] <= layer["error_spectral"] * (1 + 1e-9) + 1e-12, name
+        assert 0.0 <= layer["error_nkp"] <= 1.0 + 1e-9, name
 
 
-def test_every_factorized_layer_has_rank_round_quarter_min_m_d(compressed):
-    for layer in compressed.report.layers:
-        m, d = layer.shape
-        assert layer.rank == max(1, round(0.25 * min(m, d))), layer.name
-        module = compressed.model.get_submodule(layer.name)
-        assert isinstance(module, LOW_RANK_TYPES) and module.rank == layer.rank
-        assert layer.params_after == sum(p.numel() for p in module.parameters())
-        assert layer.params_before == compressed.sites[layer.name].params
-        assert layer.params_after < layer.params_before, layer.name
-        assert layer.error_nkp <= layer.error_spectral * (1 + 1e-9) + 1e-12, layer.name
-        assert 0.0 <= layer.error_nkp <= 1.0 + 1e-9
-
-
-def test_skipped_layers_stay_dense_and_say_why(compressed):
-    reported = {layer.name for layer in compressed.report.layers}
-    skipped = {item["name"]: item["reason"] for item in compressed.report.skipped}
-    assert reported.isdisjoint(skipped)
-    assert reported | set(skipped) == set(compressed.sites)
+def check_skipped(report: dict, sites: dict[str, LayerSite], model: nn.Module, exclude: str | None) -> None:
+    reported = {layer["name"] for layer in report["layers"]}
+    skipped = {item["name"]: item["reason"] for item in report["skipped"]}
+    assert reported.isdisjoint(skipped) and reported | set(skipped) == set(sites)
     for name, reason in skipped.items():
         assert reason, name
-        assert not isinstance(compressed.model.get_submodule(name), LOW_RANK_TYPES)
-    if compressed.case.exclude:
-        excluded = [n for n in compressed.sites if compressed.case.exclude in n and compressed.sites[n].eligible]
+        assert not isinstance(model.get_submodule(name), LOW_RANK_TYPES), name
+    if exclude:
+        excluded = [n for n, s in sites.items() if exclude in n and s.eligible]
         assert excluded and all(skipped[n] == "matched by --exclude" for n in excluded)
 
 
-def test_report_param_count_equals_the_saved_tensors(compressed):
-    report = compressed.report
-    assert report.params_before == compressed.params_before
-    assert report.params_after == saved_param_count(compressed.path, compressed.loaded)
-    assert report.params_after == count_params(compressed.model)
-    saved = sum(layer.params_before - layer.params_after for layer in report.layers)
-    assert report.params_before - report.params_after == saved
-    assert report.flops_after < report.flops_before
+def check_totals(report: dict, path: Path, loaded: nn.Module, params_before: int) -> None:
+    assert report["params_before"] == params_before
+    assert report["params_after"] == saved_param_count(path, loaded) == count_params(loaded)
+    saved = sum(layer["params_before"] - layer["params_after"] for layer in report["layers"])
+    assert report["params_before"] - report["params_after"] == saved
+    assert report["flops_after"] < report["flops_before"]
 
 
-def test_save_load_reproduces_outputs_exactly(compressed):
-    assert torch.equal(_outputs(compressed.loaded, compressed.x), _outputs(compressed.model, compressed.x))
-    for layer in compressed.report.layers:
-        assert compressed.loaded.get_submodule(layer.name).rank == layer.rank
+@pytest.mark.parametrize("key", list(MODEL_CASES))
+def test_compress_at_quarter_rank_ratio_then_save_and_load(key, tmp_path):
+    """Activations found, finite outputs of the right shape, report = saved tensors, exact round trip."""
+    case = MODEL_CASES[key]
+    model = case.build()
+    x = _example(case)
+    reference = _outputs(model, x)
+    params_before = sum(p.numel() for p in model.parameters())
+    sites = {s.name: s for s in find_sites(model, x)}
+    check_known_activations(case, sites)
+
+    same, report = compress(model, CompressConfig(rank_ratio=0.25, exclude=case.exclude), x)
+    assert same is model
+    out = _outputs(model, x)
+    assert out.shape == reference.shape and bool(torch.isfinite(out).all())
+    assert not torch.equal(out, reference)
+    data = report.to_dict()
+    check_layer_reports(data["layers"], sites, model)
+    check_skipped(data, sites, model, case.exclude)
+
+    path = tmp_path / f"{key}.lrc.safetensors"
+    save(model, path, arch=case.arch, arch_kwargs=case.arch_kwargs or {}, input_shape=list(case.input_shape))
+    loaded = load(path)
+    check_totals(data, path, loaded, params_before)
+    assert torch.equal(_outputs(loaded, x), out)  # save → load reproduces the outputs exactly
 
 
-def test_cli_runs_end_to_end_on_a_state_dict(compressed, tmp_path, run_cli):
-    checkpoint = tmp_path / f"{compressed.key}.safetensors"
-    save_file(compressed.state, str(checkpoint))
+@pytest.mark.parametrize("key", list(MODEL_CASES))
+def test_cli_compress_end_to_end_on_a_state_dict(key, tmp_path, run_cli):
+    case = MODEL_CASES[key]
+    model = case.build()
+    params_before = sum(p.numel() for p in model.parameters())
+    x = _example(case)
+    reference = _outputs(model, x)
+    checkpoint = tmp_path / f"{key}.safetensors"
+    save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, str(checkpoint))
     report_path = tmp_path / "report.json"
-    result = run_cli("compress", checkpoint, *compressed.case.cli_args(), "--rank-ratio", "0.25",
-                     "--json", report_path, "--quiet")
+    result = run_cli("compress", checkpoint, *case.cli_args(), "--rank-ratio", "0.25", "--json", report_path, "--quiet")
     assert result.code == 0, result.err
-    output = tmp_path / f"{compressed.key}.lrc.safetensors"  # default: CKPT stem + .lrc.safetensors
-    assert output.is_file()
+    output = tmp_path / f"{key}.lrc.safetensors"  # default: CKPT stem + .lrc.safetensors
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([checkpoint.name, output.name, report_path.name])
-    assert f"wrote {output}" in result.err
+    assert result.err_lines == [f"wrote {output}"] and result.out == ""  # --quiet: no tables
     report = json.loads(report_path.read_text())
     assert set(report) >= {"params_before", "params_after", "flops_before", "flops_after", "layers", "skipped"}
     assert set(report["layers"][0]) >= {"name", "kind", "activation", "shape", "rank", "params_before",
                                         "params_after", "error_spectral", "error_nkp"}
     loaded = load(output)
-    assert report["params_after"] == saved_param_count(output, loaded) == compressed.report.params_after
-    assert report["params_before"] == compressed.report.params_before
-    assert report["flops_after"] == compressed.report.flops_after
-    assert [(layer["name"], layer["rank"]) for layer in report["layers"]] == [
-        (layer.name, layer.rank) for layer in compressed.report.layers]
-    # the CLI and the Python API compute the same model
-    assert torch.equal(_outputs(loaded, compressed.x), _outputs(compressed.model, compressed.x))
+    sites = {s.name: s for s in find_sites(case.build(), x)}
+    check_layer_reports(report["layers"], sites, loaded)
+    check_skipped(report, sites, loaded, case.exclude)
+    check_totals(report, output, loaded, params_before)
+    out = _outputs(loaded, x)
+    assert out.shape == reference.shape and bool(torch.isfinite(out).all())
 
 
 # ---------------------------------------------------------------- rank policies on small models
@@ -296,28 +283,37 @@ def resnet18_small():
     import torchvision
 
     torch.manual_seed(0)
-    model = randomize_batchnorm(torchvision.models.resnet18()).eval()
-    return model, torch.randn(1, 3, 64, 64)
+    return randomize_batchnorm(torchvision.models.resnet18()).eval(), torch.randn(1, 3, 64, 64)
 
 
-@pytest.mark.xdist_group("budget")
+# The budget allocation itself does not depend on the method; spectral error curves are fast on a
+# resnet (nkp curves run the per-row fit at every candidate rank: about a minute on resnet18).
 @pytest.mark.parametrize("fraction", [0.5, 0.3])
 def test_target_params_keeps_at_most_that_fraction(resnet18_small, fraction):
     model, x = copy.deepcopy(resnet18_small[0]), resnet18_small[1]
-    _, report = compress(model, CompressConfig(target_params=fraction), x)
+    _, report = compress(model, CompressConfig(target_params=fraction, method="spectral"), x)
     ratio = report.params_after / report.params_before
-    assert ratio <= fraction
-    assert ratio >= fraction - 0.05  # the budget is spent, not wasted
+    assert fraction - 0.05 <= ratio <= fraction  # at most F, and the budget is spent
     assert report.params_after == count_params(model)
     assert len({layer.rank for layer in report.layers}) > 1  # ranks differ across layers
 
 
-@pytest.mark.xdist_group("budget")
 def test_target_flops_keeps_at_most_that_fraction(resnet18_small):
     model, x = copy.deepcopy(resnet18_small[0]), resnet18_small[1]
-    _, report = compress(model, CompressConfig(target_flops=0.5), x)
+    _, report = compress(model, CompressConfig(target_flops=0.5, method="spectral"), x)
     ratio = report.flops_after / report.flops_before
-    assert ratio <= 0.5 and ratio >= 0.45
+    assert 0.45 <= ratio <= 0.5
     assert report.flops_after == count_flops(model, x)
     kept = {item["name"] for item in report.skipped if item["reason"] == "kept dense by the budget allocation"}
-    assert kept | {layer.name for layer in report.layers} == {s.name for s in find_sites(copy.deepcopy(resnet18_small[0]), x)}
+    names = {s.name for s in find_sites(copy.deepcopy(resnet18_small[0]), x)}
+    assert kept | {layer.name for layer in report.layers} == names
+
+
+@pytest.mark.parametrize("policy", ["target_params", "target_flops"])
+def test_nkp_budgets_on_a_small_cnn(policy):
+    model, x = small_cnn()
+    _, report = compress(model, CompressConfig(**{policy: 0.4}), x)
+    before, after = (report.params_before, report.params_after) if policy == "target_params" else (
+        report.flops_before, report.flops_after)
+    assert after / before <= 0.4
+    assert report.layers
