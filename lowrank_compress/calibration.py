@@ -451,7 +451,11 @@ def choose_candidate(errors: dict[str, float], method: str) -> str:
 
 
 def stats_error_curve(site: LayerSite, stats: ResponseStats, ranks: list[int]) -> list[float]:
-    """Relative post-activation error vs rank under z ~ N(μ, Σ), from the response statistics."""
+    """Relative post-activation error vs rank under z ~ N(μ, Σ), from the response statistics.
+
+    Each row keeps its projection onto the top-r response directions (no per-row refit), which
+    makes a curve cost one eigendecomposition plus closed-form or 1-D Gaussian moments per rank.
+    """
     cov, mu = stats.covariance, stats.mean
     m = cov.shape[0]
     alpha = site.row_weights()
@@ -470,7 +474,9 @@ def stats_error_curve(site: LayerSite, stats: ResponseStats, ranks: list[int]) -
     for r in ranks:
         captured = cum[:, min(r, m) - 1].clamp_min(0.0).sqrt()
         rho = torch.where(n > 0, captured / n.clamp_min(1e-300), torch.zeros_like(n)).clamp(0.0, 1.0)
-        t, c = (captured, mu) if act == "identity" else fit_rows(act, mu, n, rho, fit_bias=True)
+        # No per-row refit here: it only lowers each layer's error, and refitting at every
+        # candidate rank of every layer would dominate the run time.
+        t, c = captured, mu
         err = (energy + second_moment(act, c, t) - 2.0 * cross_moment(act, mu, n, c, t, rho)).clamp_min(0.0)
         out.append(float((weight * err).sum()) / total if total > 0 else 0.0)
     return out

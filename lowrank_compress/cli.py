@@ -118,6 +118,8 @@ def compress_command(
     from .pipeline import CompressJob, run_compress
     from .tables import report_table, skipped_table, totals_table
 
+    if not 0 <= seed < 2**63:  # torch seeds are 64-bit
+        raise UsageError(f"--seed must be an integer in [0, 2^63), got {seed}")
     config = CompressConfig(
         method=method, rank=rank, rank_ratio=rank_ratio, param_ratio=param_ratio, target_params=target_params,
         target_flops=target_flops, include=include, exclude=exclude, round_to=round_to, refine_steps=refine_steps,

@@ -314,7 +314,7 @@ def error_curves(site: LayerSite, rank: int, points: int = 12) -> dict[str, dict
 def _gaussian_curve(method: str) -> Callable[[LayerSite, list[int]], list[float]]:
     def curve(site: LayerSite, ranks: list[int]) -> list[float]:
         w, b = site.effective_weight()
-        return error_curve(w, ranks, method, site.activation, b, site.row_weights())
+        return error_curve(w, ranks, method, site.activation, b, site.row_weights(), fit=False)
 
     return curve
 

@@ -434,11 +434,14 @@ def error_curve(
     activation: str = "relu",
     bias: torch.Tensor | None = None,
     row_weights: torch.Tensor | None = None,
+    fit: bool = True,
 ) -> list[float]:
     """Relative Gaussian function error of ``method`` at each rank, from one subspace computation.
 
     The rank-r subspace is the first r directions of the largest one, so each rank only needs the
-    per-row captured norms, never the product A B.
+    per-row captured norms, never the product A B. ``fit=False`` skips the per-row nonlinear fit
+    (except ReLU's closed form): an upper bound on the nkp error that is orders of magnitude
+    cheaper, which is what rank allocation over many ranks and layers uses.
     """
     w = flatten_weight(weight).to(torch.float64)
     m, d = w.shape
@@ -457,7 +460,9 @@ def error_curve(
     for r in ranks:
         captured = cum[:, r - 1].clamp_min(0.0).sqrt()
         rho = torch.where(n > 0, captured / n.clamp_min(1e-300), torch.zeros_like(n)).clamp(0.0, 1.0)
-        if method == "nkp" and act != "identity":
+        if method == "nkp" and act == "relu" and b is None:
+            e, c = 2.0 * n * arccos_kernel(rho), a  # the paper's closed form, cheap at every rank
+        elif method == "nkp" and act != "identity" and fit:
             e, c = fit_rows(act, a, n, rho, fit_bias=b is not None)
         else:
             e, c = captured, a

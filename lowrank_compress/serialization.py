@@ -124,10 +124,13 @@ def apply_structure(model: nn.Module, layers: dict[str, dict[str, Any]]) -> nn.M
             continue
         dense = _get(model, fqn)
         rank = entry.get("rank")
-        if not isinstance(rank, int) or rank < 1:
+        w = getattr(dense, "weight", None)
+        if not isinstance(w, torch.Tensor) or w.ndim < 2:
+            raise UsageError(f"the manifest names {fqn!r}, which is not a Linear or Conv layer")
+        # Bounded by the layer: a crafted rank must not make loading allocate more than the dense layer.
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(w.shape[0], w[0].numel()):
             raise UsageError(f"the manifest entry for {fqn!r} has a bad rank {rank!r}")
         cls = _KINDS[entry["kind"]]
-        w = dense.weight
         if cls is LowRankLinear:
             new = cls(dense.in_features, dense.out_features, rank, bool(entry.get("bias")), w.device, w.dtype)
         else:

@@ -20,8 +20,6 @@ from lowrank_compress.graph import find_sites
 from lowrank_compress.layers import LowRankLinear
 from lowrank_compress.serialization import MANIFEST_KEY, load, read_manifest
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 def state_of(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
@@ -158,7 +156,7 @@ def test_package_module_callable_with_arch_kwargs_through_the_console_script(tmp
         done = subprocess.run(
             [lrc, "compress", str(tmp_path / "net.pt"), "--arch", "lrcpkg.nets:make", "--arch-kwargs", '{"width": 40}',
              "--input-shape", "2,20", "--rank", "4", "--json", str(tmp_path / "r.json"), "--quiet"],
-            capture_output=True, text=True, env=env, timeout=300,
+            capture_output=True, text=True, env=env, timeout=300, check=False,
         )
         assert done.returncode == 0, done.stderr
         out = tmp_path / "net.lrc.safetensors"
@@ -347,6 +345,18 @@ def test_every_error_exits_non_zero_with_one_line_and_writes_nothing(tmp_path, m
     assert files_in(tmp_path) == before  # no output, no temporary file
 
 
+def test_console_script_refusal_is_one_line_in_a_real_process(tmp_path, mlp):
+    ckpt = tmp_path / "whole.pt"
+    torch.save(mlp, ckpt)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    done = subprocess.run([str(Path(sys.executable).parent / "lrc"), "compress", str(ckpt), "--rank", "4"],
+                          capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert done.returncode == 2
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "unpickling runs arbitrary code" in lines[0]
+    assert done.stdout == "" and files_in(tmp_path) == ["whole.pt"]
+
+
 def test_debug_shows_the_traceback(tmp_path, run_cli):
     result = run_cli("--debug", "compress", tmp_path / "nope.pt", "--arch", "conftest:MLP", "--rank", "4")
     assert result.code == 2
@@ -416,7 +426,7 @@ def test_inspect_on_a_compressed_file_reads_only_the_manifest(tmp_path, mlp_ckpt
 
     import safetensors.torch
 
-    import lowrank_compress.checkpoint as checkpoint
+    from lowrank_compress import checkpoint
 
     def refuse(*args, **kwargs):
         raise AssertionError("inspect loaded tensors or built the model")

@@ -24,7 +24,6 @@ from lowrank_compress.graph import LayerSite, find_sites
 from lowrank_compress.layers import LOW_RANK_TYPES
 from lowrank_compress.serialization import load, save
 
-
 # One test item per model and entry point: pytest-xdist (with pytest 9) cannot keep the tests that
 # share a module-scoped model on one worker, so each item compresses its model once and checks
 # every point of the issue on it.

@@ -72,13 +72,13 @@ def test_factors_returns_what_was_loaded():
 
 
 CONV2D_GEOMETRIES = [
-    dict(kernel_size=3),
-    dict(kernel_size=3, stride=2, padding=1),
-    dict(kernel_size=(3, 5), stride=(2, 1), padding=(2, 1), dilation=(2, 3)),
-    dict(kernel_size=3, padding=2, dilation=2, padding_mode="reflect"),
-    dict(kernel_size=3, padding=1, padding_mode="circular", bias=False),
-    dict(kernel_size=3, stride=3, padding=1, padding_mode="replicate"),
-    dict(kernel_size=1, stride=2),
+    {"kernel_size": 3},
+    {"kernel_size": 3, "stride": 2, "padding": 1},
+    {"kernel_size": (3, 5), "stride": (2, 1), "padding": (2, 1), "dilation": (2, 3)},
+    {"kernel_size": 3, "padding": 2, "dilation": 2, "padding_mode": "reflect"},
+    {"kernel_size": 3, "padding": 1, "padding_mode": "circular", "bias": False},
+    {"kernel_size": 3, "stride": 3, "padding": 1, "padding_mode": "replicate"},
+    {"kernel_size": 1, "stride": 2},
 ]
 
 
@@ -100,10 +100,10 @@ def test_full_rank_conv2d_matches_the_dense_conv(geometry, method):
 
 
 CONV1D_GEOMETRIES = [
-    dict(kernel_size=5),
-    dict(kernel_size=3, stride=2, padding=1, dilation=2),
-    dict(kernel_size=4, padding=3, padding_mode="reflect"),
-    dict(kernel_size=3, padding=1, padding_mode="circular", bias=False),
+    {"kernel_size": 5},
+    {"kernel_size": 3, "stride": 2, "padding": 1, "dilation": 2},
+    {"kernel_size": 4, "padding": 3, "padding_mode": "reflect"},
+    {"kernel_size": 3, "padding": 1, "padding_mode": "circular", "bias": False},
 ]
 
 

@@ -135,7 +135,7 @@ def test_relu_nkp_keeps_svd_subspace_and_rescales_rows_to_two_kappa():
     w, _ = gaussian_layer(20, 30, seed=7)
     rank = 4
     nkp, spec = factorize(w, rank, "nkp", "relu"), factorize(w, rank, "spectral", "relu")
-    u, s, vt = torch.linalg.svd(w)
+    _, _, vt = torch.linalg.svd(w)
     projection = w @ vt[:rank].T @ vt[:rank]
     assert torch.allclose(spec.product(), projection, atol=1e-10)
     norms = w.norm(dim=1)
@@ -452,5 +452,5 @@ def test_refine_never_returns_a_worse_held_out_error(activation, with_bias, lr):
 def test_refine_improves_a_low_rank_relu_start():
     w, _ = gaussian_layer(32, 64, seed=22, spread=False)
     start = factorize(w, 2, "spectral", "relu")
-    fac, before, after = refine(w, None, start, "relu", steps=256, samples=1000)
+    _, before, after = refine(w, None, start, "relu", steps=256, samples=1000)
     assert after < 0.98 * before

@@ -130,7 +130,7 @@ def test_tied_modules_are_saved_once_and_still_tied_after_load(tmp_path):
 
 
 def test_half_precision_model_round_trips_in_its_dtype(tmp_path):
-    model, x = compressed_convbn()
+    model, _ = compressed_convbn()
     model.half()
     path = tmp_path / "half.lrc.safetensors"
     assert save(model, path, arch="conftest:ConvBNNet")["dtype"] == "float16"
