@@ -41,7 +41,7 @@ from .graph import LayerSite
 from .layers import from_dense
 from .projection import (
     Factorization,
-    cross_moment,
+    gaussian_row_error,
     factorize_all,
     fit_rows,
     function_error,
@@ -477,7 +477,7 @@ def stats_error_curve(site: LayerSite, stats: ResponseStats, ranks: list[int]) -
         # No per-row refit here: it only lowers each layer's error, and refitting at every
         # candidate rank of every layer would dominate the run time.
         t, c = captured, mu
-        err = (energy + second_moment(act, c, t) - 2.0 * cross_moment(act, mu, n, c, t, rho)).clamp_min(0.0)
+        err = gaussian_row_error(act, mu, n, c, t, rho)
         out.append(float((weight * err).sum()) / total if total > 0 else 0.0)
     return out
 

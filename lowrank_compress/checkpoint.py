@@ -277,11 +277,9 @@ def parse_input_shape(text: str | None) -> tuple[int, ...] | None:
     """Parse "1,3,224,224" (or "1x3x224x224") into a tuple of positive ints."""
     if text is None or text == "":
         return None
-    parts = [p for p in re.split(r"[,x× ]+", text.strip()) if p]
-    try:
-        shape = tuple(int(p) for p in parts)
-    except ValueError:
-        raise UsageError(f"bad --input-shape {text!r}: use comma-separated integers such as 1,3,224,224") from None
+    if not re.fullmatch(r"\s*\d+(\s*[,x×]\s*\d+)*\s*", text):
+        raise UsageError(f"bad --input-shape {text!r}: use comma-separated integers such as 1,3,224,224")
+    shape = tuple(int(p) for p in re.split(r"\s*[,x×]\s*", text.strip()))
     if not shape or any(s < 1 for s in shape):
         raise UsageError(f"bad --input-shape {text!r}: every dimension must be a positive integer")
     if any(s >= 2**31 for s in shape):  # torch cannot even allocate it; say so before trying

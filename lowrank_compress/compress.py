@@ -504,7 +504,8 @@ def _plan_once(
                 ranks[site.name] = r
         return ranks, notes, reasons
     for site in sites:
-        choice = choose_rank(site, config.rank, config.rank_ratio, config.param_ratio, config.round_to)
+        extra = site.shape[0] if _may_add_bias(site, config.method, calibrated) else 0
+        choice = choose_rank(site, config.rank, config.rank_ratio, config.param_ratio, config.round_to, extra)
         if choice.rank is None:
             reasons[site.name] = choice.skip_reason or "skipped"
         else:

@@ -1,7 +1,7 @@
 """Rank policies: how many ranks each layer keeps (DESIGN.md §4).
 
 For a layer with flattened weight W (m, d):
-- ``rank N``: r = N, capped at the layer's max useful rank floor(m·d/(m+d)).
+- ``rank N``: r = N, capped at the layer's max useful rank, the largest r with r·(m+d) < m·d.
 - ``rank_ratio F``: r = round(F · min(m, d)) (the paper's "rank scale").
 - ``param_ratio F``: the layer keeps F of its own weights: r = floor(F · m·d/(m+d)).
 - ``target_params F`` / ``target_flops F``: the whole model keeps at most F of its parameters
@@ -28,8 +28,9 @@ class RankChoice:
     skip_reason: str | None = None
 
 
-def saves_parameters(rank: int, m: int, d: int) -> bool:
-    return rank * (m + d) < m * d
+def saves_parameters(rank: int, m: int, d: int, extra: int = 0) -> bool:
+    """Whether rank-r factors (plus ``extra`` parameters, e.g. a newly fitted bias) beat m·d."""
+    return rank * (m + d) + extra < m * d
 
 
 def round_rank(rank: int, multiple: int, max_rank: int) -> int:
@@ -48,10 +49,15 @@ def choose_rank(
     rank_ratio: float | None = None,
     param_ratio: float | None = None,
     round_to: int = 1,
+    extra_params: int = 0,
 ) -> RankChoice:
-    """Apply one uniform policy (rank, rank_ratio or param_ratio) to one site."""
+    """Apply one uniform policy (rank, rank_ratio or param_ratio) to one site.
+
+    ``extra_params``: what the factorized layer may gain besides its factors (a bias fitted for a
+    bias-free layer), so that a capped rank still saves parameters.
+    """
     m, d = site.shape
-    max_rank = site.max_useful_rank
+    max_rank = max(0, min(site.max_useful_rank, (m * d - extra_params - 1) // (m + d)))
     note = None
     if rank is not None:
         r = rank
@@ -71,6 +77,6 @@ def choose_rank(
         if rounded != r:
             note = f"rank {r} rounded to {rounded}"
         r = rounded
-    if r < 1 or not saves_parameters(r, m, d):
+    if r < 1 or not saves_parameters(r, m, d, extra_params):
         return RankChoice(None, skip_reason=f"rank {r} would not save parameters (max useful rank {max_rank})")
     return RankChoice(r, note=note)

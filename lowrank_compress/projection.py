@@ -228,9 +228,54 @@ def row_errors(
     # Row by row, so a large layer's product A B is never formed whole.
     stats = [_row_stats(block, (A[rows] @ B).to(torch.float64)) for rows, block in _row_blocks(w)]
     n, e, rho = (torch.cat(parts) for parts in zip(*stats))
+    return gaussian_row_error(activation, a, n, c, e, rho)
+
+
+def gaussian_row_error(
+    activation: str,
+    a: torch.Tensor,
+    n: torch.Tensor,
+    c: torch.Tensor,
+    e: torch.Tensor,
+    rho: torch.Tensor,
+) -> torch.Tensor:
+    """Per-row E[(σ(a + n u) − σ(c + e(ρ u + √(1−ρ²) v)))²]: closed forms for identity and ReLU,
+    one 2-D Gauss–Hermite rule on the squared difference otherwise."""
     act = canonical_activation(activation)
+    if act not in ("identity", "relu"):
+        return direct_error(act, a, n, c, e, rho)
     err = second_moment(act, a, n) + second_moment(act, c, e) - 2.0 * cross_moment(act, a, n, c, e, rho)
     return err.clamp_min(0.0)
+
+
+def direct_error(
+    activation: str,
+    a: torch.Tensor,
+    n: torch.Tensor,
+    c: torch.Tensor,
+    e: torch.Tensor,
+    rho: torch.Tensor,
+    nodes: int = 64,
+) -> torch.Tensor:
+    """E[(σ(a + n u) − σ(c + e(ρ u + √(1−ρ²) v)))²] by one 2-D Gauss–Hermite rule.
+
+    Integrating the squared difference directly (rather than three moments by different rules)
+    makes the error exactly zero for identical rows and keeps it accurate for rows far from unit
+    norm, where the moments are large and nearly cancel.
+    """
+    f = activation_fn(activation)
+    u, w = _hermite(nodes)
+    ww = w[:, None] * w[None, :]
+    comp = torch.sqrt((1.0 - rho * rho).clamp_min(0.0))
+    outs = []
+    for lo in range(0, a.shape[0], _ROW_CHUNK // 2):
+        sl = slice(lo, lo + _ROW_CHUNK // 2)
+        z1 = a[sl, None, None] + n[sl, None, None] * u[None, :, None]
+        z2 = c[sl, None, None] + e[sl, None, None] * (
+            rho[sl, None, None] * u[None, :, None] + comp[sl, None, None] * u[None, None, :]
+        )
+        outs.append(((f(z1) - f(z2)) ** 2 * ww).sum((1, 2)))
+    return torch.cat(outs) if outs else a.new_zeros(0)
 
 
 def function_error(
@@ -466,7 +511,7 @@ def error_curve(
             e, c = fit_rows(act, a, n, rho, fit_bias=b is not None)
         else:
             e, c = captured, a
-        err = (second_moment(act, a, n) + second_moment(act, c, e) - 2.0 * cross_moment(act, a, n, c, e, rho)).clamp_min(0.0)
+        err = gaussian_row_error(act, a, n, c, e, rho)
         errors.append(float((weights * err).sum()) / total if total > 0 else 0.0)
     return errors
 

@@ -201,7 +201,6 @@ def test_layers_that_would_not_save_parameters_are_skipped_with_a_reason():
     assert not any(isinstance(m, LOW_RANK_TYPES) for m in model.modules())
 
 
-@pytest.mark.xfail(strict=True, reason="compress: nkp's fitted bias on a bias-free BN-folded layer can cost more than the rank saves (reported)")
 def test_a_fitted_bias_never_makes_a_layer_bigger_than_dense():
     # 16×17 without bias, BN before ReLU: at the max useful rank 8 the factors have 264 < 272 weights,
     # but nkp fits a bias (16 more) for the folded BN: 280 > 272.
