@@ -60,7 +60,7 @@ def check_output(path: Path, size: int, rank: int) -> dict:
 
     with safe_open(str(path), "pt") as f:
         manifest = json.loads(f.metadata()["lrc"])
-        tensors = {key: f.get_tensor(key) for key in f.keys()}
+        tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
     layer = manifest["layers"]["fc"]
     shapes = {key: list(t.shape) for key, t in tensors.items()}
     assert layer["rank"] == rank, layer
@@ -80,7 +80,7 @@ def run(size: int, rank: int, budget_bytes: float, workdir: Path) -> dict:
     ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))}
     start = time.perf_counter()
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    done = subprocess.run(command, env=env, check=False, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"lrc compress failed ({done.returncode}): {done.stderr.strip()[-2000:]}")

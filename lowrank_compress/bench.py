@@ -222,7 +222,10 @@ def measure_latency(
                 if not _is_onnx(model):
                     path = tmpdir / f"{len(prepared)}.onnx"
                     module = model.eval()
-                    example = torch.zeros((1, *shape[1:]), dtype=model_dtype(module))
+                    if model_dtype(module) != torch.float32 or model_device(module).type != "cpu":
+                        # onnxruntime's CPU kernels take float32 inputs (as lrc export writes models)
+                        module = copy.deepcopy(module).float().cpu()
+                    example = torch.zeros((1, *shape[1:]))
                     reference_forward(module, example)
                     write_graph(module, path, example, opset=opset, dynamic_batch=True)
                 session = ort_session(path, threads)

@@ -33,14 +33,23 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, channel
     """
     was_training = model.training
     model.eval()
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     counts = torch.zeros(3, dtype=torch.float64, device=device)  # top-1 hits, top-5 hits, samples
     try:
         for images, labels in loader:
-            images = images.to(device, non_blocking=True)
+            images = images.to(device, dtype=dtype, non_blocking=True)  # a half-precision model takes half images
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             labels = labels.to(device, non_blocking=True)
-            logits = model(images)
+            try:
+                logits = model(images)
+            except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+                if counts[2] > 0:  # it ran on earlier batches: not a question of the input shape
+                    raise
+                raise UsageError(
+                    f"the model does not run on images of shape {tuple(images.shape)} "
+                    f"({type(exc).__name__}: {' '.join(str(exc).split())[:160]}); check --input-shape"
+                ) from None
             if logits.ndim != 2:
                 raise UsageError(f"the model returned shape {tuple(logits.shape)}, not (batch, classes) logits")
             if int(labels.max()) >= logits.shape[1]:

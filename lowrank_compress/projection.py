@@ -31,7 +31,9 @@ _GH_2D_FIT = 24  # the per-row fit uses a coarser grid; the result is checked on
 _ROW_CHUNK = 2048
 # A weight with at least this many elements is never copied whole to float64 (a 16384² layer would
 # take 2 GiB more): the randomized SVD reads it in float32 and row-wise float64 quantities are
-# computed over blocks of _BLOCK_ELEMENTS.
+# computed over blocks of at least _BLOCK_ELEMENTS. At 32 MiB and up, glibc gives each block its own
+# mapping and returns it on free; smaller blocks come from the heap, which then grows with
+# fragmentation (a 16384² layer peaked at 4.1 GB with 16 MiB blocks and 2.8 GB with 32 MiB ones).
 LARGE_WEIGHT = 50_000_000
 _BLOCK_ELEMENTS = 1 << 22
 
@@ -190,7 +192,7 @@ def cross_moment(
 def _row_blocks(w: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
     """(rows, those rows of w (m, d) in float64): one block unless w has LARGE_WEIGHT elements."""
     m, d = w.shape
-    step = m if w.numel() < LARGE_WEIGHT else max(1, _BLOCK_ELEMENTS // max(d, 1))
+    step = m if w.numel() < LARGE_WEIGHT else -(-_BLOCK_ELEMENTS // max(d, 1))
     for start in range(0, m, step):
         rows = slice(start, min(start + step, m))
         yield rows, w[rows].to(torch.float64)
@@ -255,7 +257,7 @@ def direct_error(
     c: torch.Tensor,
     e: torch.Tensor,
     rho: torch.Tensor,
-    nodes: int = 64,
+    nodes: int = 128,
 ) -> torch.Tensor:
     """E[(σ(a + n u) − σ(c + e(ρ u + √(1−ρ²) v)))²] by one 2-D Gauss–Hermite rule.
 
@@ -268,8 +270,9 @@ def direct_error(
     ww = w[:, None] * w[None, :]
     comp = torch.sqrt((1.0 - rho * rho).clamp_min(0.0))
     outs = []
-    for lo in range(0, a.shape[0], _ROW_CHUNK // 2):
-        sl = slice(lo, lo + _ROW_CHUNK // 2)
+    step = max(1, _ROW_CHUNK * 1024 // (nodes * nodes))
+    for lo in range(0, a.shape[0], step):
+        sl = slice(lo, lo + step)
         z1 = a[sl, None, None] + n[sl, None, None] * u[None, :, None]
         z2 = c[sl, None, None] + e[sl, None, None] * (
             rho[sl, None, None] * u[None, :, None] + comp[sl, None, None] * u[None, None, :]
@@ -591,11 +594,16 @@ def fit_rows(
                 improved |= take
         if not improved.any() or float((before - best).max()) < 1e-10:
             break
-    # Keep the spectral row wherever the fit is not better on the fine quadrature grid, and where
-    # the row is fully captured (ρ = 1: the start is exact; quadrature noise must not move it).
+    # Keep the spectral row wherever the fit is not better by the very rule function_error uses,
+    # and where the row is fully captured (ρ = 1: the start is exact; quadrature noise must not
+    # move it).
     with torch.no_grad():
         start = torch.stack([rn, an], 1)
-        worse = objective(p[:, 0], p[:, 1], _GH_2D) > objective(start[:, 0], start[:, 1], _GH_2D)
+
+        def final(q: torch.Tensor) -> torch.Tensor:
+            return gaussian_row_error(act, a[idx], nr, q[:, 1] * nr, q[:, 0] * nr, rn)
+
+        worse = final(p) >= final(start)
         worse |= rn >= 1.0 - 1e-9
     p = torch.where(worse[:, None], start, p)
     t_out, c_out = t.clone(), c.clone()

@@ -80,7 +80,8 @@ COMMANDS: dict[str, Callable[[Path, Path, Path], list]] = {
     "bench": lambda model, out, ws: ["bench", model, "--device", "cpu", "--repeats", "1", "--warmup", "0",
                                      "--json", out / "bench.json"],
     "finetune": lambda model, out, ws: ["finetune", model, "--no-teacher", "--data", ws / "data", "--epochs", "1",
-                                        "--workers", "0", "--device", "cpu", "--quiet", "-o", out / "ft.lrc.safetensors"],
+                                        "--workers", "0", "--device", "cpu", "--quiet",
+                                        "-o", out / "ft.lrc.safetensors"],
 }
 
 
@@ -128,9 +129,11 @@ def test_a_crafted_calibration_or_teacher_file_is_refused_and_its_code_never_run
     evil, marker = tmp_path / "evil.pt", tmp_path / "PWNED"
     CRAFTED[kind](evil, marker)
     before = tree(tmp_path)
-    calib = run_cli("compress", ws / "digits.safetensors", "--rank", "4", "--calib", evil, "-o", tmp_path / "c.lrc.safetensors")
+    calib = run_cli("compress", ws / "digits.safetensors", "--rank", "4", "--calib", evil,
+                    "-o", tmp_path / "c.lrc.safetensors")
     student = ws / "digits.lrc.safetensors"
-    teacher = run_cli(*[a for a in COMMANDS["finetune"](student, tmp_path, ws) if a != "--no-teacher"], "--teacher", evil, *ARCH)
+    finetune = [a for a in COMMANDS["finetune"](student, tmp_path, ws) if a != "--no-teacher"]
+    teacher = run_cli(*finetune, "--teacher", evil, *ARCH)
     for result in (calib, teacher):
         assert_one_line_error(result, 2, str(evil))
     assert not marker.exists()
@@ -162,7 +165,7 @@ def test_a_refused_pickle_prints_one_line_and_no_torch_warning_from_the_console_
     # protocol of a file it then refuses, which used to put a second and third line on stderr.
     evil, marker = tmp_path / "evil.pt", tmp_path / "PWNED"
     _plain_pickle(evil, marker)
-    done = subprocess.run([sys.executable, "-m", "lowrank_compress", "inspect", str(evil), *ARCH],
+    done = subprocess.run([sys.executable, "-m", "lowrank_compress", "inspect", str(evil), *ARCH], check=False,
                           capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), done.stderr
@@ -197,7 +200,9 @@ CORRUPTIONS: dict[str, Callable[[bytes], bytes]] = {
     "header-length-2^63": lambda d: struct.pack("<Q", 2**63) + d[8:],
     "header-not-json": lambda d: struct.pack("<Q", 16) + b"{this is not js}" + _header(d)[1],
     "offsets-beyond-the-data": lambda d: _edit(d, lambda h, k: h[k].update(data_offsets=[0, 4 * len(d)])),
-    "offsets-misaligned": lambda d: _edit(d, lambda h, k: h[k].update(data_offsets=[o + 4 for o in h[k]["data_offsets"]])),
+    "offsets-misaligned": lambda d: _edit(
+        d, lambda h, k: h[k].update(data_offsets=[o + 4 for o in h[k]["data_offsets"]])
+    ),
     "shape-lies": lambda d: _edit(d, lambda h, k: h[k].update(shape=[2 * s for s in h[k]["shape"]])),
     "dtype-lies": lambda d: _edit(d, lambda h, k: h[k].update(dtype="F64")),
     "random-bytes": lambda d: bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8)),
@@ -207,7 +212,9 @@ CORRUPTIONS: dict[str, Callable[[bytes], bytes]] = {
 @pytest.mark.parametrize("command", ["compress", "inspect", "export", "eval", "bench"])
 @pytest.mark.parametrize("source", ["digits.safetensors", "digits.lrc.safetensors"])
 @pytest.mark.parametrize("corruption", list(CORRUPTIONS))
-def test_a_corrupt_or_lying_safetensors_file_is_a_one_line_usage_error(ws, tmp_path, run_cli, corruption, source, command):
+def test_a_corrupt_or_lying_safetensors_file_is_a_one_line_usage_error(
+    ws, tmp_path, run_cli, corruption, source, command
+):
     bad = tmp_path / source
     bad.write_bytes(CORRUPTIONS[corruption]((ws / source).read_bytes()))
     before = tree(tmp_path)
@@ -414,8 +421,10 @@ OUTPUTS = {
     "export --onnx": (lambda ws: ["export", ws / "digits.lrc.safetensors"], "--onnx", "m.onnx"),
     "export --json": (lambda ws: ["export", ws / "digits.lrc.safetensors", "--onnx", "IGNORED"], "--json", "p.json"),
     "eval --json": (lambda ws: COMMANDS["eval"](ws / "digits.lrc.safetensors", Path("."), ws)[:-2], "--json", "e.json"),
-    "bench --json": (lambda ws: COMMANDS["bench"](ws / "digits.lrc.safetensors", Path("."), ws)[:-2], "--json", "b.json"),
-    "finetune -o": (lambda ws: COMMANDS["finetune"](ws / "digits.lrc.safetensors", Path("."), ws)[:-2], "-o", "f.safetensors"),
+    "bench --json": (lambda ws: COMMANDS["bench"](ws / "digits.lrc.safetensors", Path("."), ws)[:-2],
+                     "--json", "b.json"),
+    "finetune -o": (lambda ws: COMMANDS["finetune"](ws / "digits.lrc.safetensors", Path("."), ws)[:-2],
+                    "-o", "f.safetensors"),
 }
 
 
@@ -448,7 +457,7 @@ def full_disk(tmp_path) -> Path:
     mount = tmp_path / "full"
     mount.mkdir()
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,nr_inodes=64", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
+                          check=False, capture_output=True, text=True)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
     try:
@@ -462,7 +471,7 @@ def full_disk(tmp_path) -> Path:
             os.close(fd)
         yield mount
     finally:
-        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+        subprocess.run(["umount", "-l", str(mount)], check=False, capture_output=True)
 
 
 @pytest.mark.parametrize(
@@ -475,7 +484,9 @@ def full_disk(tmp_path) -> Path:
         ("eval --json", "cannot write"),
     ],
 )
-def test_a_full_disk_is_a_one_line_runtime_error_and_leaves_no_partial_file(ws, tmp_path, full_disk, run_cli, output, fragment):
+def test_a_full_disk_is_a_one_line_runtime_error_and_leaves_no_partial_file(
+    ws, tmp_path, full_disk, run_cli, output, fragment
+):
     make_args, option, name = OUTPUTS[output]
     args = make_args(ws)
     if args[0] == "compress" and option != "-o":
@@ -495,13 +506,19 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+# `python -m lowrank_compress ARGS`, with Python's own Ctrl-C handler even when this test runs under a
+# parent that ignores SIGINT (a background job), which children would otherwise inherit.
+_WITH_DEFAULT_SIGINT = (
+    "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "runpy.run_module('lowrank_compress', run_name='__main__', alter_sys=True)"
+)
+
+
 def _interrupt(args: list, ready: Callable[[subprocess.Popen], bool], sig: int = signal.SIGINT) -> tuple[int, str]:
     """Run ``lrc ARGS`` in a child process, send ``sig`` once ``ready(process)``; (exit code, stderr)."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "lowrank_compress", *map(str, args)],
+        [sys.executable, "-c", _WITH_DEFAULT_SIGINT, *map(str, args)],
         env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        # A parent that ignores SIGINT (a background job) would pass that on; the test needs the default.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 240
     while process.poll() is None and not ready(process) and time.monotonic() < deadline:
@@ -525,8 +542,11 @@ def _lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.strip()]
 
 
-@pytest.mark.parametrize(("sig", "code", "word"), [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")],
-                         ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize(
+    ("sig", "code", "word"),
+    [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")],
+    ids=["SIGINT", "SIGTERM"],
+)
 def test_a_signal_during_compress_exits_cleanly_without_a_partial_file(tmp_path, sig, code, word):
     output = tmp_path / "c.lrc.safetensors"
     returncode, stderr = _interrupt(
