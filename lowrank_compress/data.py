@@ -62,6 +62,8 @@ def resolve_data_config(loaded: LoadedModel, input_shape: Sequence[int] | None =
     if "input_size" not in config:
         raise UsageError("the model records no input size; pass --input-shape N,C,H,W")
     channels = int(config["input_size"][0])
+    if channels not in (1, 3):  # images are read as grayscale or RGB
+        raise UsageError(f"input size {tuple(config['input_size'])} has {channels} channels; images give 1 or 3")
     for key, imagenet in (("mean", IMAGENET_MEAN), ("std", IMAGENET_STD)):
         value = tuple(float(v) for v in config.get(key) or ())
         if not value:

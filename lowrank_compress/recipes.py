@@ -96,6 +96,8 @@ class TrainConfig:
             raise UsageError(f"--clip-grad must be positive, got {self.clip_grad}")
         if self.ema is not None and not 0 < self.ema < 1:
             raise UsageError(f"--ema is a decay in (0, 1), got {self.ema}")
+        if not 0 <= self.seed < 2**63:  # torch seeds are 64-bit
+            raise UsageError(f"--seed must be an integer in [0, 2^63), got {self.seed}")
 
 
 # Keys that choose the model for ``--from-scratch`` runs; their CLI flags have the same names.

@@ -342,6 +342,19 @@ def test_a_rank_beyond_every_layer_is_capped_at_each_layers_max_useful_rank(ws, 
     assert torch.isfinite(loaded(torch.randn(2, 1, 32, 32))).all()
 
 
+@pytest.mark.parametrize(
+    ("shape", "fragment"),
+    [("1,5,32,32", "has 5 channels; images give 1 or 3"),
+     ("1,3,32,32", "the model does not run on images of shape (20, 3, 32, 32)")],
+    ids=["five-channels", "rgb-into-a-grayscale-model"],
+)
+def test_an_input_shape_the_images_or_the_model_cannot_take_is_a_usage_error(ws, tmp_path, run_cli, shape, fragment):
+    before = tree(tmp_path)
+    result = run_cli(*COMMANDS["eval"](ws / "digits.lrc.safetensors", tmp_path, ws), "--input-shape", shape)
+    assert_one_line_error(result, 2, fragment)
+    assert tree(tmp_path) == before
+
+
 def _calibration_case(ws: Path, tmp: Path, case: str) -> tuple[Path | str, str]:
     """Write one bad calibration input; returns (--calib value, message fragment)."""
     if case == "missing":
@@ -542,6 +555,7 @@ def _lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.strip()]
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads a child's CPU time from /proc")
 @pytest.mark.parametrize(
     ("sig", "code", "word"),
     [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")],
