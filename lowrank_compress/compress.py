@@ -175,6 +175,17 @@ def count_flops(model: nn.Module, example_inputs: Any) -> int:
     return int(counter.get_total_flops())
 
 
+def _forward_with_hooks(model: nn.Module, hooks: list[tuple[nn.Module, Callable]], example_inputs: Any) -> None:
+    """One forward pass without gradients with forward hooks attached, removed afterwards."""
+    handles = [module.register_forward_hook(hook) for module, hook in hooks]
+    try:
+        with torch.no_grad():
+            _call(model, example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _output_positions(model: nn.Module, sites: list[LayerSite], example_inputs: Any) -> dict[str, int]:
     """Per site, output positions per forward (spatial size for convs, tokens for Linear)."""
     positions: dict[str, int] = {}
@@ -185,13 +196,7 @@ def _output_positions(model: nn.Module, sites: list[LayerSite], example_inputs: 
 
         return record
 
-    handles = [s.module.register_forward_hook(hook(s.name, s.shape[0])) for s in sites]
-    try:
-        with torch.no_grad():
-            _call(model, example_inputs)
-    finally:
-        for h in handles:
-            h.remove()
+    _forward_with_hooks(model, [(s.module, hook(s.name, s.shape[0])) for s in sites], example_inputs)
     return positions
 
 
@@ -446,13 +451,7 @@ def _layer_inputs(model: nn.Module, sites: list[LayerSite], example_inputs: Any)
 
         return record
 
-    handles = [s.module.register_forward_hook(hook(s.name)) for s in sites]
-    try:
-        with torch.no_grad():
-            _call(model, example_inputs)
-    finally:
-        for h in handles:
-            h.remove()
+    _forward_with_hooks(model, [(s.module, hook(s.name)) for s in sites], example_inputs)
     return captured
 
 
