@@ -18,9 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 
-@pytest.fixture(autouse=True, scope="session")
+@pytest.fixture(autouse=True)
 def _one_thread():
-    # Two cores shared with other jobs (and pytest-xdist workers): one intra-op thread each.
+    # Two cores shared with other jobs (and pytest-xdist workers): one intra-op thread per test,
+    # restored afterwards so a test that changes it cannot leak into the next.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -24,14 +24,6 @@ from lowrank_compress.errors import UsageError
 from lowrank_compress.export import export_onnx
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two cores shared with other jobs: one intra-op thread avoids spin-wait contention.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def low_rank(layer: nn.Module, rank: int) -> nn.Module:
     m, d = layer.weight.shape[0], layer.weight[0].numel()

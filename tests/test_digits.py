@@ -14,14 +14,6 @@ from PIL import Image
 from lowrank_compress import digits
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two cores shared with other jobs: one intra-op thread avoids spin-wait contention.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def one_epoch() -> tuple[digits.DigitsCNN, float]:

@@ -32,14 +32,6 @@ STANDARD_OPS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two cores shared with other jobs: one intra-op thread avoids spin-wait contention.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def factorize_every_layer(model: nn.Module, param_ratio: float = 0.25) -> nn.Module:
     """Swap every eligible Linear/Conv for a rank-r factorized layer, r = ⌊ratio·m·d/(m+d)⌋.

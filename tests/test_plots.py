@@ -18,13 +18,6 @@ from lowrank_compress.plots import plot_accuracy_vs_params, plot_compression
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _mlp() -> nn.Module:
     torch.manual_seed(0)

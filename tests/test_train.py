@@ -40,14 +40,6 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two cores shared with other jobs: one intra-op thread avoids spin-wait contention.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _factorize(model: nn.Module, rank: int) -> nn.Module:
     """Replace every hidden conv / linear (not the stem or the head) by its rank-``rank`` SVD factors."""
