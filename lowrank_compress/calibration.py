@@ -39,6 +39,9 @@ from .compress import (
 from .errors import UsageError
 from .graph import LayerSite
 from .layers import from_dense
+from .blocks import Block, find_blocks, first_tensor, reconstruct_block
+from .modelrun import batch_size, forward_with_hooks, slice_batch
+from .sensitivity import channel_sensitivities, detect_output_metric, probe_gradients
 from .projection import (
     Factorization,
     gaussian_row_error,
@@ -265,7 +268,11 @@ class _LayerInputs:
 
 def _called_once(model: nn.Module, sites: list[LayerSite], batch: Any) -> set[str]:
     """Enclosing blocks of the sites that run exactly once in a forward pass."""
-    names = {a for s in sites for a in _ancestors(s.name)}
+    return modules_called_once(model, {a for s in sites for a in _ancestors(s.name)}, batch)
+
+
+def modules_called_once(model: nn.Module, names: set[str], batch: Any) -> set[str]:
+    """The modules among ``names`` that run exactly once in a forward pass."""
     counts = dict.fromkeys(names, 0)
     handles = []
     for name in names:
@@ -401,11 +408,13 @@ def _candidates(
     y_held: torch.Tensor,
     refine_steps: int,
     seed: int,
+    alpha: torch.Tensor | None = None,
 ) -> tuple[dict[str, Factorization], dict[str, float], dict[str, float]]:
     """Every candidate (in BN-folded space) with its relative held-out post-activation error, and
-    the Gaussian (data-free) relative function errors of spectral and nkp."""
+    the Gaussian (data-free) relative function errors of spectral and nkp. ``alpha``: per-row
+    weights of the errors (default: the site's own, from an affine after its activation)."""
     w, b = site.effective_weight()
-    alpha = site.row_weights()
+    alpha = site.row_weights() if alpha is None else alpha
     act = canonical_activation(site.activation)
     base = factorize_all(w, rank, act, b, alpha)
     gaussian = {k: function_error(w, b, f, act, alpha, relative=True) for k, f in base.items()}
@@ -450,15 +459,19 @@ def choose_candidate(errors: dict[str, float], method: str) -> str:
 # ---------------------------------------------------------------- rank curves from statistics
 
 
-def stats_error_curve(site: LayerSite, stats: ResponseStats, ranks: list[int]) -> list[float]:
+def stats_error_curve(site: LayerSite, stats: ResponseStats, ranks: list[int],
+                      alpha: torch.Tensor | None = None, absolute: bool = False) -> list[float]:
     """Relative post-activation error vs rank under z ~ N(μ, Σ), from the response statistics.
 
     Each row keeps its projection onto the top-r response directions (no per-row refit), which
     makes a curve cost one eigendecomposition plus closed-form or 1-D Gaussian moments per rank.
+    ``alpha`` overrides the per-row weights; ``absolute=True`` returns Σ α_i E[(σ(z̃_i) − σ(z_i))²]
+    instead of its ratio to Σ α_i E[σ(z_i)²] (with output sensitivities as α: the predicted
+    output-metric cost).
     """
     cov, mu = stats.covariance, stats.mean
     m = cov.shape[0]
-    alpha = site.row_weights()
+    alpha = site.row_weights() if alpha is None else alpha
     a = torch.ones(m, dtype=torch.float64) if alpha is None else alpha
     a = a.clamp_min(float(a.max()) * 1e-8 + 1e-30)
     evals, evecs = torch.linalg.eigh(a.sqrt()[:, None] * cov * a.sqrt()[None, :])
@@ -478,11 +491,134 @@ def stats_error_curve(site: LayerSite, stats: ResponseStats, ranks: list[int]) -
         # candidate rank of every layer would dominate the run time.
         t, c = captured, mu
         err = gaussian_row_error(act, mu, n, c, t, rho)
-        out.append(float((weight * err).sum()) / total if total > 0 else 0.0)
+        value = float((weight * err).sum())
+        out.append(value if absolute else (value / total if total > 0 else 0.0))
     return out
 
 
 # ---------------------------------------------------------------- the calibrated job
+
+
+def site_sensitivities(original: nn.Module, sites: list[LayerSite], batches: list[Any], metric: str,
+                       seed: int) -> dict[str, torch.Tensor]:
+    """Per site, output sensitivity of each output channel's post-activation value (float64, (m,)).
+
+    Gradients are taken at the layer's own output z and mapped to the post-activation value
+    σ(scale·z + shift) of the BN-folded response (see :mod:`lowrank_compress.sensitivity`).
+    """
+    targets = {s.name: original.get_submodule(s.name) for s in sites}
+    linear = {s.name for s in sites if isinstance(s.module, nn.Linear)}
+    slopes = {s.name: _slope(s) for s in sites}
+    return channel_sensitivities(original, targets, batches, metric, lambda n: n in linear, seed=seed, slopes=slopes)
+
+
+def _slope(site: LayerSite) -> Callable[[torch.Tensor], torch.Tensor]:
+    """z ↦ ∂σ(scale·z + shift)/∂z elementwise, channels on the layer's channel axis."""
+    fn = activation_fn(site.activation)
+    linear = isinstance(site.module, nn.Linear)
+
+    def slope(z: torch.Tensor) -> torch.Tensor:
+        z = z.detach().to(torch.float32)
+        if site.bn_before is not None:
+            shape = [1] * z.dim()
+            shape[-1 if linear else 1] = -1
+            scale = site.bn_before.scale.to(torch.float32).reshape(shape)
+            shift = site.bn_before.shift.to(torch.float32).reshape(shape)
+        else:
+            scale, shift = torch.ones(()), torch.zeros(())
+        with torch.enable_grad():
+            x = z.requires_grad_(True)
+            (grad,) = torch.autograd.grad(fn(x * scale + shift).sum(), x)
+        return grad
+
+    return slope
+
+
+def output_cost_curves(original: nn.Module, sites: list[LayerSite], batches: list[Any], metric: str,
+                       stats: dict[str, ResponseStats], alphas: dict[str, torch.Tensor | None],
+                       seed: int) -> dict[str, torch.Tensor]:
+    """Per site, the predicted output-metric cost of keeping only r response directions, r = 0..m.
+
+    The site's BN-folded response z (rows, m) is projected, like the calibrated fit, onto the top
+    eigenvectors U of S̃ = √α Σ √α; dropping directions j ≥ r changes z by Δ = −Σ_{j≥r} c_j u_j/√α
+    with c = √α (z − μ) U. To first order the metric moves by κ E_x[(Σ_positions g·Δ)²], with g the
+    probe gradient (:mod:`lowrank_compress.sensitivity`), so with h = (g/√α) U and
+    t_j(x) = Σ_positions c_j h_j, the cost at rank r is κ E_x[(Σ_{j≥r} t_j(x))²]. Unlike a per-channel
+    estimate this keeps the correlation of errors across positions (a layer before global pooling).
+    Returns a (m + 1,) float64 tensor per site, index r.
+    """
+    bases: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    for site in sites:
+        st = stats[site.name]
+        m = st.mean.shape[0]
+        a = alphas.get(site.name)
+        a = torch.ones(m, dtype=torch.float64) if a is None else a.clamp_min(float(a.max()) * 1e-8 + 1e-30)
+        root = a.sqrt()
+        evals, evecs = torch.linalg.eigh(root[:, None] * st.covariance * root[None, :])
+        u = evecs[:, torch.argsort(evals, descending=True)]
+        bases[site.name] = (st.mean.to(torch.float32), root.to(torch.float32), u.to(torch.float32))
+    by_name = {s.name: s for s in sites}
+    totals = {s.name: torch.zeros(s.shape[0] + 1, dtype=torch.float64) for s in sites}
+
+    def visit(name: str, z: torch.Tensor, g: torch.Tensor, mask: torch.Tensor | None) -> None:
+        site = by_name[name]
+        mu, root, u = bases[name]
+        n = z.shape[0]
+        rows = _responses(site, z.to(torch.float32))
+        grad = _rows(site, g.to(torch.float32))
+        if site.bn_before is not None:
+            scale = site.bn_before.scale.to(torch.float32)
+            grad = grad / torch.where(scale.abs() > 1e-12, scale, torch.full_like(scale, float("inf")))
+        if mask is not None and isinstance(site.module, nn.Linear) and tuple(z.shape[:2]) == tuple(mask.shape):
+            grad = grad * mask.reshape(-1, *([1] * (z.dim() - 2))).expand(*z.shape[:-1]).reshape(-1, 1)
+        c = ((rows - mu) * root) @ u
+        h = (grad / root) @ u
+        t = (c * h).reshape(n, -1, c.shape[1]).sum(1).to(torch.float64)  # (N, m)
+        tail = torch.cat([t.flip(1).cumsum(1).flip(1), torch.zeros(n, 1, dtype=torch.float64)], dim=1)
+        totals[name] += (tail**2).sum(0)
+
+    targets = {s.name: original.get_submodule(s.name) for s in sites}
+    factor = probe_gradients(original, targets, batches, metric, visit, seed=seed)
+    return {name: total * factor for name, total in totals.items()}
+
+
+def _rows(site: LayerSite, t: torch.Tensor) -> torch.Tensor:
+    """A layer output (N, m, ...) or (..., m) as rows (positions, m), without the BN fold."""
+    if isinstance(site.module, nn.Linear):
+        return t.reshape(-1, t.shape[-1])
+    return t.movedim(1, -1).reshape(-1, t.shape[1])
+
+
+def _row_weights(site: LayerSite, sensitivity: torch.Tensor | None) -> torch.Tensor | None:
+    """Row weights of a site's fit: its output sensitivities, normalized to mean 1, floored."""
+    if sensitivity is None:
+        return site.row_weights()
+    a = sensitivity.to(torch.float64)
+    mean = float(a.mean())
+    if not math.isfinite(mean) or mean <= 0:
+        return site.row_weights()
+    return (a / mean).clamp_min(1e-3)
+
+
+def _probe_batches(batches: list[Any], samples: int = 64) -> list[Any]:
+    """The first ``samples`` calibration samples, for the gradient probes."""
+    out, seen = [], 0
+    for batch in batches:
+        if seen >= samples:
+            break
+        take = min(batch_size(batch), samples - seen)
+        out.append(slice_batch(batch, slice(0, take)))
+        seen += take
+    return out
+
+
+def _micro_batches(batches: list[Any], size: int = 8) -> list[Any]:
+    """The calibration batches re-split into batches of ``size`` samples (for block training)."""
+    out = []
+    for batch in batches:
+        n = batch_size(batch)
+        out += [slice_batch(batch, slice(i, i + size)) for i in range(0, n, size)]
+    return out
 
 
 def calibrated_compress(
@@ -498,8 +634,8 @@ def calibrated_compress(
     """Compress ``sites`` of ``model`` in place with calibration data (see the module docstring).
 
     ``asymmetric=False`` calibrates every layer on the original model's inputs instead (for
-    comparison; the asymmetric default is what works, DESIGN.md §3). ``observer(name, inputs,
-    targets)`` sees each layer's reservoir: input rows (P, d) and target rows σ(z) (P, m).
+    comparison; the asymmetric default is what works). ``observer(name, inputs, targets)`` sees
+    each layer's reservoir: input rows (P, d) and target rows σ(z) (P, m).
     """
     import copy
 
@@ -509,8 +645,21 @@ def calibrated_compress(
     original = copy.deepcopy(model).eval()
     targets = _original_pass(original, sites, batches, config.seed)
     by_name = {s.name: s for s in sites}
+    network_aware = config.allocation != "layer"
+    metric = config.output_metric
+    if metric == "auto":
+        metric = detect_output_metric(original, batches[0])
+    probe = _probe_batches(batches)
+    sens = site_sensitivities(original, sites, probe, metric, config.seed) if network_aware else {}
+    costs = {}
+    if network_aware:
+        alphas = {s.name: _row_weights(s, sens.get(s.name)) for s in sites}
+        costs = output_cost_curves(original, sites, probe, metric, {n: t.stats for n, t in targets.items()},
+                                   alphas, config.seed)
 
     def curve(site: LayerSite, ranks: list[int]) -> list[float]:
+        if site.name in costs:
+            return [float(costs[site.name][min(r, site.shape[0])]) for r in ranks]
         return stats_error_curve(site, targets[site.name].stats, ranks)
 
     ranks, notes, reasons = plan_ranks(model, sites, config, example_inputs, curve, calibrated=True)
@@ -518,7 +667,13 @@ def calibrated_compress(
     todo = [s for s in sites if s.name in ranks]
     reports: list[LayerReport] = []
     source = model if asymmetric else original
-    runner = _LayerInputs(source, batches, _called_once(source, todo, batches[0]))
+    once = _called_once(source, todo, batches[0])
+    runner = _LayerInputs(source, batches, once)
+    blocks = _blocks(model, todo, batches[0], once, config) if config.block_steps > 0 and asymmetric else []
+    block_of_last = {b.sites[-1]: b for b in blocks}
+    block_sens = _block_sensitivities(original, blocks, batches, metric, config.seed) if blocks else {}
+    micro = _micro_batches(batches) if blocks else []
+    block_reports = []
     for i, site in enumerate(todo):
         if progress is not None:
             progress(site.name, i, len(todo))
@@ -540,9 +695,10 @@ def calibrated_compress(
         perm = torch.randperm(x_all.shape[0], generator=gen)
         held = max(1, x_all.shape[0] // 4)
         h_idx, t_idx = perm[:held], perm[held:] if x_all.shape[0] > 1 else perm
+        alpha = _row_weights(by_name[site.name], sens.get(site.name))
         cands, errors, gaussian = _candidates(
             by_name[site.name], ranks[site.name], stats, x_all[t_idx], y_all[t_idx], x_all[h_idx], y_all[h_idx],
-            config.refine_steps, config.seed + i,
+            config.refine_steps, config.seed + i, alpha=alpha,
         )
         best = choose_candidate(errors, config.method)
         module_factors = unfold_batchnorm(site, cands[best]).to(site.module.weight.dtype)
@@ -555,6 +711,35 @@ def calibrated_compress(
             error_spectral=gaussian["spectral"], error_nkp=gaussian["nkp"], method=best,
             note=notes.get(site.name), candidates=errors,
         ))
+        block = block_of_last.get(site.name)
+        if block is not None:
+            block_reports.append(reconstruct_block(
+                model, original, block, micro, block_sens[block.name], config.block_steps, seed=config.seed + i))
     if progress is not None:
         progress("done", len(todo), len(todo))
     return reports, skipped
+
+
+def _blocks(model: nn.Module, sites: list[LayerSite], batch: Any, once: set[str], config: CompressConfig) -> list[Block]:
+    """The blocks of :mod:`lowrank_compress.blocks` among modules that run once and return a tensor."""
+    names = [n for n, _ in model.named_modules() if n]
+    tensor_out: set[str] = set()
+
+    def record(name: str):
+        def hook(_m, _inputs, output):
+            if first_tensor(output) is not None:
+                tensor_out.add(name)
+
+        return hook
+
+    forward_with_hooks(model, [(model.get_submodule(n), record(n)) for n in names], batch)
+    all_once = modules_called_once(model, set(names), batch) | once
+    conv1d = {s.name for s in sites if isinstance(s.module, nn.Conv1d)}
+    return find_blocks(model, [s.name for s in sites], all_once, tensor_out, conv1d, config.blocks)
+
+
+def _block_sensitivities(original: nn.Module, blocks: list[Block], batches: list[Any], metric: str,
+                         seed: int) -> dict[str, torch.Tensor]:
+    targets = {b.name: original.get_submodule(b.name) for b in blocks}
+    last = {b.name: b.channels_last for b in blocks}
+    return channel_sensitivities(original, targets, batches, metric, lambda n: last[n], seed=seed)

@@ -17,9 +17,11 @@ from .errors import UsageError
 from .graph import LayerSite, find_sites
 from .layers import from_dense
 from .plan import choose_rank, saves_parameters
+from .sensitivity import OUTPUT_METRICS
 from .projection import METHODS, Factorization, error_curve, factorize_all, function_error
 
 CONFIG_VERSION = 1
+ALLOCATIONS = ("auto", "output", "layer")
 _POLICIES = ("rank", "rank_ratio", "param_ratio", "target_params", "target_flops")
 
 
@@ -46,6 +48,11 @@ class CompressConfig:
     latency_aware: bool = False
     latency_runtime: str = "torch"
     latency_batch_size: int = 1
+    allocation: str = "auto"
+    output_metric: str = "auto"
+    block_steps: int = 200
+    blocks: str | None = None
+    distill_steps: int = 0
     seed: int = 0
     version: int = CONFIG_VERSION
 
@@ -71,9 +78,17 @@ class CompressConfig:
             raise UsageError(f"--latency-runtime must be torch or onnxruntime, got {self.latency_runtime!r}")
         if self.latency_batch_size < 1:
             raise UsageError(f"--latency-batch-size must be ≥ 1, got {self.latency_batch_size}")
+        if self.allocation not in ALLOCATIONS:
+            raise UsageError(f"--allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
+        if self.output_metric not in OUTPUT_METRICS:
+            raise UsageError(f"--output-metric must be one of {', '.join(OUTPUT_METRICS)}, got {self.output_metric!r}")
+        for name in ("block_steps", "distill_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise UsageError(f"--{name.replace('_', '-')} must be an integer ≥ 0, got {value!r}")
         if self.calib_samples < 1:
             raise UsageError(f"--calib-samples must be ≥ 1, got {self.calib_samples}")
-        for name in ("include", "exclude"):
+        for name in ("include", "exclude", "blocks"):
             pattern = getattr(self, name)
             if pattern is not None:
                 try:

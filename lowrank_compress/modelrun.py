@@ -1,0 +1,123 @@
+"""Running and editing a model: calls with any input form, hooks, counting, module replacement."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    """``model(inputs)``: a tensor, a tuple/list of positional inputs or a dict of keyword inputs."""
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def output_tensors(result: Any) -> list[torch.Tensor]:
+    """The floating-point tensors of a model's result (tensors, dicts, tuples, HF model outputs)."""
+    if isinstance(result, torch.Tensor):
+        return [result] if result.is_floating_point() else []
+    if isinstance(result, dict):
+        return [t for v in result.values() for t in output_tensors(v)]
+    if isinstance(result, (tuple, list)):
+        return [t for v in result for t in output_tensors(v)]
+    return []
+
+
+def padding_mask(batch: Any) -> torch.Tensor | None:
+    """The (batch, tokens) attention mask of a keyword batch (1 = real token), if it carries one."""
+    if isinstance(batch, dict):
+        mask = batch.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            return mask != 0
+    return None
+
+
+def batch_size(batch: Any) -> int:
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0]
+    if isinstance(batch, dict):
+        return next(v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor))
+    return batch_size(batch[0])
+
+
+def slice_batch(batch: Any, index: torch.Tensor | slice) -> Any:
+    """The samples ``index`` of a batch (every tensor input indexed along its first axis)."""
+    if isinstance(batch, torch.Tensor):
+        return batch[index]
+    if isinstance(batch, dict):
+        return {k: v[index] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return type(batch)(slice_batch(v, index) for v in batch)
+
+
+def forward_with_hooks(model: nn.Module, hooks: list[tuple[nn.Module, Callable]], inputs: Any) -> None:
+    """One forward pass without gradients with forward hooks attached, removed afterwards."""
+    handles = [module.register_forward_hook(hook) for module, hook in hooks]
+    try:
+        with torch.no_grad():
+            call_model(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass once the module of interest has run."""
+
+
+def run_until(model: nn.Module, module: nn.Module, inputs: Any, capture: Callable[[tuple, dict, Any], None]) -> None:
+    """Run ``model`` until ``module`` has run once; ``capture(args, kwargs, output)`` sees that call."""
+    seen: dict[str, Any] = {}
+
+    def pre(_m, args, kwargs):
+        seen.setdefault("call", (args, kwargs))
+
+    def post(_m, _args, output):
+        args, kwargs = seen["call"]
+        capture(args, kwargs, output)
+        raise StopForward
+
+    handles = [module.register_forward_pre_hook(pre, with_kwargs=True), module.register_forward_hook(post)]
+    try:
+        with torch.no_grad():
+            call_model(model, inputs)
+    except StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def count_params(model: nn.Module) -> int:
+    """Parameters of ``model``, shared tensors counted once."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_flops(model: nn.Module, inputs: Any) -> int:
+    """FLOPs of one forward pass at ``inputs`` (torch.utils.flop_counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        call_model(model, inputs)
+    return int(counter.get_total_flops())
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating-point parameter (float32 if it has none)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> list[str]:
+    """Replace every occurrence of ``old`` (shared modules included) by ``new``; returns the names."""
+    names = [n for n, m in model.named_modules(remove_duplicate=False) if m is old and n]
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new)
+    return names
