@@ -244,7 +244,9 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str |
     dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
     if len(dtypes) == 1 and (dtype := dtypes.pop()) != torch.float32:
         model.to(dtype)
-    model.load_state_dict(state, strict=True)
+    from .serialization import with_module_versions  # torchvision's MNASNet needs the versions
+
+    model.load_state_dict(with_module_versions(state, model), strict=True)
 
 
 def _layout(model: nn.Module) -> dict[str, tuple[int, ...]]:

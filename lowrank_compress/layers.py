@@ -3,6 +3,12 @@
 Each computes x ↦ up(down(x)): ``down`` maps the input into r channels without a bias (a Linear,
 or a conv with the original kernel, stride, padding, dilation and padding mode), ``up`` maps r back
 to the output width and carries the bias (a Linear, or a 1×1 conv).
+
+Model code that reads a layer's tensors directly (``F.linear(x, self.qkv.weight, self.qkv.bias)``
+in timm's EVA-02 and torchvision's Swin, ``.weight.dtype`` in XCiT) still works: ``weight`` is the
+product of the factors in the dense layer's shape, formed on each access (so it follows the
+factors and carries their gradients), and ``bias`` is the bias of ``up``. Neither is a registered
+tensor, so neither is in the state dict or a saved file.
 """
 
 from __future__ import annotations
@@ -39,6 +45,17 @@ class _LowRank(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(self.down(x))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """A·B in the dense layer's weight shape: (m, d) for a Linear, (m, C, k…) for a conv."""
+        up, down = self.up.weight, self.down.weight
+        product = up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)
+        return product.reshape(up.shape[0], *down.shape[1:])
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.up.bias
 
     def factors(self) -> Factorization:
         """The current A (m, r), B (r, d) and bias."""
@@ -91,7 +108,7 @@ class LowRankLinear(_LowRank):
         w = self.up.weight
         dense = nn.Linear(self.in_features, self.out_features, self.up.bias is not None, w.device, w.dtype)
         with torch.no_grad():
-            dense.weight.copy_(self.up.weight @ self.down.weight)
+            dense.weight.copy_(self.weight)
             if self.up.bias is not None:
                 dense.bias.copy_(self.up.bias)
         return dense
@@ -147,8 +164,7 @@ class _LowRankConv(_LowRank):
             bias=self.up.bias is not None, padding_mode=d.padding_mode, device=w.device, dtype=w.dtype,
         )
         with torch.no_grad():
-            product = w.reshape(w.shape[0], -1) @ flatten_weight(d.weight)
-            dense.weight.copy_(product.reshape(dense.weight.shape))
+            dense.weight.copy_(self.weight)
             if self.up.bias is not None:
                 dense.bias.copy_(self.up.bias)
         return dense

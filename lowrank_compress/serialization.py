@@ -8,6 +8,8 @@ the architecture, replays the structure with empty factors, then loads the tenso
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -147,14 +149,41 @@ def apply_structure(model: nn.Module, layers: dict[str, dict[str, Any]]) -> nn.M
     return model
 
 
+def with_module_versions(state: Mapping[str, torch.Tensor], model: nn.Module) -> OrderedDict:
+    """``state`` with ``model``'s per-module version metadata where it carries none of its own.
+
+    ``load_state_dict`` hands each module the ``version`` recorded in the state dict's
+    ``_metadata``, and some modules need it (torchvision's MNASNet refuses a state dict without
+    one). A state dict read from safetensors, or rebuilt as a plain dict, has lost it; its tensors
+    are then taken to be in the layout of the code that reads them.
+    """
+    out = OrderedDict(state)
+    out._metadata = getattr(state, "_metadata", None) or model.state_dict()._metadata
+    return out
+
+
+def _load_tensors(model: nn.Module, path: str | Path) -> tuple[list[str], list[str]]:
+    """Load a safetensors file into ``model``, not strictly: the (missing, unexpected) names.
+
+    As ``safetensors.torch.load_model``, a name the file lacks is not missing when its tensor is
+    one the file holds under another name (tied tensors are saved once); unlike it, module
+    version metadata is kept.
+    """
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path), device="cpu")
+    own = model.state_dict(keep_vars=True)
+    missing, unexpected = model.load_state_dict(with_module_versions(tensors, model), strict=False)
+    loaded = {id(own[k]) for k in tensors if k in own}
+    return [k for k in missing if id(own[k]) not in loaded], list(unexpected)
+
+
 def load_compressed(path: str | Path, arch: str | None = None, arch_kwargs: dict[str, Any] | None = None):
     """Rebuild a compressed model with its metadata (a :class:`checkpoint.LoadedModel`).
 
     The manifest's arch spec may only name torchvision/timm models or ``nn.Module`` classes; an
     ``arch`` given by the caller (e.g. a factory function) is trusted and used instead.
     """
-    from safetensors.torch import load_model
-
     from .checkpoint import LoadedModel, build_model
 
     manifest = read_manifest(path)
@@ -166,7 +195,7 @@ def load_compressed(path: str | Path, arch: str | None = None, arch_kwargs: dict
     model.to(dtype)
     apply_structure(model, manifest["layers"])
     try:
-        missing, unexpected = load_model(model, str(path), strict=False)
+        missing, unexpected = _load_tensors(model, path)
     except Exception as exc:
         raise UsageError(f"{path}: tensors do not fit the manifest's structure ({' '.join(str(exc).split())[:200]})") from None
     if missing or unexpected:
