@@ -13,9 +13,12 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import math
+import os
 import pickle
 import re
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,7 +90,30 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise UsageError(f"{path} is not a valid safetensors file ({_short(exc)})") from None
 
 
+def _check_torch_records(path: Path) -> None:
+    """Refuse a torch zip file whose records inflate beyond the file itself, reading only its directory.
+
+    ``torch.save`` stores records uncompressed, so their sizes add up to about the file's size; a
+    compressed record that inflates to gigabytes would otherwise be read in full before any shape
+    is checked.
+    """
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            sizes = [info.file_size for info in archive.infolist()]
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise UsageError(f"cannot read {path} as a PyTorch checkpoint (bad zip directory: {_short(exc)})") from None
+    size = path.stat().st_size
+    if sum(sizes) > size + 2**20:
+        raise UsageError(
+            f"{path} is a {size / 1e6:.1f} MB file whose records inflate to {sum(sizes) / 1e6:.0f} MB; torch.save "
+            "stores records uncompressed, so it is refused as a decompression bomb"
+        )
+
+
 def _read_torch(path: Path, trust_pickle: bool) -> Any:
+    _check_torch_records(path)
     try:
         # torch warns about the pickle protocol of files it then refuses; the error says all there is.
         with warnings.catch_warnings():
@@ -152,14 +178,129 @@ def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> dict[str, t
 # ---------------------------------------------------------------- architectures
 
 
+# Architecture specs read from files (a manifest, safetensors metadata) are untrusted: a file may name
+# a torchvision or timm registry model, or an nn.Module class in a module the user allowed. The check
+# happens before anything is imported, since importing a module runs its code.
+TRUSTED_MODULES_ENV = "LRC_TRUSTED_MODULES"
+_BUILTIN_TRUSTED = ("lowrank_compress.digits",)  # the bundled model; importing it runs nothing else
+_DOTTED = r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*"
+_CALLABLE_SPEC = re.compile(rf"({_DOTTED}):({_DOTTED})")
+# Keyword arguments a file may pass to a registry builder: sizes and regularization, never weights or paths.
+_FILE_KWARGS = {
+    "torchvision": frozenset({
+        "num_classes", "dropout", "attention_dropout", "aux_logits", "aux_loss", "transform_input",
+        "init_weights", "zero_init_residual", "groups", "width_per_group", "replace_stride_with_dilation",
+        "stochastic_depth_prob", "image_size", "num_keypoints",
+    }),
+    "timm": frozenset({
+        "num_classes", "in_chans", "drop_rate", "drop_path_rate", "drop_block_rate", "global_pool", "img_size",
+        "output_stride", "proj_drop_rate", "attn_drop_rate", "pos_drop_rate", "patch_drop_rate", "class_token",
+        "reg_tokens", "qkv_bias", "init_values", "dynamic_img_size",
+    }),
+}
+# Names that can load weights, read a file or name a download; refused from files even for allowed modules.
+_WEIGHT_LIKE = re.compile(r"pretrain|weight|checkpoint|ckpt|path|file|dir|url|uri|hub|repo|cache|download|root|cfg|"
+                          r"config|overlay|load|model_name|name_or|source|location", re.IGNORECASE)
+# Bounds on sizing kwargs from files (an explicit --arch-kwargs lifts them): a 1 KB file must not
+# make the tool allocate gigabytes before the tensors are even compared.
+_FILE_KWARG_CAPS = {"num_classes": 100_000, "num_keypoints": 1_000, "in_chans": 64, "img_size": 4096,
+                    "image_size": 4096, "groups": 1024, "width_per_group": 4096, "reg_tokens": 64}
+_NEVER_DOWNLOAD = ("pretrained", "weights", "weights_backbone")
+
+
+def trusted_modules() -> tuple[str, ...]:
+    """Modules whose ``nn.Module`` classes a file may name: the bundled digits model's and those listed
+    (comma- or space-separated) in the ``LRC_TRUSTED_MODULES`` environment variable; a listed package
+    covers its submodules."""
+    listed = os.environ.get(TRUSTED_MODULES_ENV, "").replace(",", " ").split()
+    return (*_BUILTIN_TRUSTED, *listed)
+
+
+def _is_trusted(module: str) -> bool:
+    return any(module == t or module.startswith(t + ".") for t in trusted_modules())
+
+
+def check_file_spec(spec: Any, source: str | Path = "the file") -> None:
+    """Refuse an architecture spec read from ``source`` that a file may not name, importing nothing."""
+    if not isinstance(spec, str) or ":" not in spec or len(spec) > 256:
+        raise UsageError(f"{source} names a malformed architecture {_clip(spec)}; pass --arch to choose one")
+    kind, _, name = spec.partition(":")
+    if kind == "timm" and (":" in name or "/" in name):
+        raise UsageError(
+            f"{source} names the architecture {spec!r}, a Hugging Face Hub model; lrc never downloads, so a file may "
+            "only name timm registry models: pass --arch timm:NAME and the weights as a checkpoint file"
+        )
+    if kind in ("torchvision", "timm"):
+        return  # the registries are checked when the model is built
+    match = _CALLABLE_SPEC.fullmatch(spec)
+    if match is None:
+        raise UsageError(f"{source} names a malformed architecture {_clip(spec)}; pass --arch to choose one")
+    if not _is_trusted(match.group(1)):
+        raise UsageError(
+            f"{source} names the architecture {spec!r}, which is not an nn.Module class of a module you allowed "
+            f"(a file may name torchvision:NAME, timm:NAME or a class in a module listed in {TRUSTED_MODULES_ENV}); "
+            "pass --arch to choose the architecture yourself"
+        )
+
+
+def _clip(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "…"
+
+
+def _plain_value(value: Any, depth: int = 0) -> bool:
+    """A JSON scalar or a short list of them, and no string that could be a path, URL or Hub id."""
+    if value is None or isinstance(value, bool):
+        return True
+    if isinstance(value, int):
+        return abs(value) < 2**31
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, str):
+        return len(value) <= 64 and not re.search(r"[/\\:~]|^\.", value)
+    if isinstance(value, (list, tuple)) and depth == 0:
+        return len(value) <= 16 and all(_plain_value(v, 1) for v in value)
+    return False
+
+
+def file_kwargs(arch: str, kwargs: Any, source: str | Path = "the file") -> dict[str, Any]:
+    """Architecture keyword arguments read from ``source``, checked against what a file may pass.
+
+    torchvision and timm builders take only the names in their allow-list; the classes of allowed
+    modules take any name that does not suggest weights, a path or a URL. Values are JSON scalars or
+    short lists of them, and sizing values are bounded. Anything else is a UsageError that says how to
+    pass it explicitly.
+    """
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, dict):
+        raise UsageError(f"{source} has arch_kwargs of type {type(kwargs).__name__}, not a JSON object")
+    kind = arch.partition(":")[0] if isinstance(arch, str) else ""
+    allowed = _FILE_KWARGS.get(kind)
+    explicit = "pass it yourself with --arch and --arch-kwargs (or arch= and arch_kwargs= in Python) if you trust it"
+    for key, value in kwargs.items():
+        if not isinstance(key, str) or (allowed is not None and key not in allowed) or (allowed is None and _WEIGHT_LIKE.search(key)):
+            raise UsageError(f"{source} passes the arch kwarg {_clip(key)}, which a file may not set "
+                             f"(it could load weights, read a path or name a URL); {explicit}")
+        if not _plain_value(value):
+            raise UsageError(f"{source} passes arch kwarg {key!r} the value {_clip(value)}, which a file may not set "
+                             f"(only numbers, booleans, short names and short lists of them); {explicit}")
+        cap = _FILE_KWARG_CAPS.get(key)
+        numbers = value if isinstance(value, (list, tuple)) else [value]
+        if cap is not None and any(isinstance(v, (int, float)) and not isinstance(v, bool) and not 0 <= v <= cap for v in numbers):
+            raise UsageError(f"{source} passes arch kwarg {key}={_clip(value)}, outside [0, {cap}] for a value "
+                             f"read from a file; {explicit}")
+    return dict(kwargs)
+
+
 def parse_arch_kwargs(text: str | None) -> dict[str, Any]:
     """Parse ``--arch-kwargs`` JSON into a dict."""
     if not text:
         return {}
     try:
         value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"--arch-kwargs is not valid JSON ({exc.msg})") from None
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise UsageError(f"--arch-kwargs is not valid JSON ({getattr(exc, 'msg', 'nested too deeply')})") from None
     if not isinstance(value, dict):
         raise UsageError("--arch-kwargs must be a JSON object")
     return value
@@ -188,38 +329,115 @@ def _resolve_callable(spec: str, restricted: bool):
     return target
 
 
-def build_model(arch: str, arch_kwargs: dict[str, Any] | None = None, restricted: bool = False) -> nn.Module:
-    """Build an architecture with random weights from a spec.
+def _refuse_downloads(arch: str, kwargs: dict[str, Any]) -> None:
+    for key in _NEVER_DOWNLOAD:
+        if kwargs.get(key) not in (None, False):
+            raise UsageError(
+                f"arch kwarg {key}={_clip(kwargs[key])} for {arch} would download weights, and lrc never uses the "
+                "network: build with random weights and pass the weights as a checkpoint file"
+            )
 
-    ``restricted`` (used for specs read from files) only allows torchvision/timm names and
-    ``nn.Module`` subclasses, so a file cannot make the tool call an arbitrary function.
+
+def _construct(arch: str, kwargs: dict[str, Any], restricted: bool) -> nn.Module:
+    kind, _, name = arch.partition(":")
+    if kind == "torchvision":
+        import torchvision
+
+        if name not in torchvision.models.list_models():
+            raise UsageError(f"unknown torchvision model {name!r}")
+        _refuse_downloads(arch, kwargs)
+        if "weights_backbone" in inspect.signature(torchvision.models.get_model_builder(name)).parameters:
+            kwargs = {**kwargs, "weights_backbone": None}  # detection/segmentation builders fetch a backbone by default
+        return torchvision.models.get_model(name, weights=None, **kwargs)
+    if kind == "timm":
+        import timm
+
+        if ":" in name or "/" in name:
+            raise UsageError(f"unknown timm model {name!r}: lrc never downloads from the Hugging Face Hub")
+        if not timm.is_model(name):
+            raise UsageError(f"unknown timm model {name!r}")
+        _refuse_downloads(arch, kwargs)
+        return timm.create_model(name, pretrained=False, **kwargs)
+    return _resolve_callable(arch, restricted)(**kwargs)
+
+
+def build_model(
+    arch: str, arch_kwargs: dict[str, Any] | None = None, restricted: bool = False, source: str | Path = "the file"
+) -> nn.Module:
+    """Build an architecture with random weights from a spec; nothing is ever downloaded.
+
+    ``restricted`` says the spec and kwargs were read from a file: the spec may then only name a
+    torchvision/timm registry model or an ``nn.Module`` class of a trusted module (checked before
+    anything is imported, see :func:`check_file_spec`), and the kwargs pass :func:`file_kwargs`;
+    ``source`` names the file in their messages.
     """
     kwargs = dict(arch_kwargs or {})
-    if not isinstance(arch, str) or ":" not in arch:
+    if restricted:
+        check_file_spec(arch, source)
+        kwargs = file_kwargs(arch, kwargs, source)
+    elif not isinstance(arch, str) or ":" not in arch:
         raise UsageError(f"bad --arch {arch!r}: use torchvision:NAME, timm:NAME or package.module:callable")
-    kind, _, name = arch.partition(":")
     try:
-        if kind == "torchvision":
-            import torchvision
-
-            if name not in torchvision.models.list_models():
-                raise UsageError(f"unknown torchvision model {name!r}")
-            model = torchvision.models.get_model(name, weights=None, **kwargs)
-        elif kind == "timm":
-            import timm
-
-            if not timm.is_model(name):
-                raise UsageError(f"unknown timm model {name!r}")
-            model = timm.create_model(name, pretrained=False, **kwargs)
-        else:
-            model = _resolve_callable(arch, restricted)(**kwargs)
+        model = _construct(arch, kwargs, restricted)
     except UsageError:
         raise
     except TypeError as exc:
         raise UsageError(f"cannot build {arch} with kwargs {kwargs} ({_short(exc)})") from None
+    except (ValueError, RuntimeError, OverflowError, AssertionError, KeyError, IndexError, MemoryError) as exc:
+        # A constructor rejecting its arguments (or unable to allocate for them) is bad input, not a crash.
+        raise UsageError(f"cannot build {arch} with kwargs {_clip(kwargs)} ({type(exc).__name__}: {_short(exc)})") from None
     if not isinstance(model, nn.Module):
         raise UsageError(f"--arch {arch!r} returned {type(model).__name__}, not an nn.Module")
     return model
+
+
+def meta_model(
+    arch: str, arch_kwargs: dict[str, Any] | None = None, restricted: bool = False, source: str | Path = "the file"
+) -> nn.Module | None:
+    """The architecture built on the meta device (shapes only, no memory), or None where it cannot be.
+
+    Lets a loader compare what a file's spec would build with the tensors the file holds before
+    anything is allocated. The spec and kwargs checks of :func:`build_model` apply; a constructor
+    that needs real values (a ``.item()`` during init) or rejects its arguments gives None, and the
+    real build then reports what is wrong.
+    """
+    kwargs = dict(arch_kwargs or {})
+    if restricted:
+        check_file_spec(arch, source)
+        kwargs = file_kwargs(arch, kwargs, source)
+    elif not isinstance(arch, str) or ":" not in arch:
+        raise UsageError(f"bad --arch {arch!r}: use torchvision:NAME, timm:NAME or package.module:callable")
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = _construct(arch, kwargs, restricted)
+    except UsageError:
+        raise
+    except Exception:  # noqa: BLE001 - whatever the meta build cannot do, the real build reports
+        return None
+    return model if isinstance(model, nn.Module) else None
+
+
+def state_numel(module: nn.Module) -> int:
+    """Elements in ``module.state_dict()`` (what a strict load must find in the file); tied tensors count once."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in module.state_dict(keep_vars=True).values():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            total += tensor.numel()
+    return total
+
+
+def safetensors_numel(path: str | Path) -> int:
+    """Elements of all tensors in a safetensors file, read from its header."""
+    from safetensors import safe_open
+
+    total = 0
+    with safe_open(str(path), "pt") as f:
+        for key in f.keys():
+            total += math.prod(f.get_slice(key).get_shape())
+    return total
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str | Path = "checkpoint") -> None:
@@ -266,13 +484,109 @@ def _rebuild_spec(model: nn.Module, arch: str | None, arch_kwargs: dict[str, Any
     cls = type(model)
     spec = f"{cls.__module__}:{cls.__qualname__}"
     try:
-        fresh = build_model(spec, arch_kwargs, restricted=True)
+        # Class only, but no module allow-list: unpickling the file the user trusts imported it already.
+        fresh = _construct(spec, dict(arch_kwargs or {}), restricted=True)
     except Exception:  # a constructor that needs arguments, a class defined in a function, …
         return None
     return spec if _layout(fresh) == _layout(model) else None
 
 
 # ---------------------------------------------------------------- input shapes and data configs
+
+
+# Caps on numbers read from files (an explicit --input-shape lifts the shape caps): a few bytes of
+# JSON must not make a command allocate gigabytes.
+MAX_SAMPLE_ELEMENTS = 2**21  # elements per sample (C·H·W) of an input shape from a file, e.g. 3×836×836
+MAX_SHAPE_ELEMENTS = 2**24  # elements of a whole recorded example batch
+MAX_JSON_CHARS = 16 * 2**20
+MAX_JSON_DEPTH = 32
+
+
+def _json_depth(value: Any, limit: int) -> int:
+    """Nesting depth of a parsed JSON value, counted up to ``limit + 1`` (no recursion)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            if deepest > limit:
+                return deepest
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def parse_json(text: Any, what: str) -> Any:
+    """Parse JSON read from a file; size, nesting or syntax out of bounds is a UsageError "``what`` (…)"."""
+    if not isinstance(text, str):
+        raise UsageError(f"{what} (not JSON text)")
+    if len(text) > MAX_JSON_CHARS:
+        raise UsageError(f"{what} (JSON of {len(text):,} characters; lrc reads at most {MAX_JSON_CHARS:,})")
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise UsageError(f"{what} (JSON nested deeper than {MAX_JSON_DEPTH} levels)") from None
+    except ValueError:  # JSONDecodeError, or an integer beyond Python's digit limit
+        raise UsageError(f"{what} (not JSON)") from None
+    if _json_depth(value, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+        raise UsageError(f"{what} (JSON nested deeper than {MAX_JSON_DEPTH} levels)")
+    return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_input_shape(value: Any, source: str | Path, capped: bool = True) -> tuple[int, ...]:
+    """An input shape read from ``source``: 1 to 8 positive integers below 2^31, within the caps.
+
+    ``capped`` applies :data:`MAX_SAMPLE_ELEMENTS` and :data:`MAX_SHAPE_ELEMENTS`; callers skip it
+    when the user gave the shape explicitly.
+    """
+    if (not isinstance(value, (list, tuple)) or not 1 <= len(value) <= 8
+            or not all(_is_int(s) and 1 <= s < 2**31 for s in value)):
+        raise UsageError(f"{source} records a bad input shape {_clip(value)} (1 to 8 positive integers below 2^31)")
+    shape = tuple(value)
+    per_sample, total = math.prod(shape[1:]), math.prod(shape)
+    if capped and (per_sample > MAX_SAMPLE_ELEMENTS or total > MAX_SHAPE_ELEMENTS):
+        raise UsageError(
+            f"{source} records the input shape {list(shape)} ({per_sample:,} elements per sample, {total:,} in all), "
+            f"beyond the {MAX_SAMPLE_ELEMENTS:,} per sample and {MAX_SHAPE_ELEMENTS:,} in all that lrc takes from a "
+            "file; pass --input-shape to use a shape this large"
+        )
+    return shape
+
+
+def check_norm_values(value: Any, key: str, source: str | Path) -> tuple[float, ...]:
+    """Per-channel ``mean`` or ``std`` read from ``source``: 1 to 4 finite numbers (std positive)."""
+    if (not isinstance(value, (list, tuple)) or not 1 <= len(value) <= 4
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+            or (key == "std" and not all(v > 0 for v in value))):
+        rule = "positive" if key == "std" else "finite"
+        raise UsageError(f"{source} records a bad {key} {_clip(value)} (1 to 4 {rule} numbers)")
+    return tuple(float(v) for v in value)
+
+
+def file_metadata(metadata: dict[str, str], source: str | Path = "the file") -> dict[str, Any]:
+    """What lrc reads from a plain safetensors file's metadata, parsed and checked.
+
+    Returns the present ones of ``arch`` (str), ``arch_kwargs`` (dict), ``input_shape`` (tuple, not
+    capped: see :func:`check_input_shape`), ``mean`` and ``std`` (tuples); other keys are ignored.
+    """
+    fields: dict[str, Any] = {}
+    if "arch" in metadata:
+        fields["arch"] = metadata["arch"]
+    if "arch_kwargs" in metadata:
+        kwargs = parse_json(metadata["arch_kwargs"], f"{source} has bad arch_kwargs metadata")
+        if not isinstance(kwargs, dict):
+            raise UsageError(f"{source} has arch_kwargs metadata of type {type(kwargs).__name__}, not a JSON object")
+        fields["arch_kwargs"] = kwargs
+    if "input_shape" in metadata:
+        shape = parse_json(metadata["input_shape"], f"{source} has bad input_shape metadata")
+        fields["input_shape"] = check_input_shape(shape, source, capped=False)
+    for key in ("mean", "std"):
+        if key in metadata:
+            fields[key] = check_norm_values(parse_json(metadata[key], f"{source} has bad {key} metadata"), key, source)
+    return fields
 
 
 def parse_input_shape(text: str | None) -> tuple[int, ...] | None:
@@ -314,7 +628,7 @@ def _torchvision_config(name: str) -> dict[str, Any]:
 
 def data_config(arch: str | None, model: nn.Module, metadata: dict[str, str] | None = None) -> dict[str, Any]:
     """Eval preprocessing for a model: input_size (C, H, W), mean, std, interpolation, crop_pct."""
-    meta = metadata or {}
+    meta = file_metadata(metadata or {}, "the file")
     config: dict[str, Any] = {}
     if arch and arch.startswith("timm:"):
         import timm.data
@@ -325,17 +639,17 @@ def data_config(arch: str | None, model: nn.Module, metadata: dict[str, str] | N
         config = _torchvision_config(arch.split(":", 1)[1])
     for key in ("mean", "std"):
         if key in meta:
-            config[key] = tuple(json.loads(meta[key]))
+            config[key] = meta[key]
     if "input_shape" in meta:
-        config["input_size"] = tuple(json.loads(meta["input_shape"]))[1:]
+        config["input_size"] = meta["input_shape"][1:]
     return config
 
 
 def default_input_shape(arch: str | None, model: nn.Module, metadata: dict[str, str] | None = None) -> tuple[int, ...] | None:
     """A batch-1 example input shape from the file's metadata, the arch config, or the first layer."""
-    meta = metadata or {}
+    meta = file_metadata(metadata or {}, "the file")
     if "input_shape" in meta:
-        return tuple(int(s) for s in json.loads(meta["input_shape"]))
+        return meta["input_shape"]
     shape = getattr(model, "default_input_shape", None)
     if shape:
         return tuple(shape)
@@ -363,21 +677,19 @@ def open_model(
 
     path = _check_file(path)
     metadata: dict[str, str] = {}
+    restricted = False
     if path.suffix == ".safetensors":
         metadata = read_safetensors_metadata(path)
         if MANIFEST_KEY in metadata:
-            loaded = load_compressed(path, arch, arch_kwargs)
-            if input_shape is not None:
-                loaded.input_shape = input_shape
-            return loaded
-        if arch is None and "arch" in metadata:
-            arch = metadata["arch"]
-            arch_kwargs = arch_kwargs or json.loads(metadata.get("arch_kwargs", "{}"))
-            restricted = True
-        else:
-            restricted = False
-    else:
-        restricted = False
+            return load_compressed(path, arch, arch_kwargs, input_shape)
+        fields = file_metadata(metadata, path)
+        if arch is None and "arch" in fields:
+            arch, restricted = fields["arch"], True
+            arch_kwargs = arch_kwargs or fields.get("arch_kwargs") or {}
+        if input_shape is None and "input_shape" in fields:
+            check_input_shape(fields["input_shape"], path)
+        if restricted:
+            _check_fits(meta_model(arch, arch_kwargs, restricted=True, source=path), safetensors_numel(path), arch, path)
     content = read_checkpoint(path, trust_pickle=trust_pickle)
     if isinstance(content, nn.Module):
         model = content
@@ -385,7 +697,7 @@ def open_model(
     else:
         if arch is None:
             raise UsageError(f"{path} holds a state dict; pass --arch to say which architecture it belongs to")
-        model = build_model(arch, arch_kwargs, restricted=restricted)
+        model = build_model(arch, arch_kwargs, restricted=restricted, source=path)
         load_weights(model, content, path)
     model.eval()
     shape = input_shape or default_input_shape(arch, model, metadata)
@@ -397,6 +709,16 @@ def open_model(
         data_config=data_config(arch, model, metadata),
         metadata=metadata,
     )
+
+
+def _check_fits(meta: nn.Module | None, file_numel: int, arch: str, path: Path) -> None:
+    """Refuse, before allocating it, a model (built on the meta device) larger than the file's tensors:
+    a strict load could never fill it."""
+    if meta is not None and (needed := state_numel(meta)) > file_numel:
+        raise UsageError(
+            f"{path} does not match the architecture {arch}: it builds {needed:,} weights but the file holds "
+            f"{file_numel:,}"
+        )
 
 
 def load_model(

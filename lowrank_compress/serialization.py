@@ -8,6 +8,7 @@ the architecture, replays the structure with empty factors, then loads the tenso
 from __future__ import annotations
 
 import json
+import re
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,6 +25,15 @@ MANIFEST_KEY = "lrc"
 FORMAT_VERSION = 1
 _KINDS = {cls.__name__: cls for cls in (LowRankLinear, LowRankConv1d, LowRankConv2d)}
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+_DENSE_KINDS = {"LowRankLinear": nn.Linear, "LowRankConv1d": nn.Conv1d, "LowRankConv2d": nn.Conv2d}
+_ENTRY_KEYS = frozenset({"kind", "rank", "bias", "tied_to"})
+_DATA_CONFIG_KEYS = frozenset({"input_size", "mean", "std", "interpolation", "crop_pct"})
+_INTERPOLATIONS = frozenset({"nearest", "nearest-exact", "bilinear", "bicubic", "box", "hamming", "lanczos"})
+_LAYER_NAME = re.compile(r"[^.\s]+(?:\.[^.\s]+)*")
+MAX_LAYERS = 100_000
+# A file naming a registry model may make the loader build its dense form before the factorized layers
+# replace it: at most this many weights, or 64 times what the file holds (an explicit arch lifts it).
+MAX_DENSE_NUMEL = 2**28
 
 
 def _version() -> str:
@@ -85,22 +95,91 @@ def save(model: nn.Module, path: str | Path, **fields: Any) -> dict[str, Any]:
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
-    """The manifest of a compressed file, read from the header without loading tensors."""
-    from .checkpoint import read_safetensors_metadata
+    """The manifest of a compressed file, read from the header without loading tensors and validated
+    whole (:func:`validate_manifest`)."""
+    from .checkpoint import parse_json, read_safetensors_metadata
 
     metadata = read_safetensors_metadata(path)
     if MANIFEST_KEY not in metadata:
         raise UsageError(f"{path} is not a compressed lrc model (no '{MANIFEST_KEY}' manifest in its metadata)")
-    try:
-        manifest = json.loads(metadata[MANIFEST_KEY])
-    except json.JSONDecodeError:
-        raise UsageError(f"{path} has a corrupt lrc manifest (not JSON)") from None
+    return validate_manifest(parse_json(metadata[MANIFEST_KEY], f"{path} has a corrupt lrc manifest"), path)
+
+
+def validate_manifest(manifest: Any, path: str | Path = "the file") -> dict[str, Any]:
+    """Check every field lrc reads from a manifest (types, ranges, names) and return it unchanged.
+
+    Nothing is imported or built: whether the layers exist in the architecture is checked when the
+    model is rebuilt (:func:`apply_structure`). Unknown top-level fields are kept but never used.
+    """
+    from .checkpoint import _clip, _is_int, check_input_shape, check_norm_values
+
+    bad = f"{path} has a corrupt lrc manifest"
     if not isinstance(manifest, dict) or not isinstance(manifest.get("layers"), dict):
-        raise UsageError(f"{path} has a corrupt lrc manifest (no layer table)")
+        raise UsageError(f"{bad} (no layer table)")
     version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise UsageError(f"{path} uses manifest format {version!r}; this lrc reads up to {FORMAT_VERSION}")
+    if not _is_int(version) or not 1 <= version <= FORMAT_VERSION:
+        raise UsageError(f"{path} uses manifest format {_clip(version)}; this lrc reads up to {FORMAT_VERSION}")
+    arch = manifest.get("arch")
+    if not isinstance(arch, str) or not 1 <= len(arch) <= 256 or ":" not in arch:
+        raise UsageError(f"{bad} (arch {_clip(arch)} is not a spec such as torchvision:NAME)")
+    kwargs = manifest.get("arch_kwargs")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise UsageError(f"{bad} (arch_kwargs is a {type(kwargs).__name__}, not an object)")
+    if manifest.get("input_shape") is not None:
+        check_input_shape(manifest["input_shape"], path, capped=False)
+    dtype = manifest.get("dtype", "float32")
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
+        raise UsageError(f"{bad} (dtype {_clip(dtype)} is not one of {', '.join(_DTYPES)})")
+    for key in ("method", "lrc_version"):
+        if manifest.get(key) is not None and not (isinstance(manifest[key], str) and len(manifest[key]) <= 64):
+            raise UsageError(f"{bad} ({key} {_clip(manifest[key])} is not a short string)")
+    config = manifest.get("data_config")
+    if config is not None:
+        if not isinstance(config, dict) or not set(config) <= _DATA_CONFIG_KEYS:
+            raise UsageError(f"{bad} (data_config {_clip(config)} is not an object of {', '.join(sorted(_DATA_CONFIG_KEYS))})")
+        if "input_size" in config and (len(check_input_shape(config["input_size"], path, capped=False)) != 3):
+            raise UsageError(f"{bad} (data_config input_size {_clip(config['input_size'])} is not C, H, W)")
+        for key in ("mean", "std"):
+            if key in config:
+                check_norm_values(config[key], key, path)
+        if "interpolation" in config and config["interpolation"] not in _INTERPOLATIONS:
+            raise UsageError(f"{bad} (data_config interpolation {_clip(config['interpolation'])} is not one of "
+                             f"{', '.join(sorted(_INTERPOLATIONS))})")
+        crop = config.get("crop_pct", 1.0)
+        if isinstance(crop, bool) or not isinstance(crop, (int, float)) or not 0.1 <= crop <= 1.0:
+            raise UsageError(f"{bad} (data_config crop_pct {_clip(crop)} is not a number in [0.1, 1])")
+    check_layers(manifest["layers"], path)
     return manifest
+
+
+def check_layers(layers: Any, path: str | Path = "the file") -> None:
+    """Check a manifest's layer table: names, kinds, ranks, bias flags and ties (to untied entries of the
+    same kind and rank). A name may not pass through an attribute of ``nn.Module`` (``forward``, ``__class__``)."""
+    from .checkpoint import _clip, _is_int
+
+    if not isinstance(layers, dict) or len(layers) > MAX_LAYERS:
+        raise UsageError(f"{path} has a corrupt lrc manifest (the layer table is not an object of at most {MAX_LAYERS:,} layers)")
+    for fqn, entry in layers.items():
+        if (not isinstance(fqn, str) or len(fqn) > 512 or not _LAYER_NAME.fullmatch(fqn)
+                or any(hasattr(nn.Module, part) for part in fqn.split("."))):
+            raise UsageError(f"{path}: the manifest names a bad layer {_clip(fqn)} (a module path such as blocks.0.fc)")
+        if not isinstance(entry, dict) or entry.get("kind") not in _KINDS:
+            raise UsageError(f"{path}: the manifest entry for {fqn!r} has an unknown kind")
+        if not set(entry) <= _ENTRY_KEYS:
+            raise UsageError(f"{path}: the manifest entry for {fqn!r} has unknown fields {sorted(set(entry) - _ENTRY_KEYS)}")
+        rank = entry.get("rank")
+        if not _is_int(rank) or not 1 <= rank < 2**31:
+            raise UsageError(f"{path}: the manifest entry for {fqn!r} has a bad rank {_clip(rank)}")
+        if not isinstance(entry.get("bias", False), bool):
+            raise UsageError(f"{path}: the manifest entry for {fqn!r} has a bias flag {_clip(entry['bias'])}, not true or false")
+    for fqn, entry in layers.items():
+        if "tied_to" not in entry:
+            continue
+        target = layers.get(entry["tied_to"]) if isinstance(entry["tied_to"], str) else None
+        if target is None or "tied_to" in target or entry["tied_to"] == fqn:
+            raise UsageError(f"{path}: the manifest ties {fqn!r} to an unknown layer")
+        if (target["kind"], target["rank"], target.get("bias", False)) != (entry["kind"], entry["rank"], entry.get("bias", False)):
+            raise UsageError(f"{path}: the manifest ties {fqn!r} to {entry['tied_to']!r}, a layer of another kind or rank")
 
 
 def _get(model: nn.Module, fqn: str) -> nn.Module:
@@ -117,35 +196,41 @@ def _set(model: nn.Module, fqn: str, module: nn.Module) -> None:
 
 
 def apply_structure(model: nn.Module, layers: dict[str, dict[str, Any]]) -> nn.Module:
-    """Replace each named dense layer by an empty factorized module of the recorded rank."""
-    built: dict[str, nn.Module] = {}
+    """Replace each named dense layer by an empty factorized module of the recorded rank.
+
+    The whole table is checked against the model (names, layer types, ranks) before the first
+    module is replaced, so a bad entry leaves the model as it was.
+    """
+    check_layers(layers, "the file")
+    plans: dict[str, tuple[type[nn.Module], nn.Module, int, bool]] = {}
     for fqn, entry in layers.items():
-        if not isinstance(entry, dict) or entry.get("kind") not in _KINDS:
-            raise UsageError(f"the manifest entry for {fqn!r} has an unknown kind")
         if "tied_to" in entry:
             continue
         dense = _get(model, fqn)
-        rank = entry.get("rank")
-        w = getattr(dense, "weight", None)
-        if not isinstance(w, torch.Tensor) or w.ndim < 2:
-            raise UsageError(f"the manifest names {fqn!r}, which is not a Linear or Conv layer")
-        # Bounded by the layer: a crafted rank must not make loading allocate more than the dense layer.
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(w.shape[0], w[0].numel()):
-            raise UsageError(f"the manifest entry for {fqn!r} has a bad rank {rank!r}")
         cls = _KINDS[entry["kind"]]
+        if type(dense) is not _DENSE_KINDS[entry["kind"]]:
+            raise UsageError(f"the manifest names {fqn!r} as a {entry['kind']}, but the architecture has a "
+                             f"{type(dense).__name__} there")
+        w = dense.weight
+        if not isinstance(w, torch.Tensor) or w.ndim < 2 or getattr(dense, "groups", 1) != 1:
+            raise UsageError(f"the manifest names {fqn!r}, which is not a plain Linear or Conv layer")
+        rank = entry["rank"]
+        # Bounded by the layer: a crafted rank must not make loading allocate more than the dense layer.
+        if not 1 <= rank <= min(w.shape[0], w[0].numel()):
+            raise UsageError(f"the manifest entry for {fqn!r} has a bad rank {rank!r}")
+        plans[fqn] = (cls, dense, rank, bool(entry.get("bias")))
+    built: dict[str, nn.Module] = {}
+    for fqn, (cls, dense, rank, bias) in plans.items():
+        w = dense.weight
         if cls is LowRankLinear:
-            new = cls(dense.in_features, dense.out_features, rank, bool(entry.get("bias")), w.device, w.dtype)
+            built[fqn] = cls(dense.in_features, dense.out_features, rank, bias, w.device, w.dtype)
         else:
-            new = cls(
+            built[fqn] = cls(
                 dense.in_channels, dense.out_channels, rank, dense.kernel_size, dense.stride, dense.padding,
-                dense.dilation, dense.padding_mode, bool(entry.get("bias")), w.device, w.dtype,
+                dense.dilation, dense.padding_mode, bias, w.device, w.dtype,
             )
-        built[fqn] = new
     for fqn, entry in layers.items():
-        target = built.get(entry.get("tied_to", fqn))
-        if target is None:
-            raise UsageError(f"the manifest ties {fqn!r} to an unknown layer")
-        _set(model, fqn, target)
+        _set(model, fqn, built[entry.get("tied_to", fqn)])
     return model
 
 
@@ -178,22 +263,59 @@ def _load_tensors(model: nn.Module, path: str | Path) -> tuple[list[str], list[s
     return [k for k in missing if id(own[k]) not in loaded], list(unexpected)
 
 
-def load_compressed(path: str | Path, arch: str | None = None, arch_kwargs: dict[str, Any] | None = None):
+def load_compressed(
+    path: str | Path,
+    arch: str | None = None,
+    arch_kwargs: dict[str, Any] | None = None,
+    input_shape: tuple[int, ...] | None = None,
+):
     """Rebuild a compressed model with its metadata (a :class:`checkpoint.LoadedModel`).
 
-    The manifest's arch spec may only name torchvision/timm models or ``nn.Module`` classes; an
-    ``arch`` given by the caller (e.g. a factory function) is trusted and used instead.
+    The manifest is validated whole first. Its arch spec may only name torchvision/timm registry
+    models or ``nn.Module`` classes of trusted modules, and its kwargs pass
+    :func:`checkpoint.file_kwargs`; an ``arch`` given by the caller (e.g. a factory function) is
+    trusted and used instead. The architecture is first built on the meta device, to check the
+    layer table against it and the sizes against the file's tensors before anything is allocated.
+    ``input_shape`` (the caller's) replaces the recorded one and lifts the caps on it.
     """
-    from .checkpoint import LoadedModel, build_model
+    from .checkpoint import (
+        MAX_SAMPLE_ELEMENTS, LoadedModel, build_model, check_input_shape, file_kwargs, meta_model,
+        safetensors_numel, state_numel,
+    )
 
     manifest = read_manifest(path)
-    if arch is None:
-        model = build_model(manifest.get("arch"), manifest.get("arch_kwargs") or {}, restricted=True)
+    restricted = arch is None
+    if restricted:
+        spec, kwargs = manifest["arch"], manifest.get("arch_kwargs") or {}
     else:
-        model = build_model(arch, arch_kwargs or manifest.get("arch_kwargs") or {})
-    dtype = _DTYPES.get(manifest.get("dtype", "float32"), torch.float32)
+        spec, kwargs = arch, arch_kwargs or file_kwargs(arch, manifest.get("arch_kwargs") or {}, path)
+    if input_shape is None:
+        shape = tuple(manifest["input_shape"]) if manifest.get("input_shape") else None
+        if shape is not None:
+            check_input_shape(shape, path)
+        size = (manifest.get("data_config") or {}).get("input_size")
+        if size is not None and len(size) == 3 and (size[0] * size[1] * size[2]) > MAX_SAMPLE_ELEMENTS:
+            check_input_shape([1, *size], path)
+    else:
+        shape = tuple(input_shape)
+    dtype = _DTYPES[manifest.get("dtype", "float32")]
+    layers = manifest["layers"]
+    file_numel = safetensors_numel(path)
+    meta = meta_model(spec, kwargs, restricted, source=path)
+    if meta is not None:
+        dense = state_numel(meta)
+        if restricted and dense > max(MAX_DENSE_NUMEL, 64 * file_numel):
+            raise UsageError(
+                f"{path} names {spec}, which builds a dense model of {dense:,} weights for a file of {file_numel:,}; "
+                f"pass --arch {spec} (arch= in Python) to build it anyway"
+            )
+        apply_structure(meta.to(dtype), layers)
+        if (needed := state_numel(meta)) > file_numel:
+            raise UsageError(f"{path}: tensors do not fit the manifest's structure (it needs {needed:,} weights, "
+                             f"the file holds {file_numel:,})")
+    model = build_model(spec, kwargs, restricted, source=path)
     model.to(dtype)
-    apply_structure(model, manifest["layers"])
+    apply_structure(model, layers)
     try:
         missing, unexpected = _load_tensors(model, path)
     except Exception as exc:
@@ -207,7 +329,6 @@ def load_compressed(path: str | Path, arch: str | None = None, arch_kwargs: dict
         raise UsageError(f"{path}: tensors do not fit the manifest's structure ({'; '.join(parts)})")
     model.eval()
     model.lrc_manifest = manifest
-    shape = tuple(manifest["input_shape"]) if manifest.get("input_shape") else None
     return LoadedModel(
         model=model,
         arch=manifest.get("arch"),
