@@ -19,7 +19,9 @@ uninterrupted run would have seen.
 from __future__ import annotations
 
 import math
+import os
 import random
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -140,12 +142,42 @@ def train_transform(
 # ---------------------------------------------------------------- reading images
 
 
+MAX_PIXELS_ENV = "LRC_MAX_IMAGE_PIXELS"
+_PIL_MAX_PIXELS = Image.MAX_IMAGE_PIXELS
+
+
+def max_image_pixels() -> int:
+    """The most pixels an image may have: PIL's decompression-bomb limit, or ``LRC_MAX_IMAGE_PIXELS``."""
+    text = os.environ.get(MAX_PIXELS_ENV)
+    if text is None:
+        return int(_PIL_MAX_PIXELS or 0) or 2**62
+    if not text.strip().isdigit() or int(text) < 1:
+        raise UsageError(f"{MAX_PIXELS_ENV} must be a positive integer, got {text!r}")
+    return int(text)
+
+
 def read_image(path: str | Path, channels: int) -> Image.Image:
-    """Open an image as grayscale (1 channel) or RGB; an unreadable file is a UsageError naming it."""
+    """Open an image as grayscale (1 channel) or RGB; an unreadable file is a UsageError naming it.
+
+    An image with more pixels than :func:`max_image_pixels` is refused from its header, before it is
+    decoded: a small compressed file can expand to gigabytes.
+    """
+    limit = max_image_pixels()
+    Image.MAX_IMAGE_PIXELS = limit  # PIL's own guard, which fires while opening, follows the same limit
+    too_large = f"more than the limit of {limit:,}; set {MAX_PIXELS_ENV} to read larger images"
     try:
-        with Image.open(path) as image:
-            return image.convert("L" if channels == 1 else "RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked below
+            with Image.open(path) as image:
+                width, height = image.size
+                if width * height > limit:
+                    raise UsageError(f"image {path} has {width}×{height} = {width * height:,} pixels, {too_large}")
+                return image.convert("L" if channels == 1 else "RGB")
+    except Image.DecompressionBombError:
+        raise UsageError(f"image {path} has {too_large}") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        if isinstance(exc, UsageError):
+            raise
         raise UsageError(f"cannot read image {path} ({' '.join(str(exc).split())[:120]})") from None
 
 

@@ -7,7 +7,7 @@ import errno
 import os
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from .errors import LrcError, UsageError
@@ -31,6 +31,42 @@ def check_writable(path: str | os.PathLike) -> Path:
     if not os.access(parent, os.W_OK):
         raise UsageError(f"output directory {parent} is not writable")
     return path
+
+
+def _resolved(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # a symlink loop or an unreadable component: compare as given
+        return path.absolute()
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if _resolved(a) == _resolved(b):
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)  # hard links
+    except OSError:
+        return False
+
+
+def check_distinct_paths(
+    inputs: Mapping[str, str | os.PathLike | None], outputs: Mapping[str, str | os.PathLike | None]
+) -> None:
+    """Fail before any work when an output would replace an input or another output.
+
+    ``inputs`` and ``outputs`` map what the user called each path (``CHECKPOINT``, ``--json``) to the
+    path, or None when not given. Paths are compared after resolving symlinks and, where both exist,
+    with ``os.path.samefile`` (hard links), so no spelling of a path slips through.
+    """
+    given_inputs = [(label, Path(p)) for label, p in inputs.items() if p is not None]
+    given_outputs = [(label, Path(p)) for label, p in outputs.items() if p is not None]
+    for i, (label, out) in enumerate(given_outputs):
+        for other_label, other in given_outputs[:i]:
+            if _same_file(out, other):
+                raise UsageError(f"{other_label} and {label} both name {out}; give each output its own path")
+        for in_label, source in given_inputs:
+            if _same_file(out, source):
+                raise UsageError(f"{label} {out} would overwrite the input {in_label} {source}; choose another output path")
 
 
 @contextlib.contextmanager
