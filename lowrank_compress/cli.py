@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import sys
 import traceback
+import warnings
+from collections.abc import Iterator
 
 import click
 import rich.markup
@@ -51,16 +55,18 @@ def inspect_command(
     import json as _json
 
     from .checkpoint import open_model, parse_arch_kwargs, parse_input_shape, read_safetensors_metadata
-    from .fileio import atomic_output, check_writable
+    from .fileio import atomic_output, check_distinct_paths, check_writable
     from .serialization import MANIFEST_KEY, read_manifest
     from .tables import manifest_table, sites_table
 
+    check_distinct_paths({"CHECKPOINT": checkpoint}, {"--json": json_path})
     if json_path is not None:
         check_writable(json_path)
     shape = parse_input_shape(input_shape)
     if checkpoint.suffix == ".safetensors" and MANIFEST_KEY in read_safetensors_metadata(checkpoint):
         manifest = read_manifest(checkpoint)
-        out.print(manifest_table(manifest, f"{checkpoint.name}: {manifest.get('arch')}, method {manifest.get('method')}, input {manifest.get('input_shape')}"))
+        title = f"{checkpoint.name}: {manifest.get('arch')}, method {manifest.get('method')}, input {manifest.get('input_shape')}"
+        out.print(manifest_table(manifest, rich.markup.escape(title)))
         data: dict = {"manifest": manifest}
     else:
         import torch
@@ -72,7 +78,7 @@ def inspect_command(
             raise UsageError(f"cannot tell the input shape of {checkpoint}; pass --input-shape, e.g. 1,3,224,224")
         dtype = next((p.dtype for p in loaded.model.parameters() if p.is_floating_point()), torch.float32)
         sites = find_sites(loaded.model, torch.randn(loaded.input_shape).to(dtype))
-        out.print(sites_table(sites, f"{checkpoint.name} ({loaded.arch}) at input {tuple(loaded.input_shape)}"))
+        out.print(sites_table(sites, rich.markup.escape(f"{checkpoint.name} ({loaded.arch}) at input {tuple(loaded.input_shape)}")))
         data = {"arch": loaded.arch, "input_shape": list(loaded.input_shape), "layers": [s.describe() for s in sites]}
     if json_path is not None:
         with atomic_output(json_path) as tmp:
@@ -115,9 +121,14 @@ def compress_command(
 
     from .checkpoint import parse_arch_kwargs, parse_input_shape
     from .compress import CompressConfig
-    from .pipeline import CompressJob, run_compress
+    from .fileio import check_distinct_paths
+    from .pipeline import CompressJob, default_output, run_compress
     from .tables import report_table, skipped_table, totals_table
 
+    check_distinct_paths(
+        {"CHECKPOINT": checkpoint, "--calib": calib if calib not in (None, "gaussian") else None},
+        {"-o": output or default_output(checkpoint), "--json": json_path, "--onnx": onnx_path, "--plot": plot},
+    )
     if not 0 <= seed < 2**63:  # torch seeds are 64-bit
         raise UsageError(f"--seed must be an integer in [0, 2^63), got {seed}")
     config = CompressConfig(
@@ -192,8 +203,9 @@ def export_command(
     from .checkpoint import open_model, parse_arch_kwargs, parse_input_shape
     from .evaluate import write_json
     from .export import export_onnx
-    from .fileio import check_writable
+    from .fileio import check_distinct_paths, check_writable
 
+    check_distinct_paths({"MODEL": model, "--calib": calib if calib != "gaussian" else None}, {"--onnx": onnx, "--json": json_path})
     shape = parse_input_shape(input_shape)
     if not rtol > 0:
         raise UsageError(f"--rtol must be positive, got {rtol}")
@@ -209,7 +221,7 @@ def export_command(
 
         calib_inputs = calibration_batches(calib, shape, loaded.data_config, calib_samples, CALIB_CHUNK)
     report = export_onnx(loaded.model, onnx, shape, opset=opset, rtol=rtol, calib_inputs=calib_inputs, exporter=exporter)
-    table = Table(title=f"{onnx} ({report.exporter} exporter, opset {report.opset})")
+    table = Table(title=rich.markup.escape(f"{onnx} ({report.exporter} exporter, opset {report.opset})"))
     for column in ("max abs error", "max rel error", "tolerance", "checked", "parity"):
         table.add_column(column, justify="right")
     checked = f"batches {','.join(map(str, report.batch_sizes))}" + (f" + {report.calib_samples} calib" if report.calib_samples else "")
@@ -277,8 +289,9 @@ def bench_command(
     from .checkpoint import parse_arch_kwargs, parse_input_shape
     from .errors import BudgetExceeded
     from .evaluate import write_json
-    from .fileio import check_writable
+    from .fileio import check_distinct_paths, check_writable
 
+    check_distinct_paths({"MODEL": model, "--vs": vs}, {"--json": json_path})
     shape = parse_input_shape(input_shape)
     sizes = _parse_batch_sizes(batch_sizes)
     if runtime not in RUNTIMES:
@@ -383,12 +396,14 @@ def eval_command(
 
     from .checkpoint import open_model, parse_arch_kwargs, parse_input_shape
     from .evaluate import check_budget, evaluate_folder, resolve_device, validate_outputs, write_json
+    from .fileio import check_distinct_paths
 
+    check_distinct_paths({"MODEL": model, "--data": data}, {"--json": json_path})
     validate_outputs(json_path, min_top1)
     dev = resolve_device(device)
     loaded = open_model(model, arch, parse_arch_kwargs(arch_kwargs), trust_pickle, parse_input_shape(input_shape))
     result = evaluate_folder(loaded, data, split, batch_size, workers, dev)
-    table = Table(title=f"{model.name} on {result['split']}")
+    table = Table(title=rich.markup.escape(f"{model.name} on {result['split']}"))
     for column in ("top-1", "top-5", "images", "input"):
         table.add_column(column, justify="right")
     table.add_row(f"{result['top1']:.4f}", f"{result['top5']:.4f}", str(result["samples"]), "×".join(map(str, result["input_size"])))
@@ -448,9 +463,16 @@ def finetune_command(
     from dataclasses import fields
 
     from .checkpoint import open_model, parse_arch_kwargs, parse_input_shape
+    from .fileio import check_distinct_paths
     from .recipes import load_recipe, resolve_options
     from .train import build_from_scratch, finetune
 
+    check_distinct_paths(
+        {"MODEL": model, "--teacher": teacher, "--data": data, "--recipe": recipe},
+        {"-o": output, "--log-file": log, "--checkpoint-dir": None if checkpoint_dir is None else checkpoint_dir / "last.pt"},
+    )
+    if checkpoint_dir is not None and checkpoint_dir.exists() and not checkpoint_dir.is_dir():
+        raise UsageError(f"--checkpoint-dir {checkpoint_dir} is a file, not a folder")
     given = dict(
         epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum,
         weight_decay=weight_decay, frobenius_decay=frobenius_decay, warmup_steps=warmup_steps,
@@ -582,8 +604,41 @@ def main(argv: list[str] | None = None) -> None:
             signal.signal(sig, previous)
 
 
+# No command uses the network: the Hugging Face libraries (timm's Hub access) are switched offline.
+_OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+
+
+def _go_offline() -> None:
+    os.environ.update(_OFFLINE)
+    constants = sys.modules.get("huggingface_hub.constants")
+    if constants is not None:  # imported before main() ran: it read the environment already
+        constants.HF_HUB_OFFLINE = True
+
+
+@contextlib.contextmanager
+def _library_output(debug: bool) -> Iterator[None]:
+    """Keep third-party warnings and log records off stderr, where a failure is one line; --debug shows them."""
+    root = logging.getLogger()
+    handler: logging.Handler = logging.StreamHandler(sys.stderr) if debug else logging.NullHandler()
+    root.addHandler(handler)  # a handler on the root logger also keeps logging's last-resort printer quiet
+    with warnings.catch_warnings():
+        warnings.simplefilter("default" if debug else "ignore")
+        logging.captureWarnings(True)
+        try:
+            yield
+        finally:
+            logging.captureWarnings(False)
+            root.removeHandler(handler)
+
+
 def _main(argv: list[str] | None) -> None:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:]) or os.environ.get("LRC_DEBUG") == "1"
+    _go_offline()
+    with _library_output(debug):
+        _run(argv, debug)
+
+
+def _run(argv: list[str] | None, debug: bool) -> None:
     try:
         code = app(args=argv, standalone_mode=False, prog_name="lrc")
     except _EXIT as exc:
@@ -610,10 +665,13 @@ def _main(argv: list[str] | None) -> None:
 
 def _message(exc: Exception) -> tuple[str, int]:
     """The one line and the exit code for a failure (any other failure still ends in one line)."""
+    text = str(exc).strip() or type(exc).__name__
     if isinstance(exc, LrcError):
-        return str(exc), exc.exit_code
+        return text, exc.exit_code
     if isinstance(exc, ValueError):
-        return str(exc), UsageError.exit_code
+        return text, UsageError.exit_code
     if isinstance(exc, (FileNotFoundError, IsADirectoryError, PermissionError)):
-        return str(exc), 1
-    return f"{type(exc).__name__}: {exc}", 1
+        return text, 1
+    if isinstance(exc, MemoryError):
+        return "out of memory" + (f" ({text})" if text != "MemoryError" else ""), 1
+    return f"{type(exc).__name__}: {text}", 1

@@ -182,11 +182,11 @@ def check_layers(layers: Any, path: str | Path = "the file") -> None:
             raise UsageError(f"{path}: the manifest ties {fqn!r} to {entry['tied_to']!r}, a layer of another kind or rank")
 
 
-def _get(model: nn.Module, fqn: str) -> nn.Module:
+def _get(model: nn.Module, fqn: str, prefix: str = "") -> nn.Module:
     try:
         return model.get_submodule(fqn)
     except AttributeError:
-        raise UsageError(f"the manifest names layer {fqn!r}, which the architecture does not have") from None
+        raise UsageError(f"{prefix}the manifest names layer {fqn!r}, which the architecture does not have") from None
 
 
 def _set(model: nn.Module, fqn: str, module: nn.Module) -> None:
@@ -195,29 +195,31 @@ def _set(model: nn.Module, fqn: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def apply_structure(model: nn.Module, layers: dict[str, dict[str, Any]]) -> nn.Module:
+def apply_structure(model: nn.Module, layers: dict[str, dict[str, Any]], source: str | Path | None = None) -> nn.Module:
     """Replace each named dense layer by an empty factorized module of the recorded rank.
 
     The whole table is checked against the model (names, layer types, ranks) before the first
-    module is replaced, so a bad entry leaves the model as it was.
+    module is replaced, so a bad entry leaves the model as it was. ``source`` (the file) prefixes
+    error messages.
     """
-    check_layers(layers, "the file")
+    prefix = f"{source}: " if source is not None else ""
+    check_layers(layers, source if source is not None else "the manifest")
     plans: dict[str, tuple[type[nn.Module], nn.Module, int, bool]] = {}
     for fqn, entry in layers.items():
         if "tied_to" in entry:
             continue
-        dense = _get(model, fqn)
+        dense = _get(model, fqn, prefix)
         cls = _KINDS[entry["kind"]]
         if type(dense) is not _DENSE_KINDS[entry["kind"]]:
-            raise UsageError(f"the manifest names {fqn!r} as a {entry['kind']}, but the architecture has a "
+            raise UsageError(f"{prefix}the manifest names {fqn!r} as a {entry['kind']}, but the architecture has a "
                              f"{type(dense).__name__} there")
         w = dense.weight
         if not isinstance(w, torch.Tensor) or w.ndim < 2 or getattr(dense, "groups", 1) != 1:
-            raise UsageError(f"the manifest names {fqn!r}, which is not a plain Linear or Conv layer")
+            raise UsageError(f"{prefix}the manifest names {fqn!r}, which is not a plain Linear or Conv layer")
         rank = entry["rank"]
         # Bounded by the layer: a crafted rank must not make loading allocate more than the dense layer.
         if not 1 <= rank <= min(w.shape[0], w[0].numel()):
-            raise UsageError(f"the manifest entry for {fqn!r} has a bad rank {rank!r}")
+            raise UsageError(f"{prefix}the manifest entry for {fqn!r} has a bad rank {rank!r}")
         plans[fqn] = (cls, dense, rank, bool(entry.get("bias")))
     built: dict[str, nn.Module] = {}
     for fqn, (cls, dense, rank, bias) in plans.items():
@@ -309,13 +311,13 @@ def load_compressed(
                 f"{path} names {spec}, which builds a dense model of {dense:,} weights for a file of {file_numel:,}; "
                 f"pass --arch {spec} (arch= in Python) to build it anyway"
             )
-        apply_structure(meta.to(dtype), layers)
+        apply_structure(meta.to(dtype), layers, path)
         if (needed := state_numel(meta)) > file_numel:
             raise UsageError(f"{path}: tensors do not fit the manifest's structure (it needs {needed:,} weights, "
                              f"the file holds {file_numel:,})")
     model = build_model(spec, kwargs, restricted, source=path)
     model.to(dtype)
-    apply_structure(model, layers)
+    apply_structure(model, layers, path)
     try:
         missing, unexpected = _load_tensors(model, path)
     except Exception as exc:
