@@ -8,6 +8,11 @@ padding, pooling and reshapes to the first pointwise activation. A BatchNorm rig
 activation becomes per-row weights α_i = scale_i². An output that reaches a residual add, a
 concatenation, several consumers or anything else first counts as identity.
 
+A layer whose weight the model's code reads directly (``F.linear(x, self.qkv.weight, bias)``
+instead of calling ``self.qkv``) is found by where its matmul runs: in another module's forward.
+It is still factorized (the factorized layers' ``weight`` is the product of the factors), and the
+site says that this code then multiplies the factors back into a dense weight on each call.
+
 Where tracing fails (e.g. data-dependent control flow) the walk falls back to running the model
 with hooks: layers are found, activations are treated as identity, and the sites say so.
 """
@@ -347,6 +352,7 @@ def find_sites(model: nn.Module, example_inputs: Any) -> list[LayerSite]:
     first = {id(module): name for name, module in candidates.items()}
     aliases = {n: first[id(m)] for n, m in model.named_modules(remove_duplicate=False) if id(m) in first}
     found: dict[str, list[tuple[str, ChannelAffine | None, ChannelAffine | None, str | None]]] = {}
+    readers: dict[str, set[str]] = {}
     order: list[str] = []
     for node in graph.graph.nodes:
         if node.op != "call_function" or _op_name(node) not in ("linear", "conv1d", "conv2d", "convolution"):
@@ -361,6 +367,9 @@ def find_sites(model: nn.Module, example_inputs: Any) -> list[LayerSite]:
         if layer_name not in found:
             order.append(layer_name)
         found.setdefault(layer_name, []).append(_walk(graph, node))
+        caller = _calling_module(node)
+        if caller is not None and aliases.get(caller, caller) != layer_name:
+            readers.setdefault(layer_name, set()).add(caller)
     sites = []
     for name in order + [n for n in candidates if n not in found]:
         site = _new_site(name, candidates[name])
@@ -379,8 +388,25 @@ def find_sites(model: nn.Module, example_inputs: Any) -> list[LayerSite]:
                 site.notes.append(f"called {len(walks)} times with different activations; identity used")
             if len(walks) > 1:
                 site.notes.append(f"called {len(walks)} times")
+        if name in readers:
+            where = ", ".join(sorted(f"{r}'s forward" if r else "the model's forward" for r in readers[name]))
+            site.notes.append(
+                f"its weight is read directly by {where}: factorized, that code multiplies the factors "
+                "back into the dense weight on each call (fewer parameters, not fewer FLOPs)"
+            )
         sites.append(site)
     return sites
+
+
+def _calling_module(node: torch.fx.Node) -> str | None:
+    """The fqn of the innermost module whose forward ran ``node`` ("" for the model's own), or None if unknown."""
+    stack = node.meta.get("nn_module_stack")
+    if stack is None:
+        return None
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return path if isinstance(path, str) else None
 
 
 def _eager_sites(

@@ -274,6 +274,28 @@ def test_shared_module_is_one_site_called_twice_and_tied_weights_are_skipped():
     assert "weight is shared with" in sites["d"].skip_reason
 
 
+class ReadsWeight(nn.Module):
+    """An attention-like block whose code reads ``qkv.weight`` instead of calling ``qkv`` (timm's EVA-02)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(16, 48)
+        self.proj = nn.Linear(48, 16)
+
+    def forward(self, x):
+        return self.proj(torch.relu(F.linear(x, self.qkv.weight, self.qkv.bias)))
+
+
+def test_a_weight_read_by_other_code_is_found_and_noted():
+    block = ReadsWeight()
+    model = nn.Sequential(block)
+    sites = sites_by_name(model, torch.randn(2, 16))
+    qkv = sites["0.qkv"]
+    assert qkv.eligible and qkv.activation == "relu" and qkv.calls == 1
+    assert any("read directly by 0's forward" in note for note in qkv.notes)
+    assert not any("read directly" in note for note in sites["0.proj"].notes)
+
+
 class DataDependent(nn.Module):
     def __init__(self):
         super().__init__()

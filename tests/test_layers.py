@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lowrank_compress import Factorization, LowRankConv1d, LowRankConv2d, LowRankLinear, factorize, from_dense
@@ -169,6 +170,58 @@ def test_to_dense_round_trip(dense):
     again = from_dense(back, factorize(back.weight.detach(), 2, "spectral", "identity",
                                        None if back.bias is None else back.bias.detach()))
     assert torch.allclose(again(x), module(x), atol=1e-9)
+
+
+# ---------------------------------------------------------------- weight and bias for model code that reads them
+
+DENSE_LAYERS = [
+    nn.Linear(12, 9),
+    nn.Linear(12, 9, bias=False),
+    nn.Conv1d(3, 8, 5, stride=2, padding=2),
+    nn.Conv2d(4, 6, (3, 2), stride=(1, 2), padding=(1, 0), bias=False),
+]
+DENSE_IDS = ["linear", "linear-no-bias", "conv1d", "conv2d-no-bias"]
+
+
+def _input_for(dense: nn.Module) -> torch.Tensor:
+    if isinstance(dense, nn.Linear):
+        return torch.randn(2, dense.in_features, dtype=torch.float64)
+    return torch.randn(2, dense.in_channels, *(9,) * (dense.weight.ndim - 2), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("dense", DENSE_LAYERS, ids=DENSE_IDS)
+def test_weight_is_the_product_of_the_factors_in_the_dense_shape(dense):
+    dense = dense.double()
+    m, d = dense.weight.shape[0], dense.weight[0].numel()
+    fac = random_factors(m, d, 2, dense.bias is not None, seed=5)
+    module = from_dense(dense, fac)
+    assert module.weight.shape == dense.weight.shape
+    assert torch.allclose(module.weight.reshape(m, d), fac.A @ fac.B, atol=1e-12)
+    assert module.bias is module.up.bias
+    # what model code such as F.linear(x, layer.weight, layer.bias) computes is the layer's function
+    functional = {nn.Linear: F.linear, nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d}[type(dense)]
+    geometry = {} if isinstance(dense, nn.Linear) else {"stride": dense.stride, "padding": dense.padding}
+    x = _input_for(dense)
+    assert torch.allclose(functional(x, module.weight, module.bias, **geometry), module(x), atol=1e-10)
+
+
+def test_weight_follows_the_factors_and_carries_their_gradients():
+    module = from_dense(nn.Linear(6, 5).double(), random_factors(5, 6, 2, True, seed=6))
+    with torch.no_grad():
+        module.up.weight.mul_(2)
+    assert torch.allclose(module.weight, module.up.weight @ module.down.weight)
+    F.linear(torch.randn(3, 6, dtype=torch.float64), module.weight, module.bias).sum().backward()
+    assert module.up.weight.grad is not None and module.down.weight.grad is not None
+
+
+def test_weight_is_read_only_and_not_in_the_state_dict():
+    module = from_dense(nn.Conv2d(4, 6, 3), random_factors(6, 36, 2, True, seed=7, dtype=torch.float32))
+    assert set(module.state_dict()) == {"down.weight", "up.weight", "up.bias"}
+    assert [name for name, _ in module.named_parameters()] == ["down.weight", "up.weight", "up.bias"]
+    with pytest.raises(AttributeError):
+        module.weight = torch.zeros(6, 4, 3, 3)
+    with pytest.raises(KeyError, match="already exists"):
+        module.weight = nn.Parameter(torch.zeros(6, 4, 3, 3))
 
 
 # ---------------------------------------------------------------- repr, dtype, refusals
