@@ -154,7 +154,7 @@ def _factor_parameters(module: nn.Module) -> list[nn.Parameter]:
     params: list[nn.Parameter] = []
     for m in module.modules():
         if isinstance(m, LOW_RANK_TYPES):
-            params += [p for p in m.parameters(recurse=False) if p.is_floating_point()]
+            params += [p for p in m.parameters() if p.is_floating_point()]
     return params
 
 

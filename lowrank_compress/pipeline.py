@@ -11,7 +11,9 @@ import torch
 from torch import nn
 
 from .checkpoint import LoadedModel, open_model
-from .compress import CompressConfig, CompressReport, ProgressFn, compress
+from .compress import compress
+from .config import CompressConfig, CompressReport, ProgressFn
+from .modelrun import call_model
 from .errors import BudgetExceeded, LrcError, UsageError
 from .fileio import atomic_output, check_writable
 from .serialization import save
@@ -72,10 +74,8 @@ def output_error(original: nn.Module, compressed: nn.Module, batches: list[Any])
 
 
 def _model_outputs(model: nn.Module, batches: list[Any]) -> list[list[torch.Tensor]]:
-    from .compress import _call
-
     with torch.no_grad():
-        return [_outputs(_call(model, batch)) for batch in batches]
+        return [_outputs(call_model(model, batch)) for batch in batches]
 
 
 def _error_against(references: list[list[torch.Tensor]], compressed: nn.Module, batches: list[Any]) -> float:

@@ -10,14 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowrank_compress.calibration import (
-    ResponseStats,
-    _patches,
-    _responses,
-    calibrated_compress,
-    calibration_batches,
-    response_projection,
-)
+from lowrank_compress.calibration import calibrated_compress, calibration_batches
+from lowrank_compress.responses import ResponseStats, patches, response_projection, responses
 from lowrank_compress.cli import main
 from lowrank_compress.compress import CompressConfig, compress
 from lowrank_compress.graph import find_sites
@@ -68,7 +62,7 @@ def test_response_stats_match_direct_computation_on_a_conv_layer():
     chunks = []
     for _ in range(3):
         x = torch.randn(5, 24, 12, 12)
-        rows = _responses(site, model.c2(x))
+        rows = responses(site, model.c2(x))
         stats.update(rows)
         chunks.append(rows.double())
     direct = torch.cat(chunks)
@@ -88,8 +82,8 @@ def test_patches_reproduce_the_convolution():
         x = torch.randn(2, 4, 9, 9) if isinstance(conv, nn.Conv2d) else torch.randn(2, 4, 17)
         model = nn.Sequential(conv).eval()
         site = find_sites(model, x)[0]
-        rows = _patches(site, x) @ conv.weight.reshape(6, -1).T + conv.bias
-        assert torch.allclose(rows, _responses(site, conv(x)), atol=1e-5)
+        rows = patches(site, x) @ conv.weight.reshape(6, -1).T + conv.bias
+        assert torch.allclose(rows, responses(site, conv(x)), atol=1e-5)
 
 
 def test_response_projection_at_full_rank_on_identity_reproduces_the_layer():

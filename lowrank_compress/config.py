@@ -1,0 +1,174 @@
+"""What to compress and how (the config), and what came out (the reports)."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import UsageError
+from .methods import method_names
+from .sensitivity import OUTPUT_METRICS
+
+CONFIG_VERSION = 1
+ALLOCATIONS = ("auto", "output", "layer")
+_POLICIES = ("rank", "rank_ratio", "param_ratio", "target_params", "target_flops")
+
+
+@dataclass
+class CompressConfig:
+    """What to compress and how. Exactly one rank policy must be set (see :mod:`plan`).
+
+    ``include`` / ``exclude`` are regular expressions searched in layer names. ``calibration``
+    switches on the data-aware projection (an iterable of model inputs); ``refine_steps`` applies
+    to it.
+    """
+
+    method: str = "nkp"
+    rank: int | None = None
+    rank_ratio: float | None = None
+    param_ratio: float | None = None
+    target_params: float | None = None
+    target_flops: float | None = None
+    include: str | None = None
+    exclude: str | None = None
+    round_to: int = 1
+    refine_steps: int = 200
+    calib_samples: int = 256
+    latency_aware: bool = False
+    latency_runtime: str = "torch"
+    latency_batch_size: int = 1
+    allocation: str = "auto"
+    output_metric: str = "auto"
+    block_steps: int = 0
+    blocks: str | None = None
+    distill_steps: int = 0
+    seed: int = 0
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        if self.method not in method_names(data_free=True):
+            raise UsageError(f"unknown method {self.method!r}; choose one of {', '.join(method_names(data_free=True))}")
+        chosen = [p for p in _POLICIES if getattr(self, p) is not None]
+        if len(chosen) != 1:
+            flags = ", ".join("--" + p.replace("_", "-") for p in _POLICIES)
+            what = "none" if not chosen else " and ".join("--" + p.replace("_", "-") for p in chosen)
+            raise UsageError(f"give exactly one rank policy ({flags}); got {what}")
+        if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1):
+            raise UsageError(f"--rank must be a positive integer, got {self.rank!r}")
+        for name in ("rank_ratio", "param_ratio", "target_params", "target_flops"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and 0 < value <= 1 and math.isfinite(value)):
+                raise UsageError(f"--{name.replace('_', '-')} must be in (0, 1], got {value!r}")
+        if not isinstance(self.round_to, int) or self.round_to < 1:
+            raise UsageError(f"--round-to must be a positive integer, got {self.round_to!r}")
+        if self.refine_steps < 0:
+            raise UsageError(f"--refine-steps must be ≥ 0, got {self.refine_steps}")
+        if self.latency_runtime not in ("torch", "onnxruntime"):
+            raise UsageError(f"--latency-runtime must be torch or onnxruntime, got {self.latency_runtime!r}")
+        if self.latency_batch_size < 1:
+            raise UsageError(f"--latency-batch-size must be ≥ 1, got {self.latency_batch_size}")
+        if self.allocation not in ALLOCATIONS:
+            raise UsageError(f"--allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
+        if self.output_metric not in OUTPUT_METRICS:
+            raise UsageError(f"--output-metric must be one of {', '.join(OUTPUT_METRICS)}, got {self.output_metric!r}")
+        for name in ("block_steps", "distill_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise UsageError(f"--{name.replace('_', '-')} must be an integer ≥ 0, got {value!r}")
+        if self.calib_samples < 1:
+            raise UsageError(f"--calib-samples must be ≥ 1, got {self.calib_samples}")
+        for name in ("include", "exclude", "blocks"):
+            pattern = getattr(self, name)
+            if pattern is not None:
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise UsageError(f"bad --{name} regex {pattern!r}: {exc}") from None
+
+    @property
+    def policy(self) -> str:
+        return next(p for p in _POLICIES if getattr(self, p) is not None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"_type": "CompressConfig", "_version": self.version, "_data": asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CompressConfig:
+        if data.get("_type") != "CompressConfig":
+            raise UsageError(f"not a CompressConfig: {data.get('_type')!r}")
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.get("_data", {}).items() if k in known})
+
+
+@dataclass
+class LayerReport:
+    """One factorized layer.
+
+    ``error_spectral`` / ``error_nkp``: relative expected post-activation error under Gaussian
+    inputs (DESIGN.md §2) of the two data-free factorizations at this rank. ``candidates``: with
+    calibration, each candidate's relative post-activation error on held-out calibration samples
+    (``method`` names the one kept); without, the Gaussian errors again.
+    """
+
+    name: str
+    kind: str
+    activation: str
+    shape: list[int]
+    rank: int
+    params_before: int
+    params_after: int
+    error_spectral: float
+    error_nkp: float
+    method: str
+    note: str | None = None
+    candidates: dict[str, float] = field(default_factory=dict)
+    # With network-aware calibration: the layer's output sensitivity (Σ over its channels) and the
+    # predicted output-metric cost of its factorization at this rank.
+    output_sensitivity: float | None = None
+    predicted_cost: float | None = None
+    # {"spectral"/"nkp": {"ranks": [...], "errors": [...]}}: Gaussian-input error vs rank, filled
+    # only by compress(..., curves=True) since it costs about as much as a data-free compression.
+    curves: dict[str, dict[str, list]] = field(default_factory=dict)
+
+
+@dataclass
+class CompressReport:
+    params_before: int
+    params_after: int
+    flops_before: int
+    flops_after: int
+    layers: list[LayerReport]
+    skipped: list[dict[str, str]]
+    config: dict[str, Any]
+    output_error: float | None = None
+    notes: list[str] = field(default_factory=list)
+    output_metric: str | None = None
+    predicted_output_cost: float | None = None
+    measured_output_cost: float | None = None
+    blocks: list[dict[str, Any]] = field(default_factory=list)
+    distillation: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "flops_before": self.flops_before,
+            "flops_after": self.flops_after,
+            "output_error": self.output_error,
+            "layers": [asdict(layer) for layer in self.layers],
+            "skipped": list(self.skipped),
+            "config": self.config,
+            "notes": list(self.notes),
+            "output_metric": self.output_metric,
+            "predicted_output_cost": self.predicted_output_cost,
+            "measured_output_cost": self.measured_output_cost,
+            "blocks": list(self.blocks),
+            "distillation": self.distillation,
+        }
+
+
+
+ProgressFn = Callable[[str, int, int], None]
