@@ -165,9 +165,9 @@ def reconstruct_block(
     batches: Sequence[Any],
     weights: torch.Tensor,
     steps: int,
-    lr: float = 1e-3,
+    lr: float = 1e-2,
     eval_every: int = 10,
-    patience: int = 5,
+    patience: int = 8,
     seed: int = 0,
 ) -> BlockReport:
     """Refine the factors inside ``block`` of ``model`` in place (see the module docstring).

@@ -41,11 +41,11 @@ from .errors import UsageError
 from .graph import LayerSite
 from .layers import from_dense
 from .methods import FitProblem, factor_params, get_method, method_names, unfold_batchnorm
-from .modelrun import batch_size, call_model, forward_with_hooks, replace_module, slice_batch
+from .modelrun import batch_size, call_model, padding_mask, forward_with_hooks, replace_module, slice_batch
 from .outputcost import output_cost_curves, row_weights, site_sensitivities
 from .plan import Plan, plan_ranks
 from .projection import Factorization, factorize_all, function_error, refine
-from .responses import ResponseStats, patches, response_projection, responses, stats_error_curve
+from .responses import ResponseStats, patches, real_rows, response_projection, responses, stats_error_curve
 from .sensitivity import channel_sensitivities, detect_output_metric
 
 RESERVOIR = 2048  # (input patch, target) pairs kept per layer: 3/4 for refinement, 1/4 held out
@@ -244,6 +244,7 @@ def _original_pass(
     fns = {s.name: activation_fn(s.activation) for s in sites}
 
     called: set[str] = set()
+    current: dict[str, torch.Tensor | None] = {"mask": None}
 
     def hook(site: LayerSite):
         def record(_m, _inputs, output):
@@ -252,7 +253,7 @@ def _original_pass(
             if site.name in called:
                 return
             called.add(site.name)
-            rows = responses(site, output.detach().to(torch.float32))
+            rows = real_rows(site, responses(site, output.detach().to(torch.float32)), output, current["mask"])
             positions, post, stats = acc[site.name]
             stats.update(rows)
             idx = torch.randperm(rows.shape[0], generator=gen)[:per_batch].sort().values
@@ -266,6 +267,7 @@ def _original_pass(
         with torch.no_grad():
             for batch in batches:
                 called.clear()
+                current["mask"] = padding_mask(batch)
                 call_model(original, batch)
     finally:
         for h in handles:
@@ -466,8 +468,10 @@ def calibrated_compress(
         module = site.module if asymmetric else original.get_submodule(site.name)
 
         def capture(b: int, x: torch.Tensor, output: torch.Tensor, site=site, stats=stats, inputs=inputs, target=target) -> None:
-            stats.update(responses(site, output.detach().to(torch.float32)))
-            inputs.append(patches(site, x.detach().to(torch.float32))[target.positions[b]])
+            mask = padding_mask(batches[b])
+            stats.update(real_rows(site, responses(site, output.detach().to(torch.float32)), output, mask))
+            rows = real_rows(site, patches(site, x.detach().to(torch.float32)), output, mask)
+            inputs.append(rows[target.positions[b]])
 
         runner.run(site.name, module, capture)
         x_all = torch.cat(inputs)

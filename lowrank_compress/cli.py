@@ -105,6 +105,11 @@ def compress_command(
     calib_samples: int = typer.Option(256, "--calib-samples", help="Number of calibration samples."),
     calib_batch_size: int = typer.Option(32, "--calib-batch-size", help="Calibration batch size."),
     refine_steps: int = typer.Option(200, "--refine-steps", help="Adam steps per layer on the post-activation error (calibrated only; 0 disables)."),
+    allocation: str = typer.Option("auto", "--allocation", help="Rank allocation under a budget, calibrated: output (by each layer's predicted effect on the model's output; auto) or layer (by each layer's own error)."),
+    output_metric: str = typer.Option("auto", "--output-metric", help="What 'output' means: kl (softmax KL, classifiers), mse (relative squared error) or auto (kl when the model returns a Linear layer's (batch, classes) logits)."),
+    block_steps: int = typer.Option(0, "--block-steps", help="Adam steps per block (residual block, transformer layer) fitting all its factors to the original block's output (calibrated; 0 disables)."),
+    blocks: str | None = typer.Option(None, "--blocks", help="Regex (full match) of module names to use as blocks instead of the automatic choice."),
+    distill_steps: int = typer.Option(0, "--distill-steps", help="Label-free distillation steps on the calibration inputs after the fits, the original model as teacher (calibrated; 0 disables)."),
     latency_aware: bool = typer.Option(False, "--latency-aware", help="Keep a layer dense where its factorized form is not faster (timed on this machine); budgets are re-allocated."),
     latency_runtime: str = typer.Option("torch", "--latency-runtime", help="Runtime to time layers on for --latency-aware: torch or onnxruntime."),
     latency_batch_size: int = typer.Option(1, "--latency-batch-size", help="Batch size to time layers at for --latency-aware (the deployment batch)."),
@@ -135,7 +140,8 @@ def compress_command(
         method=method, rank=rank, rank_ratio=rank_ratio, param_ratio=param_ratio, target_params=target_params,
         target_flops=target_flops, include=include, exclude=exclude, round_to=round_to, refine_steps=refine_steps,
         calib_samples=calib_samples, latency_aware=latency_aware, latency_runtime=latency_runtime,
-        latency_batch_size=latency_batch_size, seed=seed,
+        latency_batch_size=latency_batch_size, allocation=allocation, output_metric=output_metric,
+        block_steps=block_steps, blocks=blocks, distill_steps=distill_steps, seed=seed,
     )
     if calib_batch_size < 1:
         raise UsageError(f"--calib-batch-size must be ≥ 1, got {calib_batch_size}")
@@ -674,4 +680,4 @@ def _message(exc: Exception) -> tuple[str, int]:
         return text, 1
     if isinstance(exc, MemoryError):
         return "out of memory" + (f" ({text})" if text != "MemoryError" else ""), 1
-    return f"{type(exc).__name__}: {text}", 1
+    return (text if text == type(exc).__name__ else f"{type(exc).__name__}: {text}"), 1

@@ -91,7 +91,7 @@ def output_cost_curves(original: nn.Module, sites: list[LayerSite], batches: lis
             scale = site.bn_before.scale.to(torch.float32)
             grad = grad / torch.where(scale.abs() > 1e-12, scale, torch.full_like(scale, float("inf")))
         if mask is not None and isinstance(site.module, nn.Linear) and tuple(z.shape[:2]) == tuple(mask.shape):
-            grad = grad * mask.reshape(-1, *([1] * (z.dim() - 2))).expand(*z.shape[:-1]).reshape(-1, 1)
+            grad = grad * mask.reshape(*mask.shape, *([1] * (z.dim() - 3))).expand(*z.shape[:-1]).reshape(-1, 1)
         c = ((rows - mu) * root) @ u
         h = (grad / root) @ u
         t = (c * h).reshape(n, -1, c.shape[1]).sum(1).to(torch.float64)  # (N, m)

@@ -50,6 +50,21 @@ def responses(site: LayerSite, z: torch.Tensor) -> torch.Tensor:
     return rows
 
 
+def real_rows(site: LayerSite, rows: torch.Tensor, output: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The rows of a Linear layer's (batch, tokens, …, m) output that belong to real tokens.
+
+    ``mask`` is the batch's (batch, tokens) attention mask; padded positions change no statistic,
+    reservoir or target. Other layers, and outputs whose leading axes are not (batch, tokens),
+    keep every row.
+    """
+    if mask is None or not isinstance(site.module, nn.Linear) or output.dim() < 3:
+        return rows
+    if tuple(output.shape[:2]) != tuple(mask.shape):
+        return rows
+    keep = mask.reshape(*mask.shape, *([1] * (output.dim() - 3))).expand(*output.shape[:-1]).reshape(-1)
+    return rows[keep]
+
+
 @dataclass
 class ResponseStats:
     """Streaming float64 mean (m,) and covariance (m, m) of response rows (Chan's merge)."""

@@ -1,0 +1,194 @@
+"""Network-aware compression: output-aware ranks, block reconstruction, masks, plans, the method registry."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lowrank_compress.compress import CompressConfig, compress, plan
+from lowrank_compress.layers import LOW_RANK_TYPES
+from lowrank_compress.methods import register_method, unregister_method
+from lowrank_compress.projection import factorize
+
+
+class Amplified(nn.Module):
+    """Two identical branches; the second one's output is multiplied by 20 before the sum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.quiet = nn.Linear(16, 48)
+        self.loud = nn.Linear(16, 48)
+        with torch.no_grad():
+            self.quiet.weight.copy_(torch.randn(48, 16, generator=gen) / 4)
+            self.quiet.bias.zero_()
+            self.loud.weight.copy_(self.quiet.weight)
+            self.loud.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.quiet(x)) + 20.0 * torch.relu(self.loud(x))
+
+
+def _relative_error(reference: torch.Tensor, output: torch.Tensor) -> float:
+    return float((output - reference).norm() / reference.norm())
+
+
+def test_output_aware_allocation_gives_more_rank_to_a_layer_amplified_downstream():
+    model = Amplified()
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randn(64, 16, generator=gen) for _ in range(4)]
+    config = CompressConfig(target_params=0.5, refine_steps=0)
+    ranks = plan(model, config, batches[0][:1], calibration=batches).ranks
+    per_layer = plan(model, CompressConfig(target_params=0.5, refine_steps=0, allocation="layer"),
+                     batches[0][:1], calibration=batches).ranks
+    # The layers' own errors cannot tell them apart (the budget splits them about evenly).
+    assert abs(per_layer["loud"] - per_layer["quiet"]) <= 1
+    assert ranks["loud"] >= ranks["quiet"] + 3
+
+
+def test_planning_changes_nothing():
+    model = Amplified()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = [torch.randn(32, 16)]
+    plan(model, CompressConfig(target_params=0.5), batches[0][:1], calibration=batches)
+    assert not any(isinstance(m, LOW_RANK_TYPES) for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+class TwoLayerBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Linear(24, 64), nn.ReLU(), nn.Linear(64, 24))
+        self.head = nn.Linear(24, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x + self.block(x))
+
+
+def test_block_reconstruction_beats_per_layer_fits_on_a_two_layer_block():
+    torch.manual_seed(0)
+    model = TwoLayerBlock().eval()
+    gen = torch.Generator().manual_seed(2)
+    mix = torch.randn(24, 24, generator=gen)
+    batches = [torch.randn(32, 24, generator=gen) @ mix for _ in range(8)]
+    test = torch.randn(256, 24, generator=gen) @ mix
+    with torch.no_grad():
+        reference = model.block(test)
+    errors = {}
+    for steps in (0, 600):
+        config = CompressConfig(rank=4, refine_steps=50, block_steps=steps, exclude="head", seed=0)
+        compressed, report = compress(copy.deepcopy(model), config, batches[0][:1], calibration=batches)
+        with torch.no_grad():
+            errors[steps] = _relative_error(reference, compressed.block(test))
+        if steps:
+            assert [b["name"] for b in report.blocks] == ["block"]
+            assert report.blocks[0]["loss_after"] <= report.blocks[0]["loss_before"]
+    assert errors[600] < 0.95 * errors[0]
+
+
+class TokenModel(nn.Module):
+    """Per-token MLP over embeddings, mean-pooled over real tokens: padding cannot reach the output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.embed = nn.Embedding(50, 16)
+        self.up = nn.Linear(16, 40)
+        self.down = nn.Linear(40, 16)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = self.down(torch.relu(self.up(self.embed(input_ids))))
+        m = attention_mask[..., None].to(h.dtype)
+        return (h * m).sum(1) / m.sum(1)
+
+
+def _text_batches(pad_token: int) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(4)
+    out = []
+    for _ in range(3):
+        ids = torch.randint(1, 50, (8, 12), generator=gen)
+        lengths = torch.randint(3, 13, (8,), generator=gen)
+        mask = (torch.arange(12)[None, :] < lengths[:, None]).long()
+        out.append({"input_ids": torch.where(mask.bool(), ids, torch.full_like(ids, pad_token)),
+                    "attention_mask": mask})
+    return out
+
+
+def test_padded_positions_change_no_statistic():
+    model = TokenModel().eval()
+    plans = []
+    for pad in (0, 37):
+        batches = _text_batches(pad)
+        plans.append(plan(model, CompressConfig(target_params=0.9, refine_steps=0), batches[0], calibration=batches))
+    for a, b in zip(plans[0].entries, plans[1].entries):
+        assert a.rank == b.rank
+        if a.predicted_cost is not None:
+            assert a.predicted_cost == pytest.approx(b.predicted_cost, rel=1e-5)
+    results = []
+    for pad in (0, 37):
+        batches = _text_batches(pad)
+        compressed, _ = compress(copy.deepcopy(model), CompressConfig(rank=4, refine_steps=20), batches[0],
+                                 calibration=batches)
+        results.append(compressed.up.up.weight.detach())
+    assert torch.allclose(results[0], results[1], atol=1e-5)
+
+
+class ThreeLayers(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(20, 20), nn.Linear(20, 20), nn.Linear(20, 20)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def test_a_failure_midway_leaves_the_model_as_it_was():
+    model = ThreeLayers().eval()
+    modules = dict(model.named_modules())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    @register_method("fails_on_c")
+    def fails_on_c(problem):
+        if problem.site.name == "c":
+            raise RuntimeError("injected failure on layer c")
+        return factorize(problem.weight, problem.rank, "spectral", problem.activation, problem.bias)
+
+    try:
+        batches = [torch.randn(16, 20) for _ in range(2)]
+        with pytest.raises(RuntimeError, match="injected failure"):
+            compress(model, CompressConfig(rank=3, refine_steps=0), batches[0][:1], calibration=batches)
+    finally:
+        unregister_method("fails_on_c")
+    assert dict(model.named_modules()) == modules
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_nan_weight_is_refused_before_any_layer_changes():
+    model = ThreeLayers().eval()
+    with torch.no_grad():
+        model.c.weight[0, 0] = float("nan")
+    with pytest.raises(Exception, match="layer c has NaN"):
+        compress(model, CompressConfig(rank=3), torch.randn(1, 20))
+    assert not any(isinstance(m, LOW_RANK_TYPES) for m in model.modules())
+
+
+def test_the_registry_accepts_a_new_method():
+    @register_method("scaled_spectral", description="spectral factors with A halved (a test method)")
+    def scaled_spectral(problem):
+        f = factorize(problem.weight, problem.rank, "spectral", problem.activation, problem.bias)
+        return type(f)(f.A / 2, f.B, f.bias)
+
+    try:
+        model = ThreeLayers().eval()
+        x = torch.randn(1, 20)
+        compressed, report = compress(copy.deepcopy(model), CompressConfig(rank=3, method="scaled_spectral"), x)
+        assert {layer.method for layer in report.layers} == {"scaled_spectral"}
+        spectral = factorize(model.a.weight.detach(), 3, "spectral", "relu", model.a.bias.detach())
+        assert torch.allclose(compressed.a.weight, (spectral.A / 2) @ spectral.B, atol=1e-5)
+    finally:
+        unregister_method("scaled_spectral")
+    with pytest.raises(Exception, match="unknown method"):
+        CompressConfig(rank=3, method="scaled_spectral")
