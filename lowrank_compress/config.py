@@ -108,7 +108,7 @@ class LayerReport:
     """One factorized layer.
 
     ``error_spectral`` / ``error_nkp``: relative expected post-activation error under Gaussian
-    inputs (DESIGN.md §2) of the two data-free factorizations at this rank. ``candidates``: with
+    inputs (docs/design.md §2) of the two data-free factorizations at this rank. ``candidates``: with
     calibration, each candidate's relative post-activation error on held-out calibration samples
     (``method`` names the one kept); without, the Gaussian errors again.
     """

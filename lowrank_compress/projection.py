@@ -4,7 +4,7 @@ Tensors in, tensors out. Everything is computed in float64 and returned in the d
 A weight W has shape (m, d) (conv weights (m, C/groups, k...) are flattened to m × (C/groups·k...));
 a factorization is W ≈ A B with A: (m, r), B: (r, d) and an output bias of shape (m,).
 
-The data-free objective (DESIGN.md §2): for x ~ N(0, I_d) minimize
+The data-free objective (docs/design.md §2): for x ~ N(0, I_d) minimize
     E ‖σ(W x + b) − σ(A B x + c)‖²_α      (α: optional per-row weights)
 over rank-r A B and c. Row i of W x + b is N(b_i, ‖w_i‖²), so the error splits into per-row Gaussian
 expectations of two correlated normals, with the correlation ρ_i = cos(w_i, v_i).

@@ -789,7 +789,7 @@ def build_from_scratch(
 
     The random init is fixed by ``seed``, so every rank of a distributed run builds the same model.
     ``input_shape`` (N, C, H, W) defaults to the arch's config. Exactly one of rank / rank_ratio /
-    param_ratio must be given (DESIGN.md §4).
+    param_ratio must be given (README: rank policies).
     """
     from .checkpoint import build_model, data_config, default_input_shape
     from .compress import CompressConfig, compress
