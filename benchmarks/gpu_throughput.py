@@ -5,7 +5,7 @@
 
 What is measured: torchvision resnet50 (random init, 1000 classes) and the same network compressed
 data-free with nkp at rank ratio 0.25 (every eligible conv/linear at rank round(0.25·min(m, d)),
-DESIGN.md §4). Each trains on synthetic 224×224 images — SGD with momentum, cross-entropy, bf16
+docs/design.md §4). Each trains on synthetic 224×224 images — SGD with momentum, cross-entropy, bf16
 autocast, channels_last, cudnn.benchmark — for ``--warmup`` untimed steps, then ``--steps`` timed
 steps between two device synchronizations. images/s = batch × steps / seconds.
 

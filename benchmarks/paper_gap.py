@@ -1,4 +1,4 @@
-"""Function vs parameter approximation: the error of spectral and nkp as the rank falls (DESIGN.md §2).
+"""Function vs parameter approximation: the error of spectral and nkp as the rank falls (docs/design.md §2).
 
     .venv/bin/python benchmarks/paper_gap.py                  # d = 64, 256, 1024; CSV + PNG in benchmarks/out/
     .venv/bin/python benchmarks/paper_gap.py --out docs/      # the figure the README shows

@@ -6,7 +6,7 @@
 
 What is measured: torchvision resnet50 and timm efficientnet_b0 (random init, 1000 classes,
 224×224) and each compressed data-free by ``lowrank_compress.compress`` under ``--target-flops``
-(default 0.5: at most half the FLOPs, ranks allocated from per-layer error curves, DESIGN.md §4)
+(default 0.5: at most half the FLOPs, ranks allocated from per-layer error curves, docs/design.md §4)
 with ranks rounded to multiples of ``--round-to`` (default 16). Both are exported to ONNX (the
 parity check must pass) and timed in one onnxruntime CPU process, runs interleaved dense,
 compressed, dense, … (lowrank_compress.bench.measure_latency); the figure is the median.

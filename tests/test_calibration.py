@@ -162,7 +162,7 @@ def test_kept_candidate_is_never_worse_than_spectral_on_held_out_samples():
 
 
 def test_sigmoid_classifier_at_tiny_rank_stays_bounded():
-    """DESIGN.md §3 (6): an unguarded Gaussian row fit blew up on a sigmoid layer at low rank."""
+    """docs/design.md §3 (6): an unguarded Gaussian row fit blew up on a sigmoid layer at low rank."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(40, 64), nn.Sigmoid()).eval()
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Compression end to end on real architectures (issue 3, point 6) and the rank policies (DESIGN.md §4).
+"""Compression end to end on real architectures (issue 3, point 6) and the rank policies (docs/design.md §4).
 
 Each architecture of ``conftest.MODEL_CASES`` is compressed once per module (random weights, small
 inputs) at rank ratio 0.25; the tests then check the activations found, the outputs, the report

@@ -202,7 +202,7 @@ def test_error_curve_equals_function_error_of_each_factorization():
 
 
 def test_design_reference_gap_at_d1024_m4096():
-    """DESIGN.md §2: W ~ N(0, 1/d), d = 1024, m = 4096; relative error at r = 1, 16, 256."""
+    """docs/design.md §2: W ~ N(0, 1/d), d = 1024, m = 4096; relative error at r = 1, 16, 256."""
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(4096, 1024, generator=gen, dtype=torch.float64) / math.sqrt(1024)
     spectral = error_curve(w, [1, 16, 256], "spectral", "relu")
