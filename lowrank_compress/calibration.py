@@ -386,6 +386,7 @@ class CalibrationState:
     targets: dict[str, _Targets]
     metric: str
     sensitivities: dict[str, torch.Tensor]
+    costs: dict[str, torch.Tensor]  # per site, predicted output cost at rank r = 0..m
     plan: Plan
 
 
@@ -402,7 +403,8 @@ def prepare_calibrated(model: nn.Module, sites: list[LayerSite], config: Compres
     if metric == "auto":
         metric = detect_output_metric(original, batches[0])
     probe = _probe_batches(batches)
-    sens, costs = {}, {}
+    sens: dict[str, torch.Tensor] = {}
+    costs: dict[str, torch.Tensor] = {}
     if config.allocation != "layer":
         sens = site_sensitivities(original, sites, probe, metric, config.seed)
         alphas = {s.name: row_weights(s, sens.get(s.name)) for s in sites}
@@ -418,7 +420,7 @@ def prepare_calibrated(model: nn.Module, sites: list[LayerSite], config: Compres
     predicted = {n: float(costs[n][min(r, len(costs[n]) - 1)]) for n, r in ranks.items() if n in costs}
     the_plan = Plan.from_ranks(sites, ranks, notes, reasons, config.method, predicted,
                                metric if config.allocation != "layer" else None)
-    return CalibrationState(original, batches, targets, metric, sens, the_plan), the_plan
+    return CalibrationState(original, batches, targets, metric, sens, costs, the_plan), the_plan
 
 
 def calibrated_compress(

@@ -1,11 +1,13 @@
 """``lrc demo``: the whole tool on the embedded digits CNN, on a CPU, in a few minutes.
 
 Steps (all on the shipped model ``assets/digits_cnn.safetensors`` and its held-out split):
-1. compress it at ``--target-params`` 0.5 and 0.25 three ways — spectral (SVD truncation,
-   data-free), nkp data-free (left out in fast mode), and nkp calibrated on training images — and
-   measure test accuracy before any fine-tuning;
-2. fine-tune the calibrated nkp model at 0.25 briefly by distillation from the original
-   (``train.finetune`` on an image folder of the training split, CPU);
+1. compress it at ``--target-params`` from 0.5 down to 0.05 four ways — spectral (SVD truncation,
+   data-free), nkp data-free (left out in fast mode), nkp calibrated on training images with the
+   per-layer rank allocation, and network-aware (output-aware allocation) — and measure test
+   accuracy before any fine-tuning: the budgets where the methods part ways;
+2. fine-tune the network-aware model at the smallest budget, the one calibration alone leaves
+   short, briefly by distillation from the original (``train.finetune`` on an image folder of the
+   training split, CPU);
 3. export the fine-tuned model to ONNX and check parity with PyTorch in onnxruntime;
 4. write ``report.json``, ``summary.md`` and two PNG plots into the output folder.
 
@@ -35,13 +37,15 @@ from .compress import CompressConfig, CompressReport, compress, count_flops, cou
 from .errors import LrcError, UsageError
 from .fileio import atomic_output
 
-BUDGETS = (0.5, 0.25)
-# (label, --method, calibrated): the rows of the comparison, in the order they are shown.
-Variant = tuple[str, str, bool]
-SPECTRAL: Variant = ("spectral", "spectral", False)
-NKP_DATA_FREE: Variant = ("nkp (data-free)", "nkp", False)
-NKP_CALIBRATED: Variant = ("nkp (calibrated)", "nkp", True)
-FINETUNED = (NKP_CALIBRATED[0], 0.25)  # the run that is fine-tuned, exported and plotted per layer
+BUDGETS = (0.5, 0.25, 0.1, 0.05)
+FAST_BUDGETS = (0.25, 0.05)
+# (label, --method, calibrated, --allocation): the rows of the comparison, in the order they are shown.
+Variant = tuple[str, str, bool, str]
+SPECTRAL: Variant = ("spectral", "spectral", False, "auto")
+NKP_DATA_FREE: Variant = ("nkp (data-free)", "nkp", False, "auto")
+NKP_CALIBRATED: Variant = ("nkp (calibrated)", "nkp", True, "layer")
+NETWORK_AWARE: Variant = ("nkp (network-aware)", "nkp", True, "output")
+FINETUNED = (NETWORK_AWARE[0], 0.05)  # the run that is fine-tuned, exported and plotted per layer
 REPORT_VERSION = 1
 
 # File names inside the output folder.
@@ -50,8 +54,8 @@ SUMMARY_MD = "summary.md"
 ERROR_PLOT = "error_vs_rank.png"
 ACCURACY_PLOT = "accuracy_vs_params.png"
 CALIB_FILE = "calibration.safetensors"
-FINETUNED_MODEL = "digits_nkp_calibrated_0.25_finetuned.lrc.safetensors"
-FINETUNED_ONNX = "digits_nkp_calibrated_0.25_finetuned.onnx"
+FINETUNED_MODEL = "digits_network_aware_0.05_finetuned.lrc.safetensors"
+FINETUNED_ONNX = "digits_network_aware_0.05_finetuned.onnx"
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,7 @@ class DemoSettings:
     """
 
     variants: tuple[Variant, ...]
+    budgets: tuple[float, ...]
     calib_samples: int
     refine_steps: int
     finetune_epochs: int
@@ -73,10 +78,10 @@ class DemoSettings:
     @classmethod
     def for_mode(cls, fast: bool) -> DemoSettings:
         if fast:
-            return cls((SPECTRAL, NKP_CALIBRATED), calib_samples=64, refine_steps=20, finetune_epochs=1,
-                       finetune_max_steps=4)
-        return cls((SPECTRAL, NKP_DATA_FREE, NKP_CALIBRATED), calib_samples=256, refine_steps=200,
-                   finetune_epochs=2, finetune_max_steps=None)
+            return cls((SPECTRAL, NKP_CALIBRATED, NETWORK_AWARE), FAST_BUDGETS, calib_samples=64, refine_steps=20,
+                       finetune_epochs=1, finetune_max_steps=4)
+        return cls((SPECTRAL, NKP_DATA_FREE, NKP_CALIBRATED, NETWORK_AWARE), BUDGETS, calib_samples=512,
+                   refine_steps=200, finetune_epochs=3, finetune_max_steps=None)
 
 
 @dataclass
@@ -161,6 +166,7 @@ def _compress_variant(
     original: nn.Module,
     method: str,
     calibrated: bool,
+    allocation: str,
     target_params: float,
     settings: DemoSettings,
     calibration: list[torch.Tensor],
@@ -168,7 +174,7 @@ def _compress_variant(
 ) -> tuple[nn.Module, CompressReport, float]:
     """A compressed copy of ``original`` made as ``lrc compress`` makes it; (model, report, seconds)."""
     config = CompressConfig(method=method, target_params=target_params, refine_steps=settings.refine_steps,
-                            calib_samples=settings.calib_samples, seed=settings.seed)
+                            calib_samples=settings.calib_samples, allocation=allocation, seed=settings.seed)
     # The same seeding and example input as pipeline.run_compress, so the CLI command in
     # summary.md does the same computation (up to rounding differences from the thread count).
     torch.manual_seed(config.seed)
@@ -230,8 +236,9 @@ def summary_markdown(result: DemoResult) -> str:
         "",
         "## Accuracy before fine-tuning",
         "",
-        ("Every run keeps at most the given fraction of the model's parameters (`--target-params`), ranks "
-         "allocated across layers by error per parameter. No fine-tuning."),
+        ("Every run keeps at most the given fraction of the model's parameters (`--target-params`). "
+         "Data-free and calibrated runs allocate ranks by each layer's own error per parameter; "
+         "network-aware runs by each layer's predicted effect on the model's output. No fine-tuning."),
         "",
         "| method | --target-params | params kept | FLOPs kept | test accuracy | seconds |",
         "|---|---|---|---|---|---|",
@@ -265,10 +272,10 @@ def summary_markdown(result: DemoResult) -> str:
         "## The same compression from the command line",
         "",
         "```bash",
-        f"lrc compress {digits.bundled_checkpoint_path()} --target-params {budget} --method nkp \\",
+        f"lrc compress {digits.bundled_checkpoint_path()} --target-params {budget} --allocation output \\",
         (f"    --calib {result.out_dir / CALIB_FILE} --calib-samples {s.calib_samples} "
          f"--refine-steps {s.refine_steps} \\"),
-        f"    -o digits_nkp_{budget}.lrc.safetensors --plot digits_nkp_{budget}.png",
+        f"    -o digits_network_aware_{budget}.lrc.safetensors --plot digits_network_aware_{budget}.png",
         "```",
         "",
         f"Total time: {result.seconds:.1f} s.",
@@ -315,11 +322,11 @@ def run_demo(
 
         runs: list[DemoRun] = []
         kept: dict[tuple[str, float], tuple[nn.Module, CompressReport]] = {}
-        for budget in BUDGETS:
-            for label, method, calibrated in settings.variants:
+        for budget in settings.budgets:
+            for label, method, calibrated, allocation in settings.variants:
                 chosen = (label, budget) == FINETUNED
-                model, report, seconds = _compress_variant(original, method, calibrated, budget, settings,
-                                                           calibration, curves=chosen)
+                model, report, seconds = _compress_variant(original, method, calibrated, allocation, budget,
+                                                           settings, calibration, curves=chosen)
                 run = DemoRun(
                     label=label, method=method, calibrated=calibrated, target_params=budget,
                     params=report.params_after, flops=report.flops_after,
@@ -360,7 +367,8 @@ def run_demo(
                      "accuracy": ft_info["accuracy_after"]})
         plot_accuracy_vs_params(rows, out / ACCURACY_PLOT,
                                 reference={"method": "original", "params": params, "accuracy": base_accuracy},
-                                title="digits CNN: test accuracy vs parameters (--target-params 0.5, 0.25)")
+                                title="digits CNN: test accuracy vs parameters, "
+                                      f"--target-params {', '.join(map(str, settings.budgets))}")
 
     result = DemoResult(
         out_dir=out, fast=fast, settings=settings, original=original_info, runs=runs, finetune=ft_info,

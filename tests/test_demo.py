@@ -61,7 +61,8 @@ def test_printed_accuracies_are_the_ones_in_report_json_and_summary(fast_demo) -
     expected = {(r["label"], str(r["target_params"]), demo.percent(r["accuracy"])) for r in report["runs"]}
     assert _printed_rows(proc.stdout) == expected
     assert {(r["label"], r["target_params"]) for r in report["runs"]} == {
-        (label, budget) for budget in demo.BUDGETS for label in ("spectral", "nkp (calibrated)")
+        (label, budget) for budget in demo.FAST_BUDGETS
+        for label in ("spectral", "nkp (calibrated)", "nkp (network-aware)")
     }
     summary = (out / demo.SUMMARY_MD).read_text()
     for label, budget, accuracy in expected:
@@ -86,6 +87,14 @@ def test_calibrated_nkp_beats_spectral_at_a_quarter_of_the_params(fast_demo) -> 
     nkp, spectral = runs[("nkp (calibrated)", 0.25)], runs[("spectral", 0.25)]
     assert nkp["param_ratio"] <= 0.25 and spectral["param_ratio"] <= 0.25
     assert nkp["accuracy"] >= spectral["accuracy"] + 0.10
+
+
+def test_network_aware_beats_per_layer_allocation_at_five_percent_of_the_params(fast_demo) -> None:
+    _, out = fast_demo
+    runs = {(r["label"], r["target_params"]): r for r in _report(out)["runs"]}
+    network, per_layer = runs[("nkp (network-aware)", 0.05)], runs[("nkp (calibrated)", 0.05)]
+    assert network["param_ratio"] <= 0.05 and per_layer["param_ratio"] <= 0.05
+    assert network["accuracy"] >= per_layer["accuracy"] + 0.10
 
 
 def test_written_fine_tuned_model_reproduces_its_reported_accuracy(fast_demo) -> None:
