@@ -79,6 +79,8 @@ def inspect_command(
         dtype = next((p.dtype for p in loaded.model.parameters() if p.is_floating_point()), torch.float32)
         sites = find_sites(loaded.model, torch.randn(loaded.input_shape).to(dtype))
         out.print(sites_table(sites, rich.markup.escape(f"{checkpoint.name} ({loaded.arch}) at input {tuple(loaded.input_shape)}")))
+        if loaded.arch_note:
+            console.print(loaded.arch_note, highlight=False, soft_wrap=True, markup=False)
         data = {"arch": loaded.arch, "input_shape": list(loaded.input_shape), "layers": [s.describe() for s in sites]}
     if json_path is not None:
         with atomic_output(json_path) as tmp:
@@ -170,6 +172,8 @@ def compress_command(
             console.print(f"[yellow]note:[/] {note}")
         if result.parity is not None:
             out.print(f"ONNX {onnx_path}: max abs error {result.parity.max_abs_error:.2e}, max rel error {result.parity.max_rel_error:.2e}")
+    if result.loaded.arch_note:
+        console.print(result.loaded.arch_note, highlight=False, soft_wrap=True, markup=False)
     console.print(f"wrote {result.output}", highlight=False, soft_wrap=True, markup=False)
     if result.failure is not None:
         raise result.failure

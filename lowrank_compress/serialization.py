@@ -31,6 +31,8 @@ _DATA_CONFIG_KEYS = frozenset({"input_size", "mean", "std", "interpolation", "cr
 _INTERPOLATIONS = frozenset({"nearest", "nearest-exact", "bilinear", "bicubic", "box", "hamming", "lanczos"})
 _LAYER_NAME = re.compile(r"[^.\s]+(?:\.[^.\s]+)*")
 MAX_LAYERS = 100_000
+# Names a layer path may not pass through: what every nn.Module has (methods, training, _modules, …).
+_MODULE_ATTRIBUTES = frozenset(dir(nn.Module()))
 # A file naming a registry model may make the loader build its dense form before the factorized layers
 # replace it: at most this many weights, or 64 times what the file holds (an explicit arch lifts it).
 MAX_DENSE_NUMEL = 2**28
@@ -161,7 +163,7 @@ def check_layers(layers: Any, path: str | Path = "the file") -> None:
         raise UsageError(f"{path} has a corrupt lrc manifest (the layer table is not an object of at most {MAX_LAYERS:,} layers)")
     for fqn, entry in layers.items():
         if (not isinstance(fqn, str) or len(fqn) > 512 or not _LAYER_NAME.fullmatch(fqn)
-                or any(hasattr(nn.Module, part) for part in fqn.split("."))):
+                or any(part in _MODULE_ATTRIBUTES for part in fqn.split("."))):
             raise UsageError(f"{path}: the manifest names a bad layer {_clip(fqn)} (a module path such as blocks.0.fc)")
         if not isinstance(entry, dict) or entry.get("kind") not in _KINDS:
             raise UsageError(f"{path}: the manifest entry for {fqn!r} has an unknown kind")
