@@ -41,12 +41,12 @@ from .errors import UsageError
 from .graph import LayerSite
 from .layers import from_dense
 from .methods import FitProblem, factor_params, get_method, method_names, unfold_batchnorm
-from .modelrun import batch_size, call_model, padding_mask, forward_with_hooks, replace_module, slice_batch
+from .modelrun import batch_size, call_model, output_tensors, padding_mask, forward_with_hooks, replace_module, slice_batch
 from .outputcost import output_cost_curves, row_weights, site_sensitivities
 from .plan import Plan, plan_ranks
 from .projection import Factorization, factorize_all, function_error, refine
 from .responses import ResponseStats, patches, real_rows, response_projection, responses, stats_error_curve
-from .sensitivity import channel_sensitivities, detect_output_metric
+from .sensitivity import channel_sensitivities, detect_output_metric, output_metric
 
 RESERVOIR = 2048  # (input patch, target) pairs kept per layer: 3/4 for refinement, 1/4 held out
 _TENSOR_SUFFIXES = (".npy", ".pt", ".pth", ".bin", ".safetensors")
@@ -519,12 +519,24 @@ def calibrated_compress(
     if progress is not None:
         progress("done", len(todo), len(todo))
     extra = {
-        "output_metric": the_plan.output_metric,
+        "output_metric": metric,
         "predicted_output_cost": the_plan.predicted_output_cost,
+        "measured_output_cost": measured_output_metric(original, model, _probe_batches(batches), metric),
         "blocks": [asdict(b) for b in block_reports],
         "distillation": None if distilled is None else asdict(distilled),
     }
     return reports, skipped, extra
+
+
+def measured_output_metric(original: nn.Module, model: nn.Module, batches: list[Any], metric: str) -> float:
+    """The output metric (KL or relative MSE) of ``model`` against ``original`` on ``batches``."""
+    num, den = 0.0, 0.0
+    with torch.no_grad():
+        for batch in batches:
+            n, d = output_metric(output_tensors(call_model(original, batch)), output_tensors(call_model(model, batch)),
+                                 metric, padding_mask(batch))
+            num, den = num + n, den + d
+    return num / den if den > 0 else 0.0
 
 
 def _blocks(model: nn.Module, sites: list[LayerSite], batch: Any, once: set[str], config: CompressConfig) -> list[Block]:

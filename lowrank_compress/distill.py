@@ -74,7 +74,7 @@ def _feature_scales(outputs: list[list[torch.Tensor]]) -> list[torch.Tensor]:
 
 
 def distill(model: nn.Module, teacher: nn.Module, batches: Sequence[Any], metric: str, steps: int,
-            lr: float = 2e-3, seed: int = 0, eval_every: int = 10, patience: int = 6) -> DistillReport:
+            lr: float = 3e-2, seed: int = 0, eval_every: int = 25, patience: int = 8) -> DistillReport:
     """Train the factors of ``model`` in place against ``teacher`` on ``batches`` (see the module docstring)."""
     held = [b for i, b in enumerate(batches) if i % 4 == 3] or list(batches[-1:])
     train = [b for i, b in enumerate(batches) if i % 4 != 3] or list(batches)
