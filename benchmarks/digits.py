@@ -48,7 +48,7 @@ VARIANTS = (
     ("nkp (data-free)", "nkp", False, ()),
     ("nkp (calibrated, per-layer allocation)", "nkp", True, ("--allocation", "layer")),
     ("nkp (network-aware)", "nkp", True, ()),
-    ("nkp (network-aware + 500 distillation steps)", "nkp", True, ("--distill-steps", "500")),
+    ("nkp (network-aware + 2000 distillation steps)", "nkp", True, ("--distill-steps", "2000")),
 )
 
 
