@@ -504,6 +504,7 @@ def calibrated_compress(
             note=entries[site.name].note, candidates=errors,
             output_sensitivity=float(sens[site.name].sum()) if site.name in sens else None,
             predicted_cost=entries[site.name].predicted_cost,
+            curves=_cost_curve(state.costs.get(site.name), ranks[site.name]),
         ))
         block = block_of_last.get(site.name)
         if block is not None:
@@ -526,6 +527,15 @@ def calibrated_compress(
         "distillation": None if distilled is None else asdict(distilled),
     }
     return reports, skipped, extra
+
+
+def _cost_curve(costs: torch.Tensor | None, rank: int, points: int = 12) -> dict[str, dict[str, list]]:
+    """A layer's predicted output cost at log-spaced ranks and the chosen one, for reports and plots."""
+    if costs is None:
+        return {}
+    top = len(costs) - 1
+    ranks = sorted({max(1, round(top ** (i / (points - 1)))) for i in range(points)} | {rank})
+    return {"output_cost": {"ranks": ranks, "costs": [float(costs[r]) for r in ranks]}}
 
 
 def measured_output_metric(original: nn.Module, model: nn.Module, batches: list[Any], metric: str) -> float:

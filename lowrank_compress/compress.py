@@ -165,7 +165,7 @@ def compress(
     if curves:
         by_name = {s.name: s for s in chosen}
         for layer in layer_reports:
-            layer.curves = error_curves(by_name[layer.name], layer.rank)
+            layer.curves.update(error_curves(by_name[layer.name], layer.rank))
 
     with torch.no_grad():
         params_after = count_params(model)

@@ -54,7 +54,9 @@ def plot_compression(report: CompressReport, path: str | os.PathLike) -> None:
     ``compress(..., curves=True)``); a layer without them shows its markers only. The dotted
     vertical line is the rank chosen; markers are the errors measured at that rank — spectral and
     the kept candidate — which for a calibrated compression are held-out post-activation errors on
-    the calibration data, so they can lie well below the Gaussian curves.
+    the calibration data, so they can lie well below the Gaussian curves. With network-aware
+    calibration each panel also shows the layer's predicted output cost vs rank (red, right axis,
+    log scale): the curve the rank allocation spent the budget on.
     """
     check_writable(path)
     plt = _pyplot()
@@ -80,6 +82,14 @@ def plot_compression(report: CompressReport, path: str | os.PathLike) -> None:
             ax.plot([layer.rank], [spectral], "x", color=_COLORS["spectral"], ms=7, mew=2, label="spectral, measured")
         if kept is not None:
             ax.plot([layer.rank], [kept], "*", color=_COLORS["kept"], ms=10, label="kept, measured")
+        cost = layer.curves.get("output_cost")
+        if cost:
+            twin = ax.twinx()
+            positive = [(r, c) for r, c in zip(cost["ranks"], cost["costs"]) if c > 0]
+            if positive:
+                twin.plot(*zip(*positive), color="tab:red", lw=1.2, ls="--", label="predicted output cost")
+                twin.set_yscale("log")
+            twin.tick_params(labelsize=6, colors="tab:red")
         ax.set_xscale("log")
         ax.set_ylim(bottom=0)
         ax.set_title(f"{layer.name}\n{layer.activation}, {'×'.join(map(str, layer.shape))}, r={layer.rank} "
@@ -92,6 +102,11 @@ def plot_compression(report: CompressReport, path: str | os.PathLike) -> None:
     for ax in axes[:, 0]:
         ax.set_ylabel("relative error", fontsize=8)
     handles, labels = axes.flat[0].get_legend_handles_labels()
+    if any(layer.curves.get("output_cost") for layer in layers):
+        from matplotlib.lines import Line2D
+
+        handles.append(Line2D([], [], color="tab:red", ls="--", lw=1.2))
+        labels.append(f"predicted output cost ({report.output_metric}), right axis")
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, bbox_to_anchor=(0.5, -0.02))
     ratio = report.params_after / report.params_before if report.params_before else float("nan")
     fig.suptitle(
