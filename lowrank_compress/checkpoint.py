@@ -306,7 +306,7 @@ def parse_arch_kwargs(text: str | None) -> dict[str, Any]:
     return value
 
 
-def _resolve_callable(spec: str, restricted: bool):
+def _resolve_callable(spec: str, restricted: bool, trusted_only: bool = False):
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise UsageError(f"bad --arch {spec!r}: use torchvision:NAME, timm:NAME or package.module:callable")
@@ -326,6 +326,12 @@ def _resolve_callable(spec: str, restricted: bool):
             f"the file names the architecture {spec!r}, which is not an nn.Module class; "
             "pass the architecture explicitly (--arch) to call a factory function"
         )
+    if trusted_only and not _is_trusted(target.__module__):
+        # A trusted module's attributes lead to other modules' classes (digits:torch.nn.Linear): not allowed.
+        raise UsageError(
+            f"the file names the architecture {spec!r}, a class defined in {target.__module__}, which is not a "
+            f"module you allowed ({TRUSTED_MODULES_ENV}); pass --arch to choose the architecture yourself"
+        )
     return target
 
 
@@ -338,7 +344,7 @@ def _refuse_downloads(arch: str, kwargs: dict[str, Any]) -> None:
             )
 
 
-def _construct(arch: str, kwargs: dict[str, Any], restricted: bool) -> nn.Module:
+def _construct(arch: str, kwargs: dict[str, Any], restricted: bool, trusted_only: bool = False) -> nn.Module:
     kind, _, name = arch.partition(":")
     if kind == "torchvision":
         import torchvision
@@ -358,7 +364,7 @@ def _construct(arch: str, kwargs: dict[str, Any], restricted: bool) -> nn.Module
             raise UsageError(f"unknown timm model {name!r}")
         _refuse_downloads(arch, kwargs)
         return timm.create_model(name, pretrained=False, **kwargs)
-    return _resolve_callable(arch, restricted)(**kwargs)
+    return _resolve_callable(arch, restricted, trusted_only)(**kwargs)
 
 
 def build_model(
@@ -378,7 +384,7 @@ def build_model(
     elif not isinstance(arch, str) or ":" not in arch:
         raise UsageError(f"bad --arch {arch!r}: use torchvision:NAME, timm:NAME or package.module:callable")
     try:
-        model = _construct(arch, kwargs, restricted)
+        model = _construct(arch, kwargs, restricted, trusted_only=restricted)
     except UsageError:
         raise
     except TypeError as exc:
@@ -410,7 +416,7 @@ def meta_model(
     try:
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = _construct(arch, kwargs, restricted)
+            model = _construct(arch, kwargs, restricted, trusted_only=restricted)
     except UsageError:
         raise
     except Exception:  # noqa: BLE001 - whatever the meta build cannot do, the real build reports

@@ -622,3 +622,10 @@ def test_a_build_warning_does_not_add_lines(work, capfd):
     _, err = capfd.readouterr()
     assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1, err
     assert "does not match the architecture" in err
+
+
+def test_a_class_reached_through_an_allowed_module_must_be_defined_in_one(work, run_cli, offline):
+    # lowrank_compress.digits is allowed, and its attribute ``torch`` leads to every torch.nn class.
+    evil = craft(work / "digits.lrc.safetensors", work / "evil.lrc.safetensors", arch="lowrank_compress.digits:torch.nn.Linear",
+                 arch_kwargs={"in_features": 4, "out_features": 4})
+    assert_refused(run_cli("eval", evil, "--data", work / "data", "--workers", "0"), "a class defined in torch.nn")
