@@ -516,7 +516,12 @@ def calibrated_compress(
     if config.distill_steps > 0 and todo and trainable:
         if progress is not None:
             progress("distillation", len(todo), len(todo))
-        distilled = distill(model, original, _micro_batches(batches, 16), metric, config.distill_steps, seed=config.seed)
+        features = {}
+        if config.distill_features > 0:
+            found = blocks or _blocks(model, todo, batches[0], once, config)
+            features = {b.name: b.channels_last for b in found}
+        distilled = distill(model, original, _micro_batches(batches, 16), metric, config.distill_steps,
+                            seed=config.seed, features=features, feature_weight=config.distill_features)
     if progress is not None:
         progress("done", len(todo), len(todo))
     extra = {

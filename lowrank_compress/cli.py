@@ -112,6 +112,7 @@ def compress_command(
     block_steps: int = typer.Option(0, "--block-steps", help="Adam steps per block (residual block, transformer layer) fitting all its factors to the original block's output (calibrated; 0 disables)."),
     blocks: str | None = typer.Option(None, "--blocks", help="Regex (full match) of module names to use as blocks instead of the automatic choice."),
     distill_steps: int = typer.Option(0, "--distill-steps", help="Label-free distillation steps on the calibration inputs after the fits, the original model as teacher (calibrated; 0 disables)."),
+    distill_features: float = typer.Option(0.0, "--distill-features", help="Weight of matching the blocks' outputs (standardized per channel) during distillation (0: outputs only)."),
     latency_aware: bool = typer.Option(False, "--latency-aware", help="Keep a layer dense where its factorized form is not faster (timed on this machine); budgets are re-allocated."),
     latency_runtime: str = typer.Option("torch", "--latency-runtime", help="Runtime to time layers on for --latency-aware: torch or onnxruntime."),
     latency_batch_size: int = typer.Option(1, "--latency-batch-size", help="Batch size to time layers at for --latency-aware (the deployment batch)."),
@@ -143,7 +144,8 @@ def compress_command(
         target_flops=target_flops, include=include, exclude=exclude, round_to=round_to, refine_steps=refine_steps,
         calib_samples=calib_samples, latency_aware=latency_aware, latency_runtime=latency_runtime,
         latency_batch_size=latency_batch_size, allocation=allocation, output_metric=output_metric,
-        block_steps=block_steps, blocks=blocks, distill_steps=distill_steps, seed=seed,
+        block_steps=block_steps, blocks=blocks, distill_steps=distill_steps, distill_features=distill_features,
+        seed=seed,
     )
     if calib_batch_size < 1:
         raise UsageError(f"--calib-batch-size must be ≥ 1, got {calib_batch_size}")

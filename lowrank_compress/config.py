@@ -45,6 +45,7 @@ class CompressConfig:
     block_steps: int = 0
     blocks: str | None = None
     distill_steps: int = 0
+    distill_features: float = 0.0
     seed: int = 0
     version: int = CONFIG_VERSION
 
@@ -78,6 +79,8 @@ class CompressConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be an integer ≥ 0, got {value!r}")
+        if not isinstance(self.distill_features, (int, float)) or not 0 <= self.distill_features < math.inf:
+            raise UsageError(f"--distill-features must be a weight ≥ 0, got {self.distill_features!r}")
         if self.calib_samples < 1:
             raise UsageError(f"--calib-samples must be ≥ 1, got {self.calib_samples}")
         for name in ("include", "exclude", "blocks"):

@@ -3,7 +3,9 @@
 After the per-layer and block fits, all factors are trained together to reproduce the original
 model's output on the calibration inputs: the softmax KL for classifiers (the teacher's
 probabilities are the only labels), and for other outputs a mean squared error standardized per
-feature, so that a few outlier channels of a hidden state do not dominate the loss. Few inputs
+feature, so that a few outlier channels of a hidden state do not dominate the loss. Optionally
+(``feature_weight`` > 0) the outputs of intermediate modules (the blocks) are matched too, with
+the same per-channel standardization. Few inputs
 overfit fast, so image batches are augmented (flips and mixup of pairs: the teacher labels any
 input), one micro-batch in four is held out, and the iterate with the lowest held-out output
 metric is kept: the result is never worse than the start on the held-out inputs.
@@ -73,14 +75,54 @@ def _feature_scales(outputs: list[list[torch.Tensor]]) -> list[torch.Tensor]:
     return scales
 
 
+class _Features:
+    """Forward hooks that keep the first output tensor of named modules during one call."""
+
+    def __init__(self, model: nn.Module, names: dict[str, bool]):
+        self.model, self.names, self.values = model, names, {}
+
+    def __call__(self, batch: Any) -> list[torch.Tensor]:
+        self.values = {}
+        handles = [self.model.get_submodule(n).register_forward_hook(self._keep(n)) for n in self.names]
+        try:
+            return output_tensors(call_model(self.model, batch))
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _keep(self, name: str):
+        def hook(_m, _inputs, output):
+            tensor = output if isinstance(output, torch.Tensor) else output[0]
+            self.values.setdefault(name, tensor)
+
+        return hook
+
+    def rows(self, name: str) -> torch.Tensor:
+        t = self.values[name]
+        return t.reshape(-1, t.shape[-1]) if self.names[name] or t.dim() < 3 else t.movedim(1, -1).reshape(-1, t.shape[1])
+
+
 def distill(model: nn.Module, teacher: nn.Module, batches: Sequence[Any], metric: str, steps: int,
-            lr: float = 3e-2, seed: int = 0, eval_every: int = 25, patience: int = 8) -> DistillReport:
-    """Train the factors of ``model`` in place against ``teacher`` on ``batches`` (see the module docstring)."""
+            lr: float = 3e-2, seed: int = 0, eval_every: int = 25, patience: int = 8,
+            features: dict[str, bool] | None = None, feature_weight: float = 0.0) -> DistillReport:
+    """Train the factors of ``model`` in place against ``teacher`` on ``batches`` (see the module docstring).
+
+    ``features``: names of modules (present in both models) whose outputs are matched too, each
+    mapped to whether its channels are on the last axis; ``feature_weight`` weighs that loss.
+    """
     held = [b for i, b in enumerate(batches) if i % 4 == 3] or list(batches[-1:])
     train = [b for i, b in enumerate(batches) if i % 4 != 3] or list(batches)
+    features = features if feature_weight > 0 else {}
+    t_run, s_run = _Features(teacher, features or {}), _Features(model, features or {})
+    held_ref, held_rows = [], {n: [] for n in features or {}}
     with torch.no_grad():
-        held_ref = [output_tensors(call_model(teacher, b)) for b in held]
+        for b in held:
+            held_ref.append(t_run(b))
+            for n in held_rows:
+                held_rows[n].append(t_run.rows(n).float())
     scales = _feature_scales(held_ref) if metric == "mse" else []
+    feature_scales = {n: torch.cat(r).std(0).clamp_min(float(torch.cat(r).std()) * 1e-3 + 1e-12)
+                      for n, r in held_rows.items()}
 
     def held_metric() -> float:
         num, den = 0.0, 0.0
@@ -110,10 +152,13 @@ def distill(model: nn.Module, teacher: nn.Module, batches: Sequence[Any], metric
         for step in range(steps):
             batch = _augment(train[int(torch.randint(len(train), (1,), generator=gen))], gen)
             with torch.no_grad():
-                target = output_tensors(call_model(teacher, batch))
+                target = t_run(batch)
             opt.zero_grad(set_to_none=True)
             with torch.enable_grad():
-                loss = _loss(output_tensors(call_model(model, batch)), target, metric, scales, padding_mask(batch))
+                loss = _loss(s_run(batch), target, metric, scales, padding_mask(batch))
+                for name, scale in feature_scales.items():
+                    diff = (s_run.rows(name).float() - t_run.rows(name).float()) / scale
+                    loss = loss + feature_weight * diff.pow(2).mean() / len(feature_scales)
                 if not torch.isfinite(loss):
                     break
                 loss.backward()

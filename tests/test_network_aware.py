@@ -192,3 +192,18 @@ def test_the_registry_accepts_a_new_method():
         unregister_method("scaled_spectral")
     with pytest.raises(Exception, match="unknown method"):
         CompressConfig(rank=3, method="scaled_spectral")
+
+
+def test_distillation_lowers_the_output_metric_and_keeps_the_best_held_out_iterate():
+    model = TwoLayerBlock().eval()
+    gen = torch.Generator().manual_seed(5)
+    batches = [torch.randn(32, 24, generator=gen) for _ in range(8)]
+    costs = {}
+    for steps in (0, 150):
+        config = CompressConfig(rank=3, refine_steps=20, distill_steps=steps, distill_features=0.5 if steps else 0.0)
+        _, report = compress(copy.deepcopy(model), config, batches[0][:1], calibration=batches)
+        costs[steps] = report.measured_output_cost
+        if steps:
+            assert report.output_metric == "kl"
+            assert report.distillation["after"] < report.distillation["before"]
+    assert costs[150] < costs[0]
