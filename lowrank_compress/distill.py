@@ -24,7 +24,8 @@ from torch import nn
 
 from .modelrun import call_model, output_tensors, padding_mask
 from .sensitivity import output_metric
-from .train import distillation_loss, low_rank_modules
+from .layers import low_rank_modules
+from .losses import distillation_loss
 
 
 @dataclass

@@ -206,3 +206,12 @@ def from_dense(layer: nn.Module, factors: Factorization) -> _LowRank:
     if reason is not None:
         raise ValueError(f"cannot factorize: {reason}")
     return low_rank_class(layer).from_dense(layer, factors)
+
+
+def low_rank_modules(model: nn.Module) -> list[nn.Module]:
+    """The distinct factorized modules of ``model`` (a tied module once)."""
+    seen: dict[int, nn.Module] = {}
+    for module in model.modules():
+        if isinstance(module, LOW_RANK_TYPES):
+            seen.setdefault(id(module), module)
+    return list(seen.values())

@@ -32,7 +32,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import LoadedModel
@@ -49,7 +48,8 @@ from .data import (
 from .errors import LrcError, UsageError
 from .evaluate import evaluate, resolve_device
 from .fileio import atomic_output, check_writable
-from .layers import LOW_RANK_TYPES
+from .layers import low_rank_modules
+from .losses import distillation_loss
 from .recipes import TrainConfig
 
 CHECKPOINT_NAME = "last.pt"
@@ -173,41 +173,6 @@ def _tuples(value: Any) -> Any:
 
 
 # ---------------------------------------------------------------- losses and regularizers
-
-
-def distillation_loss(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    teacher_logits: torch.Tensor | None,
-    temperature: float,
-    kd_weight: float,
-    label_smoothing: float,
-) -> torch.Tensor:
-    """(1 − w)·CE(logits, labels) + w·T²·KL(softmax(teacher/T) ‖ softmax(logits/T)), a scalar.
-
-    ``logits``, ``teacher_logits``: (B, classes); ``labels``: (B,). Computed in float32. The T²
-    factor keeps the KD gradient's scale independent of T (Hinton et al. 2015). Without a teacher
-    it is the (label-smoothed) cross-entropy alone.
-    """
-    logits = logits.float()
-    ce = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
-    if teacher_logits is None:
-        return ce
-    t = temperature
-    kd = F.kl_div(
-        F.log_softmax(logits / t, dim=1), F.log_softmax(teacher_logits.float() / t, dim=1),
-        reduction="batchmean", log_target=True,
-    )
-    return (1 - kd_weight) * ce + kd_weight * t * t * kd
-
-
-def low_rank_modules(model: nn.Module) -> list[nn.Module]:
-    """The distinct factorized modules of ``model`` (a tied module once)."""
-    seen: dict[int, nn.Module] = {}
-    for module in model.modules():
-        if isinstance(module, LOW_RANK_TYPES):
-            seen.setdefault(id(module), module)
-    return list(seen.values())
 
 
 def frobenius_penalty(modules: list[nn.Module]) -> torch.Tensor:
