@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 import timm
-import torch
 from safetensors.torch import save_file
 
 

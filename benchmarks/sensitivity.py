@@ -19,7 +19,7 @@ import copy
 import torch
 
 from lowrank_compress import digits
-from lowrank_compress.calibration import _probe_batches, prepare_calibrated
+from lowrank_compress.calibration import probe_batches, prepare_calibrated
 from lowrank_compress.compress import CompressConfig, _select
 from lowrank_compress.graph import find_sites
 from lowrank_compress.layers import from_dense
@@ -49,7 +49,7 @@ def main() -> None:
     config = CompressConfig(target_params=0.5)
     sites, _ = _select(find_sites(model, batches[0][:1]), config)
     state, _ = prepare_calibrated(model, sites, config, batches[0][:1], batches)
-    probe = _probe_batches(batches)
+    probe = probe_batches(batches)
     with torch.no_grad():
         reference = [output_tensors(call_model(model, b)) for b in probe]
     predicted, measured = [], []

@@ -25,12 +25,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .activations import activation_fn, canonical_activation
@@ -45,91 +42,10 @@ from .modelrun import batch_size, call_model, output_tensors, padding_mask, forw
 from .outputcost import output_cost_curves, row_weights, site_sensitivities
 from .plan import Plan, plan_ranks
 from .projection import Factorization, factorize_all, function_error, refine
-from .responses import ResponseStats, patches, real_rows, response_projection, responses, stats_error_curve
+from .responses import ResponseStats, patches, real_rows, responses, stats_error_curve
 from .sensitivity import channel_sensitivities, detect_output_metric, output_metric
 
 RESERVOIR = 2048  # (input patch, target) pairs kept per layer: 3/4 for refinement, 1/4 held out
-_TENSOR_SUFFIXES = (".npy", ".pt", ".pth", ".bin", ".safetensors")
-
-
-# ---------------------------------------------------------------- inputs
-
-
-def _tensor_file(path: Path) -> torch.Tensor:
-    if path.suffix == ".npy":
-        try:
-            array = np.load(path, allow_pickle=False)
-        except (ValueError, OSError) as exc:
-            raise UsageError(f"cannot read calibration file {path} ({exc})") from None
-        return torch.from_numpy(np.ascontiguousarray(array))
-    if path.suffix == ".safetensors":
-        from .checkpoint import read_safetensors_metadata
-
-        read_safetensors_metadata(path)
-        from safetensors.torch import load_file
-
-        tensors = load_file(str(path))
-    else:
-        from .checkpoint import _read_torch
-
-        obj = _read_torch(path, trust_pickle=False)
-        tensors = obj if isinstance(obj, dict) else {"x": obj}
-    tensors = {k: v for k, v in tensors.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
-    for key in ("x", "inputs", "input", "images", "x_test", "x_train", "data"):
-        if key in tensors:
-            return tensors[key]
-    if len(tensors) == 1:
-        return next(iter(tensors.values()))
-    raise UsageError(f"calibration file {path} holds {len(tensors)} float tensors; name the inputs 'x'")
-
-
-def calibration_batches(
-    spec: str,
-    input_shape: tuple[int, ...],
-    data_config: dict[str, Any],
-    samples: int,
-    batch_size: int,
-    seed: int = 0,
-    dtype: torch.dtype = torch.float32,
-) -> list[torch.Tensor]:
-    """Calibration inputs as a list of batches of shape (b, *input_shape[1:]).
-
-    ``spec``: ``gaussian``, an image folder (class subfolders or flat, eval-transformed to the input
-    shape), or a tensor file (.npy, .pt via weights_only, .safetensors) whose first axis indexes
-    samples.
-    """
-    if samples < 1 or batch_size < 1:
-        raise UsageError("--calib-samples and --calib-batch-size must be ≥ 1")
-    per_sample = tuple(input_shape[1:])
-    if spec == "gaussian":
-        gen = torch.Generator().manual_seed(seed + 1)
-        data = torch.randn((samples, *per_sample), generator=gen)
-    else:
-        path = Path(spec)
-        if not path.exists():
-            raise UsageError(f"calibration data {path} does not exist (give a folder, a tensor file or 'gaussian')")
-        if path.is_dir():
-            from .data import image_tensors
-
-            data = image_tensors(path, input_shape, data_config, samples)
-        elif path.suffix in _TENSOR_SUFFIXES:
-            data = _tensor_file(path)
-            if tuple(data.shape[1:]) != per_sample:
-                raise UsageError(
-                    f"calibration tensor in {path} has samples of shape {tuple(data.shape[1:])}; "
-                    f"the model takes {per_sample} (input shape {tuple(input_shape)})"
-                )
-            data = data[:samples].float()
-        else:
-            raise UsageError(f"calibration data {path}: expected a folder, {', '.join(_TENSOR_SUFFIXES)} or 'gaussian'")
-    if data.shape[0] == 0:
-        raise UsageError(f"calibration data {spec} is empty")
-    if not torch.isfinite(data).all():
-        raise UsageError(f"calibration data {spec} contains NaN or Inf")
-    return [b.to(dtype) for b in data.split(batch_size)]
-
-
-# ---------------------------------------------------------------- per-layer views
 
 
 class _Stop(Exception):
@@ -356,7 +272,7 @@ def choose_candidate(errors: dict[str, float], method: str) -> str:
 # ---------------------------------------------------------------- the calibrated job
 
 
-def _probe_batches(batches: list[Any], samples: int = 64) -> list[Any]:
+def probe_batches(batches: list[Any], samples: int = 64) -> list[Any]:
     """The first ``samples`` calibration samples, for the gradient probes."""
     out, seen = [], 0
     for batch in batches:
@@ -402,7 +318,7 @@ def prepare_calibrated(model: nn.Module, sites: list[LayerSite], config: Compres
     metric = config.output_metric
     if metric == "auto":
         metric = detect_output_metric(original, batches[0])
-    probe = _probe_batches(batches)
+    probe = probe_batches(batches)
     sens: dict[str, torch.Tensor] = {}
     costs: dict[str, torch.Tensor] = {}
     if config.allocation != "layer":
@@ -458,7 +374,7 @@ def calibrated_compress(
     trainable = asymmetric and next((p.dtype for p in model.parameters()), torch.float32) == torch.float32
     blocks = _blocks(model, todo, batches[0], once, config) if config.block_steps > 0 and trainable else []
     block_of_last = {b.sites[-1]: b for b in blocks}
-    block_sens = _block_sensitivities(original, blocks, _probe_batches(batches), metric, config.seed) if blocks else {}
+    block_sens = _block_sensitivities(original, blocks, probe_batches(batches), metric, config.seed) if blocks else {}
     micro = _micro_batches(batches) if blocks else []
     block_reports = []
     for i, site in enumerate(todo):
@@ -527,7 +443,7 @@ def calibrated_compress(
     extra = {
         "output_metric": metric,
         "predicted_output_cost": the_plan.predicted_output_cost,
-        "measured_output_cost": measured_output_metric(original, model, _probe_batches(batches), metric),
+        "measured_output_cost": measured_output_metric(original, model, probe_batches(batches), metric),
         "blocks": [asdict(b) for b in block_reports],
         "distillation": None if distilled is None else asdict(distilled),
     }

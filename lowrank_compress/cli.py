@@ -228,7 +228,7 @@ def export_command(
     shape = _model_shape(loaded.input_shape, shape, model)
     calib_inputs = None
     if calib is not None:
-        from .calibration import calibration_batches
+        from .calibdata import calibration_batches
         from .export import CALIB_CHUNK
 
         calib_inputs = calibration_batches(calib, shape, loaded.data_config, calib_samples, CALIB_CHUNK)

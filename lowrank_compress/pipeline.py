@@ -91,7 +91,7 @@ def _error_against(references: list[list[torch.Tensor]], compressed: nn.Module, 
 def run_compress(job: CompressJob, progress: ProgressFn | None = None, raise_on_failure: bool = True) -> JobResult:
     """Run a compress job. Outputs are written atomically; a missed budget or a failed ONNX parity
     check is raised after writing (or left in ``result.failure`` with ``raise_on_failure=False``)."""
-    from .calibration import calibration_batches
+    from .calibdata import calibration_batches
 
     out = job.output or default_output(job.checkpoint)
     for path in (out, job.json_path, job.onnx_path, job.plot_path):

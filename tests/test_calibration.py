@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowrank_compress.calibration import calibrated_compress, calibration_batches
+from lowrank_compress.calibdata import calibration_batches
+from lowrank_compress.calibration import calibrated_compress
 from lowrank_compress.responses import ResponseStats, patches, response_projection, responses
 from lowrank_compress.cli import main
 from lowrank_compress.compress import CompressConfig, compress
