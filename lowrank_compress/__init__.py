@@ -11,7 +11,7 @@ The Python API mirrors the CLI::
 
 from .activations import ACTIVATIONS
 from .checkpoint import build_model, load_model, open_model
-from .compress import CompressConfig, CompressReport, LayerReport, compress, count_flops, count_params
+from .compress import CompressConfig, CompressReport, LayerReport, compress, count_flops, count_params, plan
 from .graph import LayerSite, find_sites
 from .layers import LowRankConv1d, LowRankConv2d, LowRankLinear, from_dense
 from .projection import (
@@ -54,6 +54,7 @@ __all__ = [
     "load_model",
     "open_model",
     "output_energy",
+    "plan",
     "read_manifest",
     "refine",
     "save",
