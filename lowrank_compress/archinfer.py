@@ -1,0 +1,556 @@
+"""Which torchvision or timm architecture a state dict belongs to, from its keys and shapes alone.
+
+A registry model's *signature* is its state dict's keys and their shapes. It comes from building
+the model on the meta device (no memory, no initialization) twice: with 11 and 37 classes, and for
+timm with 3 and 5 input channels. The dims that differ between the two builds are the head's and
+the stem's; a state dict matches a model when it has the same keys (or the same keys without the
+head, timm's ``num_classes=0``) and the same shapes except in those dims, which then give its
+``num_classes`` and ``in_chans``.
+
+Signatures are cached on disk per library version, in ``$LRC_CACHE_DIR`` or else
+``~/.cache/lowrank_compress``, and written atomically. A lookup builds only what it needs: all of
+torchvision's ~80 classification models, and those of timm's ~1400 whose pretrained config names
+a stem conv the state dict has; the rest of timm only when none of those match.
+
+When several models match:
+
+1. models that compute the same function (the same outputs from the same weights, e.g. timm's
+   ``vit_tiny_patch16_224`` and ``deit_tiny_patch16_224``) count as one; the verdict is cached too;
+2. a torchvision model wins over timm models of the same signature: timm's ResNets keep
+   torchvision's names so as to load its weights, so the names say torchvision;
+3. whatever is left is ambiguous: the error lists the candidates and asks for ``--arch``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import UsageError
+from .fileio import atomic_output, quiet_output
+
+CACHE_ENV = "LRC_CACHE_DIR"
+CACHE_FORMAT = 1
+LIBRARIES = ("torchvision", "timm")
+# The two builds behind a signature: their num_classes, and for timm their in_chans.
+_BUILD_CLASSES = (11, 37)
+_BUILD_CHANS = (3, 5)
+_TORCHVISION_CLASSES = 1000
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+def cache_dir() -> Path:
+    """Where signatures are cached: ``$LRC_CACHE_DIR``, else ``$XDG_CACHE_HOME/lowrank_compress`` or ``~/.cache/lowrank_compress``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "lowrank_compress"
+
+
+# ---------------------------------------------------------------- building models without weights
+
+
+def _construct(library: str, name: str, **kwargs: Any) -> nn.Module:
+    if library == "torchvision":
+        import torchvision
+
+        return torchvision.models.get_model(name, weights=None, **kwargs)
+    import timm
+
+    return timm.create_model(name, pretrained=False, **kwargs)
+
+
+@contextlib.contextmanager
+def _parameters_to_meta() -> Iterator[None]:
+    """Move each parameter to the meta device as it is registered.
+
+    For constructors that compute with real values while building (``.item()`` on a
+    ``torch.linspace`` of drop-path rates) and so cannot run under ``torch.device("meta")``;
+    initializers then act on meta tensors and cost nothing.
+    """
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+# In-place random fills: the bulk of a meta build's time (meta tensors run them as Python
+# decompositions), and meaningless for a model whose values are never read.
+_RANDOM_FILLS = ("normal_", "uniform_", "erfinv_", "exponential_", "bernoulli_", "random_", "log_normal_", "cauchy_")
+
+
+@contextlib.contextmanager
+def _no_random_fills() -> Iterator[None]:
+    saved = {name: getattr(torch.Tensor, name) for name in _RANDOM_FILLS}
+
+    def unchanged(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self
+
+    for name in _RANDOM_FILLS:
+        setattr(torch.Tensor, name, unchanged)
+    try:
+        yield
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
+
+
+def meta_build(library: str, name: str, **kwargs: Any) -> nn.Module:
+    """``library``'s model ``name`` with every parameter on the meta device and no values filled in."""
+    with warnings.catch_warnings(), _no_random_fills():
+        warnings.simplefilter("ignore")
+        try:
+            with torch.device("meta"):
+                return _construct(library, name, **kwargs)
+        except Exception:  # noqa: BLE001 - e.g. .item() on a meta tensor; retry keeping buffers real
+            with _parameters_to_meta():
+                return _construct(library, name, **kwargs)
+
+
+def _build_kwargs(library: str, which: int, chans: bool = True) -> dict[str, int]:
+    kwargs = {"num_classes": _BUILD_CLASSES[which]}
+    if library == "timm" and chans:
+        kwargs["in_chans"] = _BUILD_CHANS[which]
+    return kwargs
+
+
+def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _fit(a: int, b: int, x0: int, x1: int) -> int | None:
+    """k with a = k·x0 and b = k·x1 (a dim proportional to num_classes or in_chans), or None."""
+    if a % x0 or b % x1 or a // x0 != b // x1 or a // x0 < 1:
+        return None
+    return a // x0
+
+
+def _key_hash(keys: Iterable[str]) -> str:
+    return hashlib.sha1("\n".join(sorted(keys)).encode()).hexdigest()
+
+
+def signature_entry(library: str, name: str) -> dict[str, Any]:
+    """The cached record of one registry model: keys, shapes at 11 classes (and 3 input channels),
+    the dims that follow num_classes / in_chans as ``[key index, dim, factor]``, its class and default
+    num_classes. A model that cannot be built gives ``{"error": ...}``."""
+    try:
+        first = meta_build(library, name, **_build_kwargs(library, 0))
+    except Exception as exc:  # noqa: BLE001 - a registry entry that does not build is recorded, not fatal
+        return {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"}
+    shapes = _shapes(first)
+    keys = list(shapes)
+    second = None
+    for chans in (True, False):
+        try:
+            second = _shapes(meta_build(library, name, **_build_kwargs(library, 1, chans)))
+            break
+        except Exception:  # noqa: BLE001 - then only the default in_chans (or nothing) is known
+            continue
+    classes: list[list[int]] = []
+    chans: list[list[int]] = []
+    if second is not None and set(second) == set(shapes):
+        for index, key in enumerate(keys):
+            a, b = shapes[key], second[key]
+            if len(a) != len(b):
+                classes, chans = [], []
+                break
+            for dim, (x, y) in enumerate(zip(a, b)):
+                if x == y:
+                    continue
+                k = _fit(x, y, *_BUILD_CLASSES)
+                if k is not None:
+                    classes.append([index, dim, k])
+                elif (k := _fit(x, y, *_BUILD_CHANS)) is not None:
+                    chans.append([index, dim, k])
+    head = {keys[i] for i, _, _ in classes}
+    return {
+        "class": f"{type(first).__module__}:{type(first).__qualname__}",
+        "default_classes": _default_classes(library, name),
+        "keys": keys,
+        "shapes": [list(s) for s in shapes.values()],
+        "classes": classes,
+        "chans": chans,
+        "key_hash": _key_hash(keys),
+        "headless_hash": _key_hash(k for k in keys if k not in head) if head else None,
+    }
+
+
+def _default_classes(library: str, name: str) -> int:
+    if library == "timm":
+        from timm.models import get_pretrained_cfg
+
+        cfg = get_pretrained_cfg(name)
+        return int(cfg.num_classes) if cfg is not None and cfg.num_classes is not None else 1000
+    return _TORCHVISION_CLASSES
+
+
+def registry_names(library: str) -> list[str]:
+    """The classification models of ``library``'s registry."""
+    if library == "torchvision":
+        import torchvision
+
+        return list(torchvision.models.list_models(module=torchvision.models))
+    import timm
+
+    return list(timm.list_models())
+
+
+def library_version(library: str) -> str:
+    module = __import__(library)
+    return f"{module.__version__}-torch{torch.__version__}"
+
+
+# ---------------------------------------------------------------- the on-disk cache
+
+
+class SignatureCache:
+    """One library's signatures, read from and written (atomically, merged) to ``<dir>/<library>-<version>.json.gz``."""
+
+    def __init__(self, library: str, directory: Path | None = None):
+        self.library = library
+        self.version = library_version(library)
+        self.path = (directory or cache_dir()) / f"signatures-{library}-{self.version}.json.gz"
+        self.entries: dict[str, dict[str, Any]] = {}
+        self.equivalent: dict[str, bool] = {}
+        self._read()
+
+    def _read(self) -> None:
+        try:
+            with gzip.open(self.path, "rt", encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, ValueError, EOFError):  # absent, or unreadable: rebuilt as needed
+            return
+        if data.get("format") == CACHE_FORMAT and data.get("version") == self.version:
+            self.entries.update(data.get("models", {}))
+            self.equivalent.update(data.get("equivalent", {}))
+
+    def save(self) -> None:
+        """Merge with what another process may have written meanwhile, then replace the file atomically."""
+        mine = dict(self.entries), dict(self.equivalent)
+        self._read()
+        self.entries.update(mine[0])
+        self.equivalent.update(mine[1])
+        data = {"format": CACHE_FORMAT, "library": self.library, "version": self.version,
+                "models": self.entries, "equivalent": self.equivalent}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_output(self.path) as tmp, gzip.open(tmp, "wt", encoding="utf-8", compresslevel=3) as f:
+                json.dump(data, f, separators=(",", ":"))
+        except OSError:  # a read-only cache directory: lookups still work, only slower next time
+            pass
+
+    def ensure(self, names: Iterable[str], progress: ProgressFn | None = None) -> int:
+        """Build the signatures of ``names`` not cached yet; returns how many were built."""
+        missing = [n for n in names if n not in self.entries]
+        if not missing:
+            return 0
+        with quiet_output():  # some constructors print or log while building
+            for i, name in enumerate(missing):
+                if progress is not None:
+                    progress(f"{self.library}:{name}", i, len(missing))
+                self.entries[name] = signature_entry(self.library, name)
+        self.save()
+        return len(missing)
+
+
+# ---------------------------------------------------------------- matching
+
+
+@dataclass(frozen=True)
+class Match:
+    """A registry model whose signature fits a state dict, with the num_classes and in_chans that make it fit."""
+
+    library: str
+    name: str
+    num_classes: int
+    in_chans: int
+    default_classes: int
+
+    @property
+    def arch(self) -> str:
+        return f"{self.library}:{self.name}"
+
+    @property
+    def arch_kwargs(self) -> dict[str, int]:
+        kwargs = {}
+        if self.num_classes != self.default_classes:
+            kwargs["num_classes"] = self.num_classes
+        if self.in_chans != 3:
+            kwargs["in_chans"] = self.in_chans
+        return kwargs
+
+
+def _solve(size: int, factor: int, value: int | None) -> int | None:
+    """The num_classes / in_chans a dim of ``size`` gives (consistent with ``value`` so far), or -1 if none."""
+    if size % factor:
+        return -1
+    solved = size // factor
+    if solved < 1 or (value is not None and value != solved):
+        return -1
+    return solved
+
+
+def match_entry(library: str, name: str, entry: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> Match | None:
+    """``entry`` fits ``shapes`` (key → shape) up to its head and stem dims: the Match, else None."""
+    keys = entry["keys"]
+    head = {keys[i] for i, _, _ in entry["classes"]}
+    if len(shapes) == len(keys):
+        headless = False
+    elif head and len(shapes) == len(keys) - len(head):
+        headless = True
+    else:
+        return None
+    variable = {(i, d): ("classes", k) for i, d, k in entry["classes"]}
+    variable.update({(i, d): ("chans", k) for i, d, k in entry["chans"]})
+    solved: dict[str, int | None] = {"classes": None, "chans": None}
+    for index, (key, expected) in enumerate(zip(keys, entry["shapes"])):
+        if headless and key in head:
+            continue
+        actual = shapes.get(key)
+        if actual is None or len(actual) != len(expected):
+            return None
+        for dim, (got, want) in enumerate(zip(actual, expected)):
+            what = variable.get((index, dim))
+            if what is None:
+                if got != want:
+                    return None
+                continue
+            value = _solve(got, what[1], solved[what[0]])
+            if value == -1:
+                return None
+            solved[what[0]] = value
+    # A model whose head did not change with num_classes (or whose second build failed) keeps its default.
+    num_classes = 0 if headless else solved["classes"] or entry["default_classes"]
+    in_chans = solved["chans"] or _BUILD_CHANS[0]
+    return Match(library, name, num_classes, in_chans, entry["default_classes"])
+
+
+def _plausible_timm(keys: set[str]) -> list[str]:
+    """timm models worth building first: those whose pretrained config names a stem conv that ``keys`` has."""
+    import timm
+    from timm.models import get_pretrained_cfg
+
+    found = []
+    for name in timm.list_models():
+        cfg = get_pretrained_cfg(name)
+        convs = cfg.first_conv if cfg is not None else None
+        convs = [convs] if isinstance(convs, str) else [c for c in convs or () if isinstance(c, str)]
+        if all(f"{conv}.weight" in keys for conv in convs):
+            found.append(name)
+    return found
+
+
+class Registry:
+    """The signature caches of torchvision and timm, built as lookups need them.
+
+    ``names`` restricts a library to the given models (tests, and callers that know the family).
+    """
+
+    def __init__(self, directory: Path | None = None, libraries: Iterable[str] = LIBRARIES,
+                 progress: ProgressFn | None = None, names: Mapping[str, Iterable[str]] | None = None):
+        self.caches = {lib: SignatureCache(lib, directory) for lib in libraries}
+        self.progress = progress
+        self.names = {lib: list(names[lib]) for lib in self.caches if names and lib in names}
+
+    def _names(self, library: str) -> list[str]:
+        return self.names[library] if library in self.names else registry_names(library)
+
+    def matches(self, state: Mapping[str, torch.Tensor] | Mapping[str, tuple[int, ...]]) -> list[Match]:
+        """Every registry model that fits ``state`` (tensors or shapes), building signatures lazily."""
+        shapes = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else tuple(v) for k, v in state.items()}
+        for library, cache in self.caches.items():
+            names = self._names(library)
+            if library == "torchvision" and not any(len(shape) == 4 for shape in shapes.values()):
+                continue  # every torchvision classification model has a 2-D convolution
+            if library == "timm":
+                plausible = set(_plausible_timm(set(shapes)))
+                names = [n for n in names if n in plausible]
+            cache.ensure(names, self.progress)
+        return self._cached_matches(shapes)
+
+    def _cached_matches(self, shapes: Mapping[str, tuple[int, ...]]) -> list[Match]:
+        digest = _key_hash(shapes)
+        found = []
+        for library, cache in self.caches.items():
+            allowed = set(self.names[library]) if library in self.names else None
+            for name, entry in cache.entries.items():
+                if "error" in entry or digest not in (entry["key_hash"], entry["headless_hash"]):
+                    continue
+                if allowed is not None and name not in allowed:
+                    continue
+                match = match_entry(library, name, entry, shapes)
+                if match is not None:
+                    found.append(match)
+        return found
+
+    def entry(self, match: Match) -> dict[str, Any]:
+        return self.caches[match.library].entries[match.name]
+
+    def same_networks(self, matches: list[Match]) -> list[list[Match]]:
+        """``matches`` grouped by the function they compute (verdicts cached); preferred first in each group."""
+        groups: list[list[Match]] = []
+        for match in sorted(matches, key=_preference):
+            for group in groups:
+                if self._equivalent(group[0], match):
+                    group.append(match)
+                    break
+            else:
+                groups.append([match])
+        return groups
+
+    def _equivalent(self, a: Match, b: Match) -> bool:
+        key = "|".join(sorted((a.arch, b.arch)))
+        cache = self.caches[a.library] if a.library == b.library else self.caches["torchvision"]
+        if key not in cache.equivalent:
+            cache.equivalent[key] = same_function(a, b)
+            cache.save()
+        return cache.equivalent[key]
+
+
+def _preference(match: Match) -> tuple:
+    return (LIBRARIES.index(match.library), len(match.name), match.name)
+
+
+def same_function(a: Match, b: Match) -> bool:
+    """Whether ``a`` and ``b`` compute the same outputs from the same (random) weights at ``a``'s input size."""
+    from .checkpoint import default_input_shape
+
+    threads = torch.get_num_threads()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.manual_seed(0)
+            kwargs = _build_kwargs(a.library, 0)
+            first = _construct(a.library, a.name, **_build_kwargs(a.library, 0)).eval()
+            second = _construct(b.library, b.name, **_build_kwargs(b.library, 0)).eval()
+            second.load_state_dict(first.state_dict(), strict=True)
+            shape = default_input_shape(a.arch, first) or (1, kwargs.get("in_chans", 3), 224, 224)
+            x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+            with torch.no_grad():
+                y1, y2 = first(x), second(x)
+        return isinstance(y1, torch.Tensor) and isinstance(y2, torch.Tensor) and y1.shape == y2.shape and bool(
+            torch.allclose(y1, y2, rtol=1e-4, atol=1e-5)
+        )
+    except Exception:  # noqa: BLE001 - a pair that cannot be compared is taken to differ
+        return False
+    finally:
+        torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------- the answer
+
+
+@dataclass
+class InferredArch:
+    """The architecture a state dict was found to belong to."""
+
+    arch: str
+    arch_kwargs: dict[str, int]
+    same_network: list[str] = field(default_factory=list)
+    other_fits: list[str] = field(default_factory=list)
+
+    @property
+    def message(self) -> str:
+        kwargs = "".join(f", {k}={v}" for k, v in self.arch_kwargs.items())
+        text = f"architecture {self.arch}{kwargs}, inferred from the state dict's keys and shapes"
+        if self.same_network:
+            text += f" (the same network as {', '.join(self.same_network)})"
+        if self.other_fits:
+            text += f"; {', '.join(self.other_fits)} also fit but compute something else: pass --arch to use one"
+        return text
+
+
+def _resolve(groups: list[list[Match]]) -> tuple[list[Match], list[Match]]:
+    """(the chosen group, the preferred match of every other group)."""
+    if len(groups) == 1:
+        return groups[0], []
+    torchvision = [g for g in groups if g[0].library == "torchvision"]
+    if len(torchvision) == 1:
+        return torchvision[0], [g[0] for g in groups if g is not torchvision[0]]
+    raise _ambiguous(groups)
+
+
+def _ambiguous(groups: list[list[Match]]) -> UsageError:
+    listed = "; ".join(
+        g[0].arch + (f" (= {', '.join(m.arch for m in g[1:])})" if len(g) > 1 else "") for g in groups
+    )
+    error = UsageError(
+        f"the state dict fits {len(groups)} architectures with the same keys and shapes: {listed}; "
+        "pass --arch to say which"
+    )
+    error.candidates = [g[0].arch for g in groups]
+    return error
+
+
+def infer_arch(
+    state: Mapping[str, torch.Tensor],
+    source: str | Path = "the state dict",
+    registry: Registry | None = None,
+) -> InferredArch:
+    """The torchvision/timm architecture (and num_classes, in_chans) of ``state``.
+
+    Ambiguity raises a UsageError (exit 2) whose ``candidates`` lists the architectures; no match
+    raises one that says so.
+    """
+    registry = registry or Registry()
+    matches = registry.matches(state)
+    if not matches:
+        raise UsageError(
+            f"{source} holds a state dict; pass --arch to say which architecture it belongs to "
+            "(its keys and shapes match no torchvision or timm classification model)"
+        )
+    chosen, others = _resolve(registry.same_networks(matches))
+    best = chosen[0]
+    return InferredArch(best.arch, best.arch_kwargs, [m.arch for m in chosen[1:]], [m.arch for m in others])
+
+
+def registry_arch(model: nn.Module, registry: Registry | None = None) -> str | None:
+    """The ``library:name`` of a torchvision/timm model instance (e.g. unpickled), or None.
+
+    Only registry models of the instance's own class count; None where that leaves none or several.
+    """
+    cls = type(model)
+    library = cls.__module__.split(".")[0]
+    if library not in LIBRARIES:
+        return None
+    registry = registry or Registry(libraries=(library,))
+    qualified = f"{cls.__module__}:{cls.__qualname__}"
+    matches = [m for m in registry.matches(model.state_dict()) if registry.entry(m)["class"] == qualified]
+    if not matches:
+        return None
+    try:
+        chosen, _ = _resolve(registry.same_networks(matches))
+    except UsageError:
+        return None
+    return chosen[0].arch
+
+
+def build_cache(libraries: Iterable[str] = LIBRARIES, directory: Path | None = None,
+                progress: ProgressFn | None = None) -> dict[str, int]:
+    """Build every signature of ``libraries`` now (minutes for timm); returns how many models each has."""
+    counts = {}
+    for library in libraries:
+        cache = SignatureCache(library, directory)
+        cache.ensure(registry_names(library), progress)
+        counts[library] = sum("error" not in e for e in cache.entries.values())
+    return counts
