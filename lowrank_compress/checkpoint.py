@@ -45,6 +45,7 @@ class LoadedModel:
     data_config: dict[str, Any] = field(default_factory=dict)
     manifest: dict[str, Any] | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    arch_note: str | None = None  # how the architecture was found when no spec named it
 
 
 # ---------------------------------------------------------------- files
@@ -684,6 +685,7 @@ def open_model(
     path = _check_file(path)
     metadata: dict[str, str] = {}
     restricted = False
+    arch_note = None
     if path.suffix == ".safetensors":
         metadata = read_safetensors_metadata(path)
         if MANIFEST_KEY in metadata:
@@ -702,11 +704,21 @@ def open_model(
         arch = _rebuild_spec(model, arch, arch_kwargs, path)
     else:
         if arch is None:
-            raise UsageError(f"{path} holds a state dict; pass --arch to say which architecture it belongs to")
+            # No spec: the torchvision/timm model whose keys and shapes the state dict has (archinfer).
+            from .archinfer import infer_arch
+
+            inferred = infer_arch(content, path)
+            arch, arch_kwargs, restricted = inferred.arch, {**inferred.arch_kwargs, **(arch_kwargs or {})}, True
+            arch_note = inferred.message
         model = build_model(arch, arch_kwargs, restricted=restricted, source=path)
         load_weights(model, content, path)
     model.eval()
     shape = input_shape or default_input_shape(arch, model, metadata)
+    if shape is None and isinstance(content, nn.Module):
+        # A pickled torchvision/timm model: its registry entry's input shape (archinfer).
+        from .archinfer import registry_arch
+
+        shape = default_input_shape(registry_arch(model), model, metadata)
     return LoadedModel(
         model=model,
         arch=arch,
@@ -714,6 +726,7 @@ def open_model(
         input_shape=shape,
         data_config=data_config(arch, model, metadata),
         metadata=metadata,
+        arch_note=arch_note,
     )
 
 
