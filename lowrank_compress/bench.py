@@ -25,6 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import UsageError
 from .export import DEFAULT_OPSET, model_device, model_dtype, ort_session, reference_forward, write_graph
+from .modelrun import frozen_parameters
 
 RUNTIMES = ("torch", "onnxruntime")
 ModelLike = nn.Module | str | os.PathLike
@@ -53,7 +54,7 @@ def count_flops(model: nn.Module, input_shape: Sequence[int]) -> int:
     was_training = model.training
     model.eval()
     try:
-        with FlopCounterMode(display=False) as counter:
+        with frozen_parameters(model), FlopCounterMode(display=False) as counter:
             reference_forward(model, example)
     finally:
         model.train(was_training)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -98,12 +99,31 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+@contextlib.contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[None]:
+    """No parameter of ``model`` requires grad inside the block; what did is restored after it.
+
+    For passes under ``torch.utils.flop_counter.FlopCounterMode``: its module tracker hooks the
+    autograd graph of every module input that requires grad, and a view of a parameter taken under
+    ``no_grad`` (timm's CaiT and PiT hand ``cls_token.expand(...)`` to a block) requires grad
+    without having a grad_fn, so the hook fails ("Expected gradient function to be set").
+    """
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for param in trainable:
+        param.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for param in trainable:
+            param.requires_grad_(True)
+
+
 def count_flops(model: nn.Module, inputs: Any) -> int:
     """FLOPs of one forward pass at ``inputs`` (torch.utils.flop_counter)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
+    with torch.no_grad(), frozen_parameters(model), counter:
         call_model(model, inputs)
     return int(counter.get_total_flops())
 
