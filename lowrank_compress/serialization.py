@@ -8,6 +8,7 @@ the architecture, replays the structure with empty factors, then loads the tenso
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -139,8 +140,8 @@ def validate_manifest(manifest: Any, path: str | Path = "the file") -> dict[str,
     if config is not None:
         if not isinstance(config, dict) or not set(config) <= _DATA_CONFIG_KEYS:
             raise UsageError(f"{bad} (data_config {_clip(config)} is not an object of {', '.join(sorted(_DATA_CONFIG_KEYS))})")
-        if "input_size" in config and (len(check_input_shape(config["input_size"], path, capped=False)) != 3):
-            raise UsageError(f"{bad} (data_config input_size {_clip(config['input_size'])} is not C, H, W)")
+        if "input_size" in config:  # one sample's shape: C, H, W for images, D for vectors
+            check_input_shape(config["input_size"], path, capped=False)
         for key in ("mean", "std"):
             if key in config:
                 check_norm_values(config[key], key, path)
@@ -298,7 +299,7 @@ def load_compressed(
         if shape is not None:
             check_input_shape(shape, path)
         size = (manifest.get("data_config") or {}).get("input_size")
-        if size is not None and len(size) == 3 and (size[0] * size[1] * size[2]) > MAX_SAMPLE_ELEMENTS:
+        if size is not None and math.prod(size) > MAX_SAMPLE_ELEMENTS:
             check_input_shape([1, *size], path)
     else:
         shape = tuple(input_shape)
