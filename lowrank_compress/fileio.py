@@ -55,10 +55,11 @@ def check_distinct_paths(
     """Fail before any work when an output would replace an input or another output.
 
     ``inputs`` and ``outputs`` map what the user called each path (``CHECKPOINT``, ``--json``) to the
-    path, or None when not given. Paths are compared after resolving symlinks and, where both exist,
-    with ``os.path.samefile`` (hard links), so no spelling of a path slips through.
+    path, or None when not given; a missing input cannot be overwritten (its own check reports it).
+    Paths are compared after resolving symlinks and, where both exist, with ``os.path.samefile``
+    (hard links), so no spelling of a path slips through.
     """
-    given_inputs = [(label, Path(p)) for label, p in inputs.items() if p is not None]
+    given_inputs = [(label, Path(p)) for label, p in inputs.items() if p is not None and os.path.lexists(p)]
     given_outputs = [(label, Path(p)) for label, p in outputs.items() if p is not None]
     for i, (label, out) in enumerate(given_outputs):
         for other_label, other in given_outputs[:i]:

@@ -185,9 +185,9 @@ def assert_refused(result, *fragments: str) -> str:
     return result.err_lines[0]
 
 
-def assert_no_side_effects(tmp_path: Path, cwd: Path, before: dict[str, bytes], result: Run | None = None) -> None:
-    if result is not None:
-        assert result.events == [], result.events
+def assert_no_side_effects(tmp_path: Path, cwd: Path, before: dict[str, bytes], result: Run) -> None:
+    """No network use or watched import, nothing in the torch hub cache, the working folder unchanged."""
+    assert result.events == [], result.events
     hub = tmp_path / "torch-home"
     assert not hub.exists() or not any(hub.rglob("*")), sorted(hub.rglob("*"))
     assert snapshot(cwd) == before  # no file created, changed or removed in the working folder
@@ -254,7 +254,7 @@ def test_every_command_refuses_the_downloading_class(work, run_cli, offline, com
     before = snapshot(work)
     assert_refused(run_cli(*make(work, evil)), f"names the architecture '{DISTILL}'")
     assert offline == [] and "timm.task.distillation" not in sys.modules
-    assert snapshot(work) == before and not (Path(os.environ["TORCH_HOME"])).exists()
+    assert snapshot(work) == before and not Path(os.environ["TORCH_HOME"]).exists()
 
 
 def test_a_hub_model_name_in_a_file_is_refused_without_contacting_the_hub(work, tmp_path):
