@@ -678,6 +678,9 @@ def _run(argv: list[str] | None, debug: bool) -> None:
 def _message(exc: Exception) -> tuple[str, int]:
     """The one line and the exit code for a failure (any other failure still ends in one line)."""
     text = str(exc).strip() or type(exc).__name__
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        # Re-raised from a DataLoader worker: the original error is the traceback's last line.
+        text = text.splitlines()[-1].split(": ", 1)[-1].strip() or text
     if isinstance(exc, LrcError):
         return text, exc.exit_code
     if isinstance(exc, ValueError):

@@ -581,6 +581,12 @@ def test_bad_plain_metadata_is_one_line_and_exit_2(work, run_cli, metadata, frag
     assert_refused(run_cli("inspect", work / "bad.safetensors"), fragment)
 
 
+def test_an_image_error_in_a_loader_worker_still_names_the_file(work, run_cli):
+    bomb = png_header(work / "data" / "val" / "0" / "bomb.png", 20000, 20000)
+    result = run_cli("eval", work / "digits.lrc.safetensors", "--data", work / "data", "--workers", "1")
+    assert_refused(result, str(bomb), "LRC_MAX_IMAGE_PIXELS")
+
+
 def test_library_warnings_and_logs_stay_off_stderr(work, capfd, monkeypatch):
     from lowrank_compress import checkpoint
     from lowrank_compress.cli import main
