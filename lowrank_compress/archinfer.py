@@ -8,7 +8,8 @@ head, timm's ``num_classes=0``) and the same shapes except in those dims, which 
 ``num_classes`` and ``in_chans``.
 
 Signatures are cached on disk per library version, in ``$LRC_CACHE_DIR`` or else
-``~/.cache/lowrank_compress``, and written atomically. A lookup builds only what it needs: all of
+``~/.cache/lowrank_compress``: an index of key-set hashes and one file per model, each written
+atomically, so a lookup reads the index and the few signatures whose key set fits. A lookup builds only what it needs: all of
 torchvision's ~80 classification models, and those of timm's ~1400 whose pretrained config names
 a stem conv the state dict has; the rest of timm only when none of those match.
 
@@ -24,10 +25,10 @@ When several models match:
 from __future__ import annotations
 
 import contextlib
-import gzip
 import hashlib
 import json
 import os
+import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -37,11 +38,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import UsageError
+from .errors import LrcError, UsageError
 from .fileio import atomic_output, quiet_output
 
 CACHE_ENV = "LRC_CACHE_DIR"
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 LIBRARIES = ("torchvision", "timm")
 # The two builds behind a signature: their num_classes, and for timm their in_chans.
 _BUILD_CLASSES = (11, 37)
@@ -224,53 +226,97 @@ def library_version(library: str) -> str:
 
 
 class SignatureCache:
-    """One library's signatures, read from and written (atomically, merged) to ``<dir>/<library>-<version>.json.gz``."""
+    """One library's signatures under ``<dir>/<library>-<version>/``.
+
+    ``index.json`` holds, per model, the hashes of its key set (with and without the head) or the
+    error that kept it from building, and each timm model's stem conv names: a lookup reads only
+    the index and then ``models/<name>.json`` of the few models whose key set is the state dict's.
+    Every file is written atomically; the index is merged with what another process may have
+    written meanwhile.
+    """
 
     def __init__(self, library: str, directory: Path | None = None):
         self.library = library
         self.version = library_version(library)
-        self.path = (directory or cache_dir()) / f"signatures-{library}-{self.version}.json.gz"
-        self.entries: dict[str, dict[str, Any]] = {}
+        self.root = (directory or cache_dir()) / f"{library}-{self.version}"
+        self.index: dict[str, dict[str, Any]] = {}
+        self.stems: dict[str, list[str]] = {}
         self.equivalent: dict[str, bool] = {}
-        self._read()
+        self._entries: dict[str, dict[str, Any]] = {}
+        self._read_index()
 
-    def _read(self) -> None:
+    def _read_index(self) -> None:
         try:
-            with gzip.open(self.path, "rt", encoding="utf-8") as f:
-                data = json.load(f)
-        except (OSError, ValueError, EOFError):  # absent, or unreadable: rebuilt as needed
+            data = json.loads((self.root / "index.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # absent or unreadable: rebuilt as needed
             return
-        if data.get("format") == CACHE_FORMAT and data.get("version") == self.version:
-            self.entries.update(data.get("models", {}))
+        if isinstance(data, dict) and data.get("format") == CACHE_FORMAT:
+            self.index.update(data.get("models", {}))
+            self.stems.update(data.get("stems", {}))
             self.equivalent.update(data.get("equivalent", {}))
 
-    def save(self) -> None:
-        """Merge with what another process may have written meanwhile, then replace the file atomically."""
-        mine = dict(self.entries), dict(self.equivalent)
-        self._read()
-        self.entries.update(mine[0])
-        self.equivalent.update(mine[1])
-        data = {"format": CACHE_FORMAT, "library": self.library, "version": self.version,
-                "models": self.entries, "equivalent": self.equivalent}
+    def _write(self, path: Path, data: Any) -> None:
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_output(self.path) as tmp, gzip.open(tmp, "wt", encoding="utf-8", compresslevel=3) as f:
-                json.dump(data, f, separators=(",", ":"))
-        except OSError:  # a read-only cache directory: lookups still work, only slower next time
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_output(path) as tmp:
+                tmp.write_text(json.dumps(data, separators=(",", ":")), encoding="utf-8")
+        except (OSError, LrcError):  # a read-only or full cache directory: lookups work, only slower next time
             pass
+
+    def save(self) -> None:
+        """Write the index, merged with the one on disk."""
+        mine = dict(self.index), dict(self.stems), dict(self.equivalent)
+        self._read_index()
+        self.index.update(mine[0])
+        self.stems.update(mine[1])
+        self.equivalent.update(mine[2])
+        data = {"format": CACHE_FORMAT, "library": self.library, "version": self.version,
+                "models": self.index, "stems": self.stems, "equivalent": self.equivalent}
+        self._write(self.root / "index.json", data)
+
+    def _model_path(self, name: str) -> Path:
+        if not _SAFE_NAME.fullmatch(name):
+            raise ValueError(f"not a registry model name: {name!r}")
+        return self.root / "models" / f"{name}.json"
+
+    def entry(self, name: str) -> dict[str, Any]:
+        """The signature of ``name``, read from its file (built again if that is missing or damaged)."""
+        if name not in self._entries:
+            try:
+                entry = json.loads(self._model_path(name).read_text(encoding="utf-8"))
+                if not isinstance(entry, dict) or "keys" not in entry:
+                    raise ValueError("not a signature")
+            except (OSError, ValueError):
+                entry = self._build(name)
+            self._entries[name] = entry
+        return self._entries[name]
+
+    def _build(self, name: str) -> dict[str, Any]:
+        entry = signature_entry(self.library, name)
+        if "error" in entry:
+            self.index[name] = {"error": entry["error"]}
+        else:
+            self._write(self._model_path(name), entry)
+            self.index[name] = {"key_hash": entry["key_hash"], "headless_hash": entry["headless_hash"]}
+        self._entries[name] = entry
+        return entry
 
     def ensure(self, names: Iterable[str], progress: ProgressFn | None = None) -> int:
         """Build the signatures of ``names`` not cached yet; returns how many were built."""
-        missing = [n for n in names if n not in self.entries]
+        missing = [n for n in names if n not in self.index]
         if not missing:
             return 0
         with quiet_output():  # some constructors print or log while building
             for i, name in enumerate(missing):
                 if progress is not None:
                     progress(f"{self.library}:{name}", i, len(missing))
-                self.entries[name] = signature_entry(self.library, name)
+                self._build(name)
         self.save()
         return len(missing)
+
+    def with_key_hash(self, digest: str) -> list[str]:
+        """Models whose key set, with or without the head, hashes to ``digest``."""
+        return [n for n, e in self.index.items() if digest in (e.get("key_hash"), e.get("headless_hash"))]
 
 
 # ---------------------------------------------------------------- matching
@@ -345,19 +391,23 @@ def match_entry(library: str, name: str, entry: Mapping[str, Any], shapes: Mappi
     return Match(library, name, num_classes, in_chans, entry["default_classes"])
 
 
-def _plausible_timm(keys: set[str]) -> list[str]:
-    """timm models worth building first: those whose pretrained config names a stem conv that ``keys`` has."""
-    import timm
-    from timm.models import get_pretrained_cfg
+def _stems(cache: SignatureCache) -> dict[str, list[str]]:
+    """Per timm model, the stem convs its pretrained config names (cached in the index)."""
+    names = registry_names("timm")
+    if any(n not in cache.stems for n in names):
+        from timm.models import get_pretrained_cfg
 
-    found = []
-    for name in timm.list_models():
-        cfg = get_pretrained_cfg(name)
-        convs = cfg.first_conv if cfg is not None else None
-        convs = [convs] if isinstance(convs, str) else [c for c in convs or () if isinstance(c, str)]
-        if all(f"{conv}.weight" in keys for conv in convs):
-            found.append(name)
-    return found
+        for name in names:
+            cfg = get_pretrained_cfg(name)
+            convs = cfg.first_conv if cfg is not None else None
+            cache.stems[name] = [convs] if isinstance(convs, str) else [c for c in convs or () if isinstance(c, str)]
+        cache.save()
+    return cache.stems
+
+
+def _plausible_timm(cache: SignatureCache, keys: set[str]) -> list[str]:
+    """timm models worth building: those whose pretrained config names a stem conv that ``keys`` has."""
+    return [name for name, convs in _stems(cache).items() if all(f"{conv}.weight" in keys for conv in convs)]
 
 
 class Registry:
@@ -383,7 +433,7 @@ class Registry:
             if library == "torchvision" and not any(len(shape) == 4 for shape in shapes.values()):
                 continue  # every torchvision classification model has a 2-D convolution
             if library == "timm":
-                plausible = set(_plausible_timm(set(shapes)))
+                plausible = set(_plausible_timm(cache, set(shapes)))
                 names = [n for n in names if n in plausible]
             cache.ensure(names, self.progress)
         return self._cached_matches(shapes)
@@ -393,18 +443,16 @@ class Registry:
         found = []
         for library, cache in self.caches.items():
             allowed = set(self.names[library]) if library in self.names else None
-            for name, entry in cache.entries.items():
-                if "error" in entry or digest not in (entry["key_hash"], entry["headless_hash"]):
-                    continue
+            for name in cache.with_key_hash(digest):
                 if allowed is not None and name not in allowed:
                     continue
-                match = match_entry(library, name, entry, shapes)
+                match = match_entry(library, name, cache.entry(name), shapes)
                 if match is not None:
                     found.append(match)
         return found
 
     def entry(self, match: Match) -> dict[str, Any]:
-        return self.caches[match.library].entries[match.name]
+        return self.caches[match.library].entry(match.name)
 
     def same_networks(self, matches: list[Match]) -> list[list[Match]]:
         """``matches`` grouped by the function they compute (verdicts cached); preferred first in each group."""
@@ -552,5 +600,5 @@ def build_cache(libraries: Iterable[str] = LIBRARIES, directory: Path | None = N
     for library in libraries:
         cache = SignatureCache(library, directory)
         cache.ensure(registry_names(library), progress)
-        counts[library] = sum("error" not in e for e in cache.entries.values())
+        counts[library] = sum("error" not in e for e in cache.index.values())
     return counts

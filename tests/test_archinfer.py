@@ -98,9 +98,9 @@ def test_only_timm_models_whose_stem_the_state_dict_has_are_built(tmp_path, monk
 def test_signatures_are_cached_per_library_version_and_reused(registry, cache, monkeypatch):
     state = meta_state("torchvision:resnet18")
     infer_arch(state, registry=registry)
-    files = sorted(p.name for p in cache.glob("signatures-*"))
-    versions = {lib: archinfer.library_version(lib) for lib in ("torchvision", "timm")}
-    assert files == sorted(f"signatures-{lib}-{v}.json.gz" for lib, v in versions.items())
+    for lib in ("torchvision", "timm"):
+        root = cache / f"{lib}-{archinfer.library_version(lib)}"
+        assert (root / "index.json").is_file() and (root / "models" / "resnet18.json").is_file()
     monkeypatch.setattr(archinfer, "signature_entry", lambda *a: pytest.fail("rebuilt a cached signature"))
     monkeypatch.setattr(archinfer, "same_function", lambda *a: pytest.fail("recomputed a cached verdict"))
     start = time.perf_counter()
@@ -109,13 +109,14 @@ def test_signatures_are_cached_per_library_version_and_reused(registry, cache, m
     assert found.arch == "torchvision:resnet18"
 
 
-def test_a_corrupt_cache_file_is_rebuilt(tmp_path):
+@pytest.mark.parametrize("damaged", ["index.json", "models/resnet18.json"])
+def test_a_damaged_cache_file_is_rebuilt(tmp_path, damaged):
     names = {"torchvision": ["resnet18"], "timm": []}
     Registry(tmp_path, names=names).matches(meta_state("torchvision:resnet18"))
-    (path,) = tmp_path.glob("signatures-torchvision-*")
-    path.write_bytes(b"not gzip")
+    (root,) = tmp_path.glob("torchvision-*")
+    (root / damaged).write_text("{not json")
     assert infer_arch(meta_state("torchvision:resnet18"), registry=Registry(tmp_path, names=names)).arch == "torchvision:resnet18"
-    assert len(archinfer.SignatureCache("torchvision", tmp_path).entries) == 1
+    assert archinfer.SignatureCache("torchvision", tmp_path).entry("resnet18")["class"].endswith(":ResNet")
 
 
 def test_a_model_that_does_not_build_is_recorded_not_fatal():
