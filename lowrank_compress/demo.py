@@ -38,14 +38,14 @@ from .errors import LrcError, UsageError
 from .fileio import atomic_output
 
 BUDGETS = (0.5, 0.25, 0.1, 0.05)
-FAST_BUDGETS = (0.25, 0.05)
+FAST_BUDGETS = (0.25, 0.1)
 # (label, --method, calibrated, --allocation): the rows of the comparison, in the order they are shown.
 Variant = tuple[str, str, bool, str]
 SPECTRAL: Variant = ("spectral", "spectral", False, "auto")
 NKP_DATA_FREE: Variant = ("nkp (data-free)", "nkp", False, "auto")
 NKP_CALIBRATED: Variant = ("nkp (calibrated)", "nkp", True, "layer")
 NETWORK_AWARE: Variant = ("nkp (network-aware)", "nkp", True, "output")
-FINETUNED = (NETWORK_AWARE[0], 0.05)  # the run that is fine-tuned, exported and plotted per layer
+
 REPORT_VERSION = 1
 
 # File names inside the output folder.
@@ -54,8 +54,8 @@ SUMMARY_MD = "summary.md"
 ERROR_PLOT = "error_vs_rank.png"
 ACCURACY_PLOT = "accuracy_vs_params.png"
 CALIB_FILE = "calibration.safetensors"
-FINETUNED_MODEL = "digits_network_aware_0.05_finetuned.lrc.safetensors"
-FINETUNED_ONNX = "digits_network_aware_0.05_finetuned.onnx"
+FINETUNED_MODEL = "digits_network_aware_finetuned.lrc.safetensors"
+FINETUNED_ONNX = "digits_network_aware_finetuned.onnx"
 
 
 @dataclass(frozen=True)
@@ -75,10 +75,15 @@ class DemoSettings:
     finetune_max_steps: int | None
     seed: int = 0
 
+    @property
+    def finetuned(self) -> tuple[str, float]:
+        """The run that is fine-tuned, exported and plotted per layer: network-aware at the smallest budget."""
+        return NETWORK_AWARE[0], min(self.budgets)
+
     @classmethod
     def for_mode(cls, fast: bool) -> DemoSettings:
         if fast:
-            return cls((SPECTRAL, NKP_CALIBRATED, NETWORK_AWARE), FAST_BUDGETS, calib_samples=64, refine_steps=20,
+            return cls((SPECTRAL, NKP_CALIBRATED, NETWORK_AWARE), FAST_BUDGETS, calib_samples=64, refine_steps=200,
                        finetune_epochs=1, finetune_max_steps=4)
         return cls((SPECTRAL, NKP_DATA_FREE, NKP_CALIBRATED, NETWORK_AWARE), BUDGETS, calib_samples=512,
                    refine_steps=200, finetune_epochs=3, finetune_max_steps=None)
@@ -246,7 +251,7 @@ def summary_markdown(result: DemoResult) -> str:
     for r in result.runs:
         lines.append(f"| {r.label} | {r.target_params} | {r.param_ratio:.3f} | {r.flop_ratio:.3f} | "
                      f"{percent(r.accuracy)} | {r.seconds:.1f} |")
-    label, budget = FINETUNED
+    label, budget = s.finetuned
     lines += [
         "",
         "## Fine-tuning",
@@ -324,7 +329,7 @@ def run_demo(
         kept: dict[tuple[str, float], tuple[nn.Module, CompressReport]] = {}
         for budget in settings.budgets:
             for label, method, calibrated, allocation in settings.variants:
-                chosen = (label, budget) == FINETUNED
+                chosen = (label, budget) == settings.finetuned
                 model, report, seconds = _compress_variant(original, method, calibrated, allocation, budget,
                                                            settings, calibration, curves=chosen)
                 run = DemoRun(
@@ -338,17 +343,17 @@ def run_demo(
                 log(f"{label} @ {budget}: params {run.param_ratio:.3f}, test accuracy {percent(run.accuracy)} "
                     f"({seconds:.1f} s)")
                 if chosen:
-                    kept[FINETUNED] = (model, report)
-        student, student_report = kept[FINETUNED]
+                    kept[settings.finetuned] = (model, report)
+        student, student_report = kept[settings.finetuned]
 
-        label, budget = FINETUNED
+        label, budget = settings.finetuned
         log(f"fine-tuning {label} @ {budget} by distillation on CPU")
         ft_start = time.perf_counter()
         ft_result, ft_config = _finetune(student, original, x_train, y_train, out / FINETUNED_MODEL, settings)
         finetuned = open_model(out / FINETUNED_MODEL).model.eval()  # what was written, read back
         ft_info = {
             "run": f"{label} @ {budget}", "steps": ft_result.steps, "config": ft_config,
-            "accuracy_before": next(r.accuracy for r in runs if (r.label, r.target_params) == FINETUNED),
+            "accuracy_before": next(r.accuracy for r in runs if (r.label, r.target_params) == settings.finetuned),
             "accuracy_after": digits.accuracy(finetuned, x_test, y_test),
             "seconds": time.perf_counter() - ft_start, "file": FINETUNED_MODEL,
         }
