@@ -9,9 +9,10 @@ head, timm's ``num_classes=0``) and the same shapes except in those dims, which 
 
 Signatures are cached on disk per library version, in ``$LRC_CACHE_DIR`` or else
 ``~/.cache/lowrank_compress``: an index of key-set hashes and one file per model, each written
-atomically, so a lookup reads the index and the few signatures whose key set fits. A lookup builds only what it needs: all of
-torchvision's ~80 classification models, and those of timm's ~1400 whose pretrained config names
-a stem conv the state dict has; the rest of timm only when none of those match.
+atomically, so a lookup reads the index and the few signatures whose key set fits. A lookup
+builds only the signatures it may need: torchvision's ~80 classification models (when the state
+dict has a 2-D conv) and those of timm's ~1400 whose pretrained config names a stem conv the state
+dict has (for every timm 1.0.31 model, a key of its own state dict). ``build_cache`` builds all.
 
 When several models match:
 
@@ -43,7 +44,7 @@ from .fileio import atomic_output, quiet_output
 
 CACHE_ENV = "LRC_CACHE_DIR"
 CACHE_FORMAT = 2
-_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
 LIBRARIES = ("torchvision", "timm")
 # The two builds behind a signature: their num_classes, and for timm their in_chans.
 _BUILD_CLASSES = (11, 37)
@@ -64,7 +65,22 @@ def cache_dir() -> Path:
 # ---------------------------------------------------------------- building models without weights
 
 
-def _construct(library: str, name: str, **kwargs: Any) -> nn.Module:
+# Layouts that torchvision's pretrained models have and its default build does not: GoogLeNet and
+# Inception v3 loaded with weights drop their auxiliary heads and normalize their input themselves.
+_VARIANTS = {
+    ("torchvision", "googlenet+pretrained"): ("googlenet", {"aux_logits": False, "transform_input": True}),
+    ("torchvision", "inception_v3+pretrained"): ("inception_v3", {"aux_logits": False, "transform_input": True}),
+}
+
+
+def resolve_key(library: str, key: str) -> tuple[str, dict[str, Any]]:
+    """The registry name and build kwargs of a signature key (a name, or a ``name+variant`` above)."""
+    return _VARIANTS.get((library, key), (key, {}))
+
+
+def _construct(library: str, key: str, **kwargs: Any) -> nn.Module:
+    name, extra = resolve_key(library, key)
+    kwargs = {**extra, **kwargs}
     if library == "torchvision":
         import torchvision
 
@@ -187,7 +203,7 @@ def signature_entry(library: str, name: str) -> dict[str, Any]:
     head = {keys[i] for i, _, _ in classes}
     return {
         "class": f"{type(first).__module__}:{type(first).__qualname__}",
-        "default_classes": _default_classes(library, name),
+        "default_classes": _default_classes(library, resolve_key(library, name)[0]),
         "keys": keys,
         "shapes": [list(s) for s in shapes.values()],
         "classes": classes,
@@ -207,14 +223,15 @@ def _default_classes(library: str, name: str) -> int:
 
 
 def registry_names(library: str) -> list[str]:
-    """The classification models of ``library``'s registry."""
+    """The signature keys of ``library``: its classification models and their variants."""
+    variants = [key for lib, key in _VARIANTS if lib == library]
     if library == "torchvision":
         import torchvision
 
-        return list(torchvision.models.list_models(module=torchvision.models))
+        return list(torchvision.models.list_models(module=torchvision.models)) + variants
     import timm
 
-    return list(timm.list_models())
+    return list(timm.list_models()) + variants
 
 
 def library_version(library: str) -> str:
@@ -324,21 +341,25 @@ class SignatureCache:
 
 @dataclass(frozen=True)
 class Match:
-    """A registry model whose signature fits a state dict, with the num_classes and in_chans that make it fit."""
+    """A registry model whose signature fits a state dict, with the num_classes and in_chans that make it fit.
+
+    ``key`` is the signature's key: the model's name, or ``name+variant`` for a layout it is built
+    into with extra kwargs.
+    """
 
     library: str
-    name: str
+    key: str
     num_classes: int
     in_chans: int
     default_classes: int
 
     @property
     def arch(self) -> str:
-        return f"{self.library}:{self.name}"
+        return f"{self.library}:{resolve_key(self.library, self.key)[0]}"
 
     @property
-    def arch_kwargs(self) -> dict[str, int]:
-        kwargs = {}
+    def arch_kwargs(self) -> dict[str, Any]:
+        kwargs = dict(resolve_key(self.library, self.key)[1])
         if self.num_classes != self.default_classes:
             kwargs["num_classes"] = self.num_classes
         if self.in_chans != 3:
@@ -452,7 +473,7 @@ class Registry:
         return found
 
     def entry(self, match: Match) -> dict[str, Any]:
-        return self.caches[match.library].entry(match.name)
+        return self.caches[match.library].entry(match.key)
 
     def same_networks(self, matches: list[Match]) -> list[list[Match]]:
         """``matches`` grouped by the function they compute (verdicts cached); preferred first in each group."""
@@ -467,7 +488,7 @@ class Registry:
         return groups
 
     def _equivalent(self, a: Match, b: Match) -> bool:
-        key = "|".join(sorted((a.arch, b.arch)))
+        key = "|".join(sorted((f"{a.library}:{a.key}", f"{b.library}:{b.key}")))
         cache = self.caches[a.library] if a.library == b.library else self.caches["torchvision"]
         if key not in cache.equivalent:
             cache.equivalent[key] = same_function(a, b)
@@ -476,7 +497,7 @@ class Registry:
 
 
 def _preference(match: Match) -> tuple:
-    return (LIBRARIES.index(match.library), len(match.name), match.name)
+    return (LIBRARIES.index(match.library), len(match.key), match.key)
 
 
 def same_function(a: Match, b: Match) -> bool:
@@ -489,8 +510,8 @@ def same_function(a: Match, b: Match) -> bool:
             warnings.simplefilter("ignore")
             torch.manual_seed(0)
             kwargs = _build_kwargs(a.library, 0)
-            first = _construct(a.library, a.name, **_build_kwargs(a.library, 0)).eval()
-            second = _construct(b.library, b.name, **_build_kwargs(b.library, 0)).eval()
+            first = _construct(a.library, a.key, **_build_kwargs(a.library, 0)).eval()
+            second = _construct(b.library, b.key, **_build_kwargs(b.library, 0)).eval()
             second.load_state_dict(first.state_dict(), strict=True)
             shape = default_input_shape(a.arch, first) or (1, kwargs.get("in_chans", 3), 224, 224)
             x = torch.randn(shape, generator=torch.Generator().manual_seed(0))

@@ -63,6 +63,16 @@ def test_num_classes_and_in_chans_come_from_the_head_and_stem(registry, arch, kw
     assert all(f"{k}={v}" in found.message for k, v in kwargs.items())
 
 
+def test_a_pretrained_googlenet_without_its_auxiliary_heads_is_identified(cache):
+    from torchvision.models import googlenet
+
+    pretrained_layout = googlenet(weights=None, aux_logits=False, init_weights=False)  # as torchvision loads weights
+    names = {"torchvision": ["googlenet", "googlenet+pretrained"], "timm": []}
+    found = infer_arch(pretrained_layout.state_dict(), registry=Registry(cache, names=names))
+    assert found.arch == "torchvision:googlenet"
+    assert found.arch_kwargs == {"aux_logits": False, "transform_input": True}
+
+
 def test_networks_that_compute_the_same_function_count_once(registry):
     found = infer_arch(meta_state("timm:deit_tiny_patch16_224"), registry=registry)
     assert found.arch == "timm:vit_tiny_patch16_224" and found.same_network == ["timm:deit_tiny_patch16_224"]
@@ -137,10 +147,11 @@ def full_registry():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", torchvision_models())
-def test_every_torchvision_classification_model_is_identified(full_registry, name):
-    found = infer_arch(meta_state(f"torchvision:{name}"), registry=full_registry)
-    assert found.arch == f"torchvision:{name}" and found.arch_kwargs == {}
+@pytest.mark.parametrize("key", torchvision_models())
+def test_every_torchvision_classification_model_is_identified(full_registry, key):
+    name, kwargs = archinfer.resolve_key("torchvision", key)  # googlenet+pretrained: as loaded with weights
+    found = infer_arch(meta_state(f"torchvision:{key}"), registry=full_registry)
+    assert found.arch == f"torchvision:{name}" and found.arch_kwargs == kwargs
 
 
 WALKER_TIMM = sorted({case.arch for case in MODEL_CASES.values() if case.arch.startswith("timm:")})
