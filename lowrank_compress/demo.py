@@ -38,7 +38,7 @@ from .errors import LrcError, UsageError
 from .fileio import atomic_output
 
 BUDGETS = (0.5, 0.25, 0.1, 0.05)
-FAST_BUDGETS = (0.25, 0.1)
+FAST_BUDGETS = (0.1,)
 # (label, --method, calibrated, --allocation): the rows of the comparison, in the order they are shown.
 Variant = tuple[str, str, bool, str]
 SPECTRAL: Variant = ("spectral", "spectral", False, "auto")

@@ -22,7 +22,7 @@ def fast_demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Comp
     out = tmp_path_factory.mktemp("demo") / "lrc-demo"  # does not exist yet: the demo creates it
     proc = subprocess.run(
         [sys.executable, "-m", "lowrank_compress", "demo", "--fast", "--out", str(out)],
-        check=False, capture_output=True, text=True, timeout=300,
+        check=False, capture_output=True, text=True, timeout=900,
     )
     return proc, out
 
@@ -81,11 +81,11 @@ def test_printed_fine_tuning_and_onnx_figures_are_in_the_report(fast_demo) -> No
     assert onnx["passed"] and ft["steps"] == 4
 
 
-def test_calibrated_nkp_beats_spectral_at_a_quarter_of_the_params(fast_demo) -> None:
+def test_calibrated_nkp_beats_spectral_at_a_tenth_of_the_params(fast_demo) -> None:
     _, out = fast_demo
     runs = {(r["label"], r["target_params"]): r for r in _report(out)["runs"]}
-    nkp, spectral = runs[("nkp (calibrated)", 0.25)], runs[("spectral", 0.25)]
-    assert nkp["param_ratio"] <= 0.25 and spectral["param_ratio"] <= 0.25
+    nkp, spectral = runs[("nkp (calibrated)", 0.1)], runs[("spectral", 0.1)]
+    assert nkp["param_ratio"] <= 0.1 and spectral["param_ratio"] <= 0.1
     assert nkp["accuracy"] >= spectral["accuracy"] + 0.10
 
 
