@@ -100,7 +100,9 @@ def _runs(model: nn.Module, shape: tuple[int, ...]) -> bool:
         return False
 
 
-def tiny_model(arch: str, arch_kwargs: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any], tuple[int, ...]]:
+def tiny_model(
+    arch: str, arch_kwargs: dict[str, Any] | None = None
+) -> tuple[nn.Module, dict[str, Any], tuple[int, ...]]:
     """The model with random weights, the kwargs that build it, and the smallest input it takes."""
     from lowrank_compress.checkpoint import build_model, default_input_shape
 
@@ -161,7 +163,8 @@ def check(arch: str, workdir: Path, arch_kwargs: dict[str, Any] | None = None, m
         with torch.no_grad():
             got = _outputs(loaded(x))
         if [t.shape for t in got] != expected:
-            raise RuntimeError(f"output shapes {[tuple(t.shape) for t in got]}, expected {[tuple(s) for s in expected]}")
+            shapes = [tuple(t.shape) for t in got]
+            raise RuntimeError(f"output shapes {shapes}, expected {[tuple(s) for s in expected]}")
         if not all(torch.isfinite(t).all() for t in got):
             raise RuntimeError("non-finite outputs")
         result.ok = True

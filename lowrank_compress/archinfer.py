@@ -55,7 +55,7 @@ ProgressFn = Callable[[str, int, int], None]
 
 
 def cache_dir() -> Path:
-    """Where signatures are cached: ``$LRC_CACHE_DIR``, else ``$XDG_CACHE_HOME/lowrank_compress`` or ``~/.cache/lowrank_compress``."""
+    """``$LRC_CACHE_DIR``, else ``lowrank_compress`` in ``$XDG_CACHE_HOME`` or ``~/.cache``."""
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
@@ -178,9 +178,9 @@ def signature_entry(library: str, name: str) -> dict[str, Any]:
     shapes = _shapes(first)
     keys = list(shapes)
     second = None
-    for chans in (True, False):
+    for with_chans in (True, False):
         try:
-            second = _shapes(meta_build(library, name, **_build_kwargs(library, 1, chans)))
+            second = _shapes(meta_build(library, name, **_build_kwargs(library, 1, with_chans)))
             break
         except Exception:  # noqa: BLE001 - then only the default in_chans (or nothing) is known
             continue
@@ -377,7 +377,9 @@ def _solve(size: int, factor: int, value: int | None) -> int | None:
     return solved
 
 
-def match_entry(library: str, name: str, entry: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> Match | None:
+def match_entry(
+    library: str, name: str, entry: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]
+) -> Match | None:
     """``entry`` fits ``shapes`` (key → shape) up to its head and stem dims: the Match, else None."""
     keys = entry["keys"]
     head = {keys[i] for i, _, _ in entry["classes"]}

@@ -125,7 +125,8 @@ def test_a_damaged_cache_file_is_rebuilt(tmp_path, damaged):
     Registry(tmp_path, names=names).matches(meta_state("torchvision:resnet18"))
     (root,) = tmp_path.glob("torchvision-*")
     (root / damaged).write_text("{not json")
-    assert infer_arch(meta_state("torchvision:resnet18"), registry=Registry(tmp_path, names=names)).arch == "torchvision:resnet18"
+    found = infer_arch(meta_state("torchvision:resnet18"), registry=Registry(tmp_path, names=names))
+    assert found.arch == "torchvision:resnet18"
     assert archinfer.SignatureCache("torchvision", tmp_path).entry("resnet18")["class"].endswith(":ResNet")
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-_spec = importlib.util.spec_from_file_location("lrc_coverage_benchmark", Path(__file__).parents[1] / "benchmarks" / "coverage.py")
+_BENCHMARK = Path(__file__).parents[1] / "benchmarks" / "coverage.py"
+_spec = importlib.util.spec_from_file_location("lrc_coverage_benchmark", _BENCHMARK)
 coverage = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)  # dataclasses look it up there
 _spec.loader.exec_module(coverage)
 
@@ -28,7 +29,8 @@ SHRUNK = {
          "num_classes": 10},
         "torchvision's shifted_window_attention(x, self.qkv.weight, ...)", "features.1.0.attn.qkv"),
     "timm:xcit_nano_12_p16_224": ({"depth": 1}, "token_projection.weight.dtype", "pos_embed.token_projection"),
-    "timm:edgenext_xx_small": ({"depths": [1, 1, 1, 1]}, "conv .weight read by model code", "stages.0.blocks.0.mlp.fc1"),
+    "timm:edgenext_xx_small": ({"depths": [1, 1, 1, 1]}, "conv .weight read by model code",
+                               "stages.0.blocks.0.mlp.fc1"),
     "timm:cait_xxs24_224": ({"depth": 1, "img_size": 64}, "FLOP counting of cls_token.expand under no_grad",
                             "blocks.0.attn.qkv"),
     "timm:pit_ti_224": ({"depth": [1, 1, 1], "img_size": 64}, "FLOP counting of cls_token.expand under no_grad",
