@@ -328,6 +328,8 @@ class SignatureCache:
                 if progress is not None:
                     progress(f"{self.library}:{name}", i, len(missing))
                 self._build(name)
+                if i % 100 == 99:  # a long build that is cut short keeps what it did
+                    self.save()
         self.save()
         return len(missing)
 
