@@ -505,29 +505,30 @@ def _preference(match: Match) -> tuple:
 
 
 def same_function(a: Match, b: Match) -> bool:
-    """Whether ``a`` and ``b`` compute the same outputs from the same (random) weights at ``a``'s input size."""
+    """Whether ``a`` and ``b`` compute the same outputs from the same (random) weights at ``a``'s input size.
+
+    Runs on its own random state: the caller's is left as it was.
+    """
     from .checkpoint import default_input_shape
 
-    threads = torch.get_num_threads()
+    kwargs = _build_kwargs(a.library, 0)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
             warnings.simplefilter("ignore")
             torch.manual_seed(0)
-            kwargs = _build_kwargs(a.library, 0)
-            first = _construct(a.library, a.key, **_build_kwargs(a.library, 0)).eval()
+            first = _construct(a.library, a.key, **kwargs).eval()
             second = _construct(b.library, b.key, **_build_kwargs(b.library, 0)).eval()
             second.load_state_dict(first.state_dict(), strict=True)
             shape = default_input_shape(a.arch, first) or (1, kwargs.get("in_chans", 3), 224, 224)
-            x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+            x = torch.randn(shape)
             with torch.no_grad():
                 y1, y2 = first(x), second(x)
-        return isinstance(y1, torch.Tensor) and isinstance(y2, torch.Tensor) and y1.shape == y2.shape and bool(
-            torch.allclose(y1, y2, rtol=1e-4, atol=1e-5)
-        )
     except Exception:  # noqa: BLE001 - a pair that cannot be compared is taken to differ
         return False
-    finally:
-        torch.set_num_threads(threads)
+    return (
+        isinstance(y1, torch.Tensor) and isinstance(y2, torch.Tensor) and y1.shape == y2.shape
+        and bool(torch.allclose(y1, y2, rtol=1e-4, atol=1e-5))
+    )
 
 
 # ---------------------------------------------------------------- the answer
@@ -538,7 +539,7 @@ class InferredArch:
     """The architecture a state dict was found to belong to."""
 
     arch: str
-    arch_kwargs: dict[str, int]
+    arch_kwargs: dict[str, Any]
     same_network: list[str] = field(default_factory=list)
     other_fits: list[str] = field(default_factory=list)
 
@@ -553,26 +554,24 @@ class InferredArch:
         return text
 
 
-def _resolve(groups: list[list[Match]]) -> tuple[list[Match], list[Match]]:
-    """(the chosen group, the preferred match of every other group)."""
+def _resolve(groups: list[list[Match]], source: str | Path) -> tuple[list[Match], list[Match]]:
+    """(the chosen group, the preferred match of every other group); a UsageError when ambiguous."""
     if len(groups) == 1:
         return groups[0], []
     torchvision = [g for g in groups if g[0].library == "torchvision"]
     if len(torchvision) == 1:
         return torchvision[0], [g[0] for g in groups if g is not torchvision[0]]
-    raise _ambiguous(groups)
-
-
-def _ambiguous(groups: list[list[Match]]) -> UsageError:
     listed = "; ".join(
         g[0].arch + (f" (= {', '.join(m.arch for m in g[1:])})" if len(g) > 1 else "") for g in groups
     )
+    kwargs = groups[0][0].arch_kwargs
+    with_kwargs = f" with --arch-kwargs '{json.dumps(kwargs)}'" if kwargs else ""
     error = UsageError(
-        f"the state dict fits {len(groups)} architectures with the same keys and shapes: {listed}; "
-        "pass --arch to say which"
+        f"{source} fits {len(groups)} architectures with the same keys and shapes: {listed}; "
+        f"pass --arch{with_kwargs} to say which"
     )
     error.candidates = [g[0].arch for g in groups]
-    return error
+    raise error
 
 
 def infer_arch(
@@ -592,7 +591,7 @@ def infer_arch(
             f"{source} holds a state dict; pass --arch to say which architecture it belongs to "
             "(its keys and shapes match no torchvision or timm classification model)"
         )
-    chosen, others = _resolve(registry.same_networks(matches))
+    chosen, others = _resolve(registry.same_networks(matches), source)
     best = chosen[0]
     return InferredArch(best.arch, best.arch_kwargs, [m.arch for m in chosen[1:]], [m.arch for m in others])
 
@@ -612,7 +611,7 @@ def registry_arch(model: nn.Module, registry: Registry | None = None) -> str | N
     if not matches:
         return None
     try:
-        chosen, _ = _resolve(registry.same_networks(matches))
+        chosen, _ = _resolve(registry.same_networks(matches), "the model")
     except UsageError:
         return None
     return chosen[0].arch
