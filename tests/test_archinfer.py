@@ -22,9 +22,9 @@ from lowrank_compress.checkpoint import open_model, read_checkpoint
 from lowrank_compress.errors import UsageError
 
 FAMILIES = {
-    "torchvision": ["resnet18", "resnet50", "wide_resnet50_2", "mnasnet0_5"],
-    "timm": ["resnet18", "resnet50", "resnetaa50", "resnetblur50", "vit_tiny_patch16_224", "deit_tiny_patch16_224",
-             "efficientnet_b0", "tf_efficientnet_b0", "convnext_atto"],
+    "torchvision": ["resnet18", "resnet34", "mnasnet0_5"],
+    "timm": ["resnet18", "resnetblur18", "vit_tiny_patch16_224", "deit_tiny_patch16_224", "efficientnet_b0",
+             "tf_efficientnet_b0", "convnext_atto"],
 }
 
 
@@ -44,11 +44,11 @@ def meta_state(arch: str, **kwargs) -> dict[str, torch.Tensor]:
 
 
 def test_a_torchvision_state_dict_is_identified_and_torchvision_is_preferred(registry):
-    found = infer_arch(meta_state("torchvision:resnet50"), registry=registry)
-    assert found.arch == "torchvision:resnet50" and found.arch_kwargs == {}
-    assert found.same_network == ["timm:resnet50"]  # timm's ResNet-50 keeps torchvision's names and function
-    assert found.other_fits == ["timm:resnetaa50", "timm:resnetblur50"]  # same shapes, other function
-    assert "torchvision:resnet50" in found.message and "pass --arch" in found.message
+    found = infer_arch(meta_state("torchvision:resnet18"), registry=registry)
+    assert found.arch == "torchvision:resnet18" and found.arch_kwargs == {}
+    assert found.same_network == ["timm:resnet18"]  # timm's ResNet-18 keeps torchvision's names and function
+    assert found.other_fits == ["timm:resnetblur18"]  # same shapes, another function (blur-pooled strides)
+    assert "torchvision:resnet18" in found.message and "pass --arch" in found.message
 
 
 @pytest.mark.parametrize(
