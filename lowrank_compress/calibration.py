@@ -318,7 +318,8 @@ def prepare_calibrated(model: nn.Module, sites: list[LayerSite], config: Compres
     metric = config.output_metric
     if metric == "auto":
         metric = detect_output_metric(original, batches[0])
-    probe = probe_batches(batches)
+    # Backward passes keep every activation: batches of 8 bound the memory of the probes.
+    probe = _micro_batches(probe_batches(batches), 8)
     sens: dict[str, torch.Tensor] = {}
     costs: dict[str, torch.Tensor] = {}
     if config.allocation != "layer":
@@ -374,7 +375,8 @@ def calibrated_compress(
     trainable = asymmetric and next((p.dtype for p in model.parameters()), torch.float32) == torch.float32
     blocks = _blocks(model, todo, batches[0], once, config) if config.block_steps > 0 and trainable else []
     block_of_last = {b.sites[-1]: b for b in blocks}
-    block_sens = _block_sensitivities(original, blocks, probe_batches(batches), metric, config.seed) if blocks else {}
+    block_sens = (_block_sensitivities(original, blocks, _micro_batches(probe_batches(batches), 8), metric, config.seed)
+                  if blocks else {})
     micro = _micro_batches(batches) if blocks else []
     block_reports = []
     for i, site in enumerate(todo):
@@ -492,4 +494,4 @@ def _block_sensitivities(original: nn.Module, blocks: list[Block], batches: list
                          seed: int) -> dict[str, torch.Tensor]:
     targets = {b.name: original.get_submodule(b.name) for b in blocks}
     last = {b.name: b.channels_last for b in blocks}
-    return channel_sensitivities(original, targets, batches, metric, lambda n: last[n], seed=seed)
+    return channel_sensitivities(original, targets, batches, metric, lambda n: last[n], seed=seed, draws=1)
