@@ -494,4 +494,4 @@ def _block_sensitivities(original: nn.Module, blocks: list[Block], batches: list
                          seed: int) -> dict[str, torch.Tensor]:
     targets = {b.name: original.get_submodule(b.name) for b in blocks}
     last = {b.name: b.channels_last for b in blocks}
-    return channel_sensitivities(original, targets, batches, metric, lambda n: last[n], seed=seed, draws=1)
+    return channel_sensitivities(original, targets, batches, metric, lambda n: last[n], seed=seed, draws=2)

@@ -30,7 +30,7 @@ def site_sensitivities(original: nn.Module, sites: list[LayerSite], batches: lis
     targets = {s.name: original.get_submodule(s.name) for s in sites}
     linear = {s.name for s in sites if isinstance(s.module, nn.Linear)}
     slopes = {s.name: _slope(s) for s in sites}
-    return channel_sensitivities(original, targets, batches, metric, lambda n: n in linear, seed=seed, draws=1,
+    return channel_sensitivities(original, targets, batches, metric, lambda n: n in linear, seed=seed, draws=2,
                                  slopes=slopes)
 
 
