@@ -503,7 +503,10 @@ def _rebuild_spec(model: nn.Module, arch: str | None, arch_kwargs: dict[str, Any
 
 # Caps on numbers read from files (an explicit --input-shape lifts the shape caps): a few bytes of
 # JSON must not make a command allocate gigabytes.
-MAX_SAMPLE_ELEMENTS = 2**21  # elements per sample (C·H·W) of an input shape from a file, e.g. 3×836×836
+# Elements per sample (C·H·W) of an input shape from a file, e.g. 3×591×591 or 1×1024×1024. Convolutions
+# need their input's size times C·k² for im2col: at 2^21 elements a thin 1×2^21 strip took the small
+# digits CNN past 2 GB at batch 2.
+MAX_SAMPLE_ELEMENTS = 2**20
 MAX_SHAPE_ELEMENTS = 2**24  # elements of a whole recorded example batch
 MAX_JSON_CHARS = 16 * 2**20
 MAX_JSON_DEPTH = 32

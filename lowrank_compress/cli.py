@@ -629,10 +629,17 @@ def _go_offline() -> None:
 
 @contextlib.contextmanager
 def _library_output(debug: bool) -> Iterator[None]:
-    """Keep third-party warnings and log records off stderr, where a failure is one line; --debug shows them."""
+    """Keep third-party warnings and log records off stderr, where a failure is one line; --debug shows them.
+
+    Libraries log with handlers of their own (torch's fake-tensor errors print whole tracebacks), so
+    logging is switched off for the command rather than only left without a root handler.
+    """
     root = logging.getLogger()
     handler: logging.Handler = logging.StreamHandler(sys.stderr) if debug else logging.NullHandler()
     root.addHandler(handler)  # a handler on the root logger also keeps logging's last-resort printer quiet
+    disabled = logging.root.manager.disable
+    if not debug:
+        logging.disable(logging.CRITICAL)
     with warnings.catch_warnings():
         warnings.simplefilter("default" if debug else "ignore")
         logging.captureWarnings(True)
@@ -640,6 +647,7 @@ def _library_output(debug: bool) -> Iterator[None]:
             yield
         finally:
             logging.captureWarnings(False)
+            logging.disable(disabled)
             root.removeHandler(handler)
 
 

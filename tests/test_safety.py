@@ -591,9 +591,14 @@ def test_library_warnings_and_logs_stay_off_stderr(work, capfd, monkeypatch):
     from lowrank_compress import checkpoint
     from lowrank_compress.cli import main
 
+    own = logging.getLogger("some.library")  # a library logger with its own stderr handler, as torch's are
+    monkeypatch.setattr(own, "handlers", [logging.StreamHandler(sys.stderr)])
+    monkeypatch.setattr(own, "propagate", False)
+
     def noisy(*args, **kwargs):
         warnings.warn("a library warning", UserWarning, stacklevel=1)
         logging.getLogger("timm.models").warning("a library log record")
+        own.error("Traceback (most recent call last): a library's own handler")
         raise RuntimeError()  # no message at all: the line must still say something
 
     monkeypatch.setattr(checkpoint, "open_model", noisy)
