@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from timm.scheduler import CosineLRScheduler
 from torch import nn
 
 from .modelrun import call_model, output_tensors, padding_mask
@@ -142,6 +141,8 @@ def distill(model: nn.Module, teacher: nn.Module, batches: Sequence[Any], metric
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
+    from timm.scheduler import CosineLRScheduler  # timm's import costs seconds: only when distilling
+
     opt = torch.optim.Adam([{"params": [p], "lr": lr * (float(p.detach().pow(2).mean().sqrt()) or 1.0)}
                             for p in params])
     schedule = CosineLRScheduler(opt, t_initial=steps, warmup_t=min(10, steps // 10), warmup_lr_init=0.0, lr_min=0.0)
