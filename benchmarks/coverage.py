@@ -129,7 +129,7 @@ def check(arch: str, workdir: Path, arch_kwargs: dict[str, Any] | None = None, m
           rank_ratio: float = 0.5, load_with_arch: bool = False) -> Result:
     """Compress ``arch`` data-free through the CLI, load the output, run it; never raises.
 
-    ``load_with_arch`` passes the spec and kwargs to ``load`` (for kwargs a file may not set).
+    ``load_with_arch`` passes the spec and kwargs to ``load`` (for kwargs or a class a file may not name).
     """
     from safetensors.torch import save_model
 

@@ -19,12 +19,28 @@ from torch import nn
 from .projection import Factorization, flatten_weight
 
 DENSE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
+# Subclasses that override forward yet compute what their base class does: timm's Linear only casts
+# its weight for TorchScript.
+_SAME_FUNCTION = frozenset({"timm.layers.linear.Linear"})
+
+
+def overrides_forward(layer: nn.Module) -> bool:
+    """Whether ``layer`` is a subclass of a dense type with its own forward (say, timm's Conv2dSame
+    padding at run time, or StdConv2d standardizing its weight), which a factorized layer would not do."""
+    base = next((b for b in DENSE_TYPES if isinstance(layer, b)), None)
+    cls = type(layer)
+    if base is None or cls is base or f"{cls.__module__}.{cls.__qualname__}" in _SAME_FUNCTION:
+        return False
+    methods = ("forward",) if base is nn.Linear else ("forward", "_conv_forward")
+    return any(getattr(cls, method) is not getattr(base, method) for method in methods)
 
 
 def unsupported_reason(layer: nn.Module) -> str | None:
     """Why ``layer`` cannot be factorized, or None when it can."""
     if not isinstance(layer, DENSE_TYPES):
         return f"{type(layer).__name__} is not a Linear, Conv1d or Conv2d"
+    if overrides_forward(layer):
+        return f"{type(layer).__name__} has its own forward (e.g. run-time padding) that a factorized layer would drop"
     if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
         if layer.groups > 1 and layer.groups == layer.in_channels:
             return "depthwise convolution (nothing to factorize)"

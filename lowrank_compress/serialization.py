@@ -20,7 +20,7 @@ from torch import nn
 
 from .errors import LrcError, UsageError
 from .fileio import atomic_output
-from .layers import LOW_RANK_TYPES, LowRankConv1d, LowRankConv2d, LowRankLinear
+from .layers import LOW_RANK_TYPES, LowRankConv1d, LowRankConv2d, LowRankLinear, overrides_forward
 
 MANIFEST_KEY = "lrc"
 FORMAT_VERSION = 1
@@ -213,7 +213,7 @@ def apply_structure(model: nn.Module, layers: dict[str, dict[str, Any]], source:
             continue
         dense = _get(model, fqn, prefix)
         cls = _KINDS[entry["kind"]]
-        if type(dense) is not _DENSE_KINDS[entry["kind"]]:
+        if not isinstance(dense, _DENSE_KINDS[entry["kind"]]) or overrides_forward(dense):
             raise UsageError(f"{prefix}the manifest names {fqn!r} as a {entry['kind']}, but the architecture has a "
                              f"{type(dense).__name__} there")
         w = dense.weight

@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
 
 _BENCHMARK = Path(__file__).parents[1] / "benchmarks" / "coverage.py"
 _spec = importlib.util.spec_from_file_location("lrc_coverage_benchmark", _BENCHMARK)
@@ -45,6 +47,29 @@ def test_an_architecture_the_issue_found_failing_compresses_saves_loads_and_runs
     result = coverage.check(arch, tmp_path, kwargs, load_with_arch=bool(kwargs))
     assert result.ok, result.error
     assert layer in result.factorized
+
+
+class SubclassedLayersNet(nn.Module):
+    """timm's layer subclasses: Conv2dSame pads at run time (it must stay dense); timm's Linear only
+    casts for TorchScript (it is factorized, and the saved file must load again)."""
+
+    def __init__(self):
+        super().__init__()
+        from timm.layers import Conv2dSame, Linear
+
+        self.stem = Conv2dSame(3, 16, 3, stride=2)
+        self.conv = nn.Conv2d(16, 32, 3, padding=1)
+        self.head = Linear(32, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(torch.relu(self.stem(x))))
+        return self.head(x.mean((2, 3)))
+
+
+def test_layer_subclasses_stay_dense_or_round_trip_by_what_their_forward_does(tmp_path):
+    result = coverage.check("test_coverage:SubclassedLayersNet", tmp_path, load_with_arch=True)
+    assert result.ok, result.error
+    assert result.factorized == ["conv", "head"]
 
 
 FAILING_IN_ISSUE = ["timm:edgenext_xx_small", "timm:xcit_nano_12_p16_224", "timm:eva02_tiny_patch14_224",

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowrank_compress import Factorization, LowRankConv1d, LowRankConv2d, LowRankLinear, factorize, from_dense
-from lowrank_compress.layers import low_rank_class, unsupported_reason
+from lowrank_compress.layers import low_rank_class, overrides_forward, unsupported_reason
 
 
 def random_factors(m: int, d: int, rank: int, bias: bool, seed: int = 0, dtype=torch.float64) -> Factorization:
@@ -257,6 +257,16 @@ def test_depthwise_and_grouped_convs_are_refused_with_a_reason():
     assert "not a Linear" in unsupported_reason(nn.Conv3d(2, 2, 3))
     with pytest.raises(ValueError, match="cannot factorize"):
         low_rank_class(nn.Conv3d(2, 2, 3))
+
+
+def test_subclasses_with_their_own_forward_are_refused_with_a_reason():
+    from timm.layers import Conv2dSame, StdConv2d
+    from timm.layers import Linear as TimmLinear
+
+    for layer in (Conv2dSame(4, 8, 3, stride=2), StdConv2d(4, 8, 3)):  # run-time padding, weight standardization
+        assert overrides_forward(layer) and "has its own forward" in unsupported_reason(layer)
+    for layer in (TimmLinear(8, 8), nn.modules.linear.NonDynamicallyQuantizableLinear(8, 8), nn.Conv2d(4, 8, 3)):
+        assert not overrides_forward(layer) and unsupported_reason(layer) is None
 
 
 @pytest.mark.parametrize(
