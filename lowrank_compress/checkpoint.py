@@ -449,7 +449,10 @@ def safetensors_numel(path: str | Path) -> int:
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str | Path = "checkpoint") -> None:
     """Load ``state`` strictly; mismatches raise a UsageError listing the first few."""
+    from .serialization import with_module_versions, with_tied_names
+
     own = model.state_dict()
+    state = with_tied_names(state, model)  # a tensor that modules share may be saved under one name
     if set(own) != set(state) and state and all(k.startswith("model.") for k in state):
         stripped = {k[len("model."):]: v for k, v in state.items()}
         if set(stripped) == set(own):  # a Lightning-style wrapper around the model
@@ -469,9 +472,7 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str |
     dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
     if len(dtypes) == 1 and (dtype := dtypes.pop()) != torch.float32:
         model.to(dtype)
-    from .serialization import with_module_versions  # torchvision's MNASNet needs the versions
-
-    model.load_state_dict(with_module_versions(state, model), strict=True)
+    model.load_state_dict(with_module_versions(state, model), strict=True)  # torchvision's MNASNet needs the versions
 
 
 def _layout(model: nn.Module) -> dict[str, tuple[int, ...]]:

@@ -252,6 +252,24 @@ def with_module_versions(state: Mapping[str, torch.Tensor], model: nn.Module) ->
     return out
 
 
+def with_tied_names(state: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """``state`` plus every name under which ``model`` holds a tensor that ``state`` has under another.
+
+    Files written by ``safetensors.torch.save_model`` hold a tensor that modules share (timm's CoaT
+    reuses its position-encoding convs across blocks) under one of its names only.
+    """
+    names: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        names.setdefault(id(tensor), []).append(name)
+    out = dict(state)
+    for group in names.values():
+        present = next((n for n in group if n in state), None)
+        if present is not None:
+            for name in group:
+                out.setdefault(name, state[present])
+    return out
+
+
 def _load_tensors(model: nn.Module, path: str | Path) -> tuple[list[str], list[str]]:
     """Load a safetensors file into ``model``, not strictly: the (missing, unexpected) names.
 

@@ -72,6 +72,24 @@ def test_layer_subclasses_stay_dense_or_round_trip_by_what_their_forward_does(tm
     assert result.factorized == ["conv", "head"]
 
 
+def test_a_file_holding_shared_tensors_once_loads_against_its_architecture(tmp_path):
+    # safetensors' save_model keeps one name per shared tensor (timm's CoaT shares convs across blocks)
+    from conftest import TiedNet
+    from safetensors import safe_open
+    from safetensors.torch import save_model
+
+    from lowrank_compress.checkpoint import open_model
+
+    model = TiedNet().eval()
+    save_model(model, str(tmp_path / "tied.safetensors"))
+    with safe_open(str(tmp_path / "tied.safetensors"), "pt") as f:
+        assert len(list(f.keys())) < len(model.state_dict())
+    loaded = open_model(tmp_path / "tied.safetensors", "conftest:TiedNet").model
+    x = torch.randn(3, 24)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
 FAILING_IN_ISSUE = ["timm:edgenext_xx_small", "timm:xcit_nano_12_p16_224", "timm:eva02_tiny_patch14_224",
                     "torchvision:swin_t", "timm:cait_xxs24_224", "timm:pit_ti_224", "torchvision:mnasnet0_5"]
 
