@@ -8,7 +8,8 @@ Model code that reads a layer's tensors directly (``F.linear(x, self.qkv.weight,
 in timm's EVA-02 and torchvision's Swin, ``.weight.dtype`` in XCiT) still works: ``weight`` is the
 product of the factors in the dense layer's shape, formed on each access (so it follows the
 factors and carries their gradients), and ``bias`` is the bias of ``up``. Neither is a registered
-tensor, so neither is in the state dict or a saved file.
+tensor, so neither is in the state dict or a saved file. The dense layer's sizes and conv geometry
+(``in_features``, ``kernel_size``, ``stride``, …) read as they did.
 """
 
 from __future__ import annotations
@@ -184,6 +185,31 @@ class _LowRankConv(_LowRank):
             if self.up.bias is not None:
                 dense.bias.copy_(self.up.bias)
         return dense
+
+    # The dense conv's geometry, for model code that reads it (timm's DaViT pads by ``conv.kernel_size``).
+    @property
+    def kernel_size(self) -> tuple[int, ...]:
+        return self.down.kernel_size
+
+    @property
+    def stride(self) -> tuple[int, ...]:
+        return self.down.stride
+
+    @property
+    def padding(self) -> tuple[int, ...] | str:
+        return self.down.padding
+
+    @property
+    def dilation(self) -> tuple[int, ...]:
+        return self.down.dilation
+
+    @property
+    def padding_mode(self) -> str:
+        return self.down.padding_mode
+
+    @property
+    def groups(self) -> int:
+        return 1
 
     def extra_repr(self) -> str:
         d = self.down

@@ -205,6 +205,16 @@ def test_weight_is_the_product_of_the_factors_in_the_dense_shape(dense):
     assert torch.allclose(functional(x, module.weight, module.bias, **geometry), module(x), atol=1e-10)
 
 
+@pytest.mark.parametrize("dense", DENSE_LAYERS, ids=DENSE_IDS)
+def test_sizes_and_geometry_read_as_the_dense_layers(dense):
+    m, d = dense.weight.shape[0], dense.weight[0].numel()
+    module = from_dense(dense, random_factors(m, d, 2, dense.bias is not None, seed=8, dtype=torch.float32))
+    names = ("in_features", "out_features") if isinstance(dense, nn.Linear) else (
+        "in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode")
+    for name in names:
+        assert getattr(module, name) == getattr(dense, name), name
+
+
 def test_weight_follows_the_factors_and_carries_their_gradients():
     module = from_dense(nn.Linear(6, 5).double(), random_factors(5, 6, 2, True, seed=6))
     with torch.no_grad():
