@@ -1,11 +1,11 @@
 """Which torchvision or timm architecture a state dict belongs to, from its keys and shapes alone.
 
-A registry model's *signature* is its state dict's keys and their shapes. It comes from building
-the model on the meta device (no memory, no initialization) twice: with 11 and 37 classes, and for
-timm with 3 and 5 input channels. The dims that differ between the two builds are the head's and
-the stem's; a state dict matches a model when it has the same keys (or the same keys without the
-head, timm's ``num_classes=0``) and the same shapes except in those dims, which then give its
-``num_classes`` and ``in_chans``.
+A registry model's *signature* is its state dict's keys and their shapes, from building the model
+on the meta device (no memory, no initialization) with 997 classes. A state dict matches a model
+when it has the same keys (or the same keys without the head, timm's ``num_classes=0``) and the
+same shapes except in the dims that follow ``num_classes`` and ``in_chans``, which then give them.
+Those dims come from a second build (1999 classes, and for timm 5 input channels instead of 3),
+made only for the models whose key set, hashed, is the state dict's.
 
 Signatures are cached on disk per library version, in ``$LRC_CACHE_DIR`` or else
 ``~/.cache/lowrank_compress``: an index of key-set hashes and one file per model, each written
@@ -43,11 +43,12 @@ from .errors import LrcError, UsageError
 from .fileio import atomic_output, quiet_output
 
 CACHE_ENV = "LRC_CACHE_DIR"
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
 LIBRARIES = ("torchvision", "timm")
-# The two builds behind a signature: their num_classes, and for timm their in_chans.
-_BUILD_CLASSES = (11, 37)
+# The two builds behind a signature: their num_classes (primes no layer width is likely to equal, so
+# the head shows by its size), and for timm their in_chans.
+_BUILD_CLASSES = (997, 1999)
 _BUILD_CHANS = (3, 5)
 _TORCHVISION_CLASSES = 1000
 
@@ -168,15 +169,30 @@ def _key_hash(keys: Iterable[str]) -> str:
 
 
 def signature_entry(library: str, name: str) -> dict[str, Any]:
-    """The cached record of one registry model: keys, shapes at 11 classes (and 3 input channels),
-    the dims that follow num_classes / in_chans as ``[key index, dim, factor]``, its class and default
-    num_classes. A model that cannot be built gives ``{"error": ...}``."""
+    """The cached record of one registry model, first stage: its class, default num_classes, keys
+    and shapes as built with 997 classes (and 3 input channels), and the hashes of its key set with
+    and without the head (the keys with a dim of 997). A model that cannot be built gives ``{"error": ...}``."""
     try:
-        first = meta_build(library, name, **_build_kwargs(library, 0))
+        model = meta_build(library, name, **_build_kwargs(library, 0))
     except Exception as exc:  # noqa: BLE001 - a registry entry that does not build is recorded, not fatal
         return {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"}
-    shapes = _shapes(first)
-    keys = list(shapes)
+    shapes = _shapes(model)
+    head = {k for k, shape in shapes.items() if _BUILD_CLASSES[0] in shape}
+    return {
+        "class": f"{type(model).__module__}:{type(model).__qualname__}",
+        "default_classes": _default_classes(library, resolve_key(library, name)[0]),
+        "keys": list(shapes),
+        "shapes": [list(shape) for shape in shapes.values()],
+        "key_hash": _key_hash(shapes),
+        "headless_hash": _key_hash(k for k in shapes if k not in head) if head else None,
+    }
+
+
+def with_head_and_stem(library: str, name: str, entry: dict[str, Any]) -> dict[str, Any]:
+    """Second stage, for the models a lookup matches: ``entry`` plus the dims that follow num_classes
+    and in_chans as ``[key index, dim, factor]``, from a build with 1999 classes (and 5 input
+    channels) compared with the first. None are known when that build fails or changes the keys."""
+    keys, first = entry["keys"], entry["shapes"]
     second = None
     for with_chans in (True, False):
         try:
@@ -186,9 +202,9 @@ def signature_entry(library: str, name: str) -> dict[str, Any]:
             continue
     classes: list[list[int]] = []
     chans: list[list[int]] = []
-    if second is not None and set(second) == set(shapes):
-        for index, key in enumerate(keys):
-            a, b = shapes[key], second[key]
+    if second is not None and set(second) == set(keys):
+        for index, (key, a) in enumerate(zip(keys, first)):
+            b = second[key]
             if len(a) != len(b):
                 classes, chans = [], []
                 break
@@ -200,17 +216,7 @@ def signature_entry(library: str, name: str) -> dict[str, Any]:
                     classes.append([index, dim, k])
                 elif (k := _fit(x, y, *_BUILD_CHANS)) is not None:
                     chans.append([index, dim, k])
-    head = {keys[i] for i, _, _ in classes}
-    return {
-        "class": f"{type(first).__module__}:{type(first).__qualname__}",
-        "default_classes": _default_classes(library, resolve_key(library, name)[0]),
-        "keys": keys,
-        "shapes": [list(s) for s in shapes.values()],
-        "classes": classes,
-        "chans": chans,
-        "key_hash": _key_hash(keys),
-        "headless_hash": _key_hash(k for k in keys if k not in head) if head else None,
-    }
+    return {**entry, "classes": classes, "chans": chans}
 
 
 def _default_classes(library: str, name: str) -> int:
@@ -243,7 +249,7 @@ def library_version(library: str) -> str:
 
 
 class SignatureCache:
-    """One library's signatures under ``<dir>/<library>-<version>/``.
+    """One library's signatures under ``<dir>/<library>-<version>-v<format>/``.
 
     ``index.json`` holds, per model, the hashes of its key set (with and without the head) or the
     error that kept it from building, and each timm model's stem conv names: a lookup reads only
@@ -255,7 +261,7 @@ class SignatureCache:
     def __init__(self, library: str, directory: Path | None = None):
         self.library = library
         self.version = library_version(library)
-        self.root = (directory or cache_dir()) / f"{library}-{self.version}"
+        self.root = (directory or cache_dir()) / f"{library}-{self.version}-v{CACHE_FORMAT}"
         self.index: dict[str, dict[str, Any]] = {}
         self.stems: dict[str, list[str]] = {}
         self.equivalent: dict[str, bool] = {}
@@ -297,7 +303,7 @@ class SignatureCache:
         return self.root / "models" / f"{name}.json"
 
     def entry(self, name: str) -> dict[str, Any]:
-        """The signature of ``name``, read from its file (built again if that is missing or damaged)."""
+        """The whole signature of ``name`` (both stages), from its file; what is missing or damaged is built."""
         if name not in self._entries:
             try:
                 entry = json.loads(self._model_path(name).read_text(encoding="utf-8"))
@@ -306,7 +312,11 @@ class SignatureCache:
             except (OSError, ValueError):
                 entry = self._build(name)
             self._entries[name] = entry
-        return self._entries[name]
+        entry = self._entries[name]
+        if "error" not in entry and "classes" not in entry:
+            entry = self._entries[name] = with_head_and_stem(self.library, name, entry)
+            self._write(self._model_path(name), entry)
+        return entry
 
     def _build(self, name: str) -> dict[str, Any]:
         entry = signature_entry(self.library, name)

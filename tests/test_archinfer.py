@@ -109,7 +109,7 @@ def test_signatures_are_cached_per_library_version_and_reused(registry, cache, m
     state = meta_state("torchvision:resnet18")
     infer_arch(state, registry=registry)
     for lib in ("torchvision", "timm"):
-        root = cache / f"{lib}-{archinfer.library_version(lib)}"
+        root = cache / f"{lib}-{archinfer.library_version(lib)}-v{archinfer.CACHE_FORMAT}"
         assert (root / "index.json").is_file() and (root / "models" / "resnet18.json").is_file()
     monkeypatch.setattr(archinfer, "signature_entry", lambda *a: pytest.fail("rebuilt a cached signature"))
     monkeypatch.setattr(archinfer, "same_function", lambda *a: pytest.fail("recomputed a cached verdict"))
