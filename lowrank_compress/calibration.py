@@ -38,7 +38,8 @@ from .errors import UsageError
 from .graph import LayerSite
 from .layers import from_dense
 from .methods import FitProblem, factor_params, get_method, method_names, unfold_batchnorm
-from .modelrun import batch_size, call_model, output_tensors, padding_mask, forward_with_hooks, replace_module, slice_batch
+from .modelrun import (batch_size, call_model, float_batch, forward_with_hooks, model_dtype, output_tensors, padding_mask,
+                       replace_module, slice_batch)
 from .outputcost import output_cost_curves, row_weights, site_sensitivities
 from .plan import Plan, plan_ranks
 from .projection import Factorization, factorize_all, function_error, refine
@@ -318,15 +319,21 @@ def prepare_calibrated(model: nn.Module, sites: list[LayerSite], config: Compres
     metric = config.output_metric
     if metric == "auto":
         metric = detect_output_metric(original, batches[0])
-    # Backward passes keep every activation: batches of 8 bound the memory of the probes.
-    probe = _micro_batches(probe_batches(batches), 8)
     sens: dict[str, torch.Tensor] = {}
     costs: dict[str, torch.Tensor] = {}
     if config.allocation != "layer":
-        sens = site_sensitivities(original, sites, probe, metric, config.seed)
+        # Backward passes keep every activation: batches of 8 bound the memory of the probes. They run
+        # in float32: half-precision gradients underflow, and the plan would follow the rounding.
+        probe = _micro_batches(probe_batches(batches), 8)
+        prober = original
+        if model_dtype(original) != torch.float32:
+            prober = copy.deepcopy(original).float()
+            probe = [float_batch(b, torch.float32) for b in probe]
+        sens = site_sensitivities(prober, sites, probe, metric, config.seed)
         alphas = {s.name: row_weights(s, sens.get(s.name)) for s in sites}
-        costs = output_cost_curves(original, sites, probe, metric, {n: t.stats for n, t in targets.items()},
+        costs = output_cost_curves(prober, sites, probe, metric, {n: t.stats for n, t in targets.items()},
                                    alphas, config.seed)
+        del prober
 
     def curve(site: LayerSite, ranks: list[int]) -> list[float]:
         if site.name in costs:

@@ -56,6 +56,17 @@ def slice_batch(batch: Any, index: torch.Tensor | slice) -> Any:
     return type(batch)(slice_batch(v, index) for v in batch)
 
 
+def float_batch(batch: Any, dtype: torch.dtype) -> Any:
+    """The batch with its floating-point tensors cast to ``dtype`` (token ids and masks kept)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(dtype) if batch.is_floating_point() else batch
+    if isinstance(batch, dict):
+        return {k: float_batch(v, dtype) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(float_batch(v, dtype) for v in batch)
+    return batch
+
+
 def forward_with_hooks(model: nn.Module, hooks: list[tuple[nn.Module, Callable]], inputs: Any) -> None:
     """One forward pass without gradients with forward hooks attached, removed afterwards."""
     handles = [module.register_forward_hook(hook) for module, hook in hooks]

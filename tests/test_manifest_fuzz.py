@@ -37,7 +37,7 @@ PEAK_LIMIT_MB = 2048
 REPLY_TIMEOUT_S = 120
 
 WORKER = r'''
-import json, os, resource, sys, tempfile, threading, time, traceback
+import json, os, sys, tempfile, threading, time, traceback
 
 _network = {"socket.connect", "socket.getaddrinfo", "socket.gethostbyname", "socket.sendto", "urllib.Request",
             "http.client.connect", "webbrowser.open"}
@@ -52,6 +52,13 @@ def hook(event, args):
 
 
 sys.addaudithook(hook)
+
+
+def peak_rss_mb():
+    # VmHWM is this process's own high-water mark; ru_maxrss would carry over the parent's peak
+    # across fork + exec (Linux), so a worker started by a large pytest process read as large.
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
 
 def watchdog():
@@ -90,7 +97,7 @@ for line in sys.stdin:
                 os.close(fd)
         err.seek(0)
         stderr = err.read().decode(errors="replace")
-    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    maxrss = peak_rss_mb()
     replies.write(json.dumps({"code": code, "stderr": stderr, "events": events[:], "maxrss_mb": maxrss}) + "\n")
     events.clear()
 '''

@@ -196,7 +196,19 @@ def test_half_precision_checkpoints_compress_and_load_in_their_dtype(tmp_path, r
         output_half = model(x.to(dtype))
         output_full = load(full)(x)
     assert output_half.dtype == dtype and torch.isfinite(output_half).all()
-    assert relative_error(output_full, output_half.float()) < (0.01 if dtype == torch.float16 else 0.06)
+    if not calibrated:  # closed form: the factors differ by the checkpoint's rounding
+        assert relative_error(output_full, output_half.float()) < (0.01 if dtype == torch.float16 else 0.06)
+    else:
+        # Refinement is a non-convex descent: rounding moves it to a nearby, equally good optimum.
+        # The half compression must be as faithful to the original as the float32 one.
+        original = digits.DigitsCNN()
+        original.load_state_dict(load_file(str(digits.bundled_checkpoint_path())))
+        with torch.no_grad():
+            reference = original.eval()(x)
+        error_full = relative_error(reference, output_full)
+        error_half = relative_error(reference, output_half.float())
+        assert error_half <= 1.05 * error_full + 0.01, (error_half, error_full)
+        assert relative_error(output_full, output_half.float()) < (0.05 if dtype == torch.float16 else 0.1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
@@ -283,7 +295,7 @@ def test_the_effective_weight_of_a_large_layer_keeps_its_dtype(monkeypatch):
 
 
 LARGE_LAYER_SCRIPT = textwrap.dedent("""
-    import json, resource, sys, torch
+    import json, sys, torch
     from torch import nn
     from lowrank_compress.compress import CompressConfig, compress
     from lowrank_compress.projection import LARGE_WEIGHT
@@ -297,9 +309,12 @@ LARGE_LAYER_SCRIPT = textwrap.dedent("""
     x = torch.randn(4, d)
     with torch.no_grad():
         reference = model(x)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    def peak_bytes():  # VmHWM: this process's own peak (ru_maxrss starts at the parent's after fork + exec)
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) * 1024
+    before = peak_bytes()
     model, report = compress(model, CompressConfig(rank=rank), x[:1])
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_bytes()
     with torch.no_grad():
         output = model(x)
     print(json.dumps({

@@ -45,7 +45,7 @@ DISTILL_KWARGS = {
 EVILMOD = "open('IMPORTED', 'w').write('evilmod ran')\nfrom lowrank_compress.digits import DigitsCNN as Net\n"
 
 PROBE = '''
-import atexit, json, os, resource, sys
+import atexit, json, os, sys
 
 _log = os.environ["LRC_PROBE_LOG"]
 _watched = set(filter(None, os.environ.get("LRC_PROBE_MODULES", "").split(",")))
@@ -56,7 +56,9 @@ _startup = []
 
 
 def _rss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM: this process's own peak (ru_maxrss would start at the parent's peak after fork + exec)
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
 
 def _hook(event, args):
