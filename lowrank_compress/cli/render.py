@@ -6,8 +6,8 @@ from typing import Any
 
 from rich.table import Table
 
-from .compress import CompressReport
-from .graph import LayerSite
+from ..compress import CompressReport
+from ..graph import LayerSite
 
 
 def _fmt_int(n: int | None) -> str:

@@ -1,0 +1,104 @@
+"""``lrc compress``: factorize a checkpoint into a ``.lrc.safetensors``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from ..errors import UsageError
+from .app import app, console, out
+
+
+@app.command("compress")
+def compress_command(
+    checkpoint: Path = typer.Argument(..., help="The original model: a state dict (.safetensors/.pt/.pth/.bin) with --arch."),
+    arch: str | None = typer.Option(None, "--arch", help="torchvision:NAME, timm:NAME or package.module:callable."),
+    arch_kwargs: str | None = typer.Option(None, "--arch-kwargs", help="JSON keyword arguments for --arch."),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow a checkpoint that holds a pickled model (runs code from the file); then --arch is not needed."),
+    input_shape: str | None = typer.Option(None, "--input-shape", help="Example input shape, e.g. 1,3,224,224 or 1,1024 \\[default: from the arch config]."),
+    rank: int | None = typer.Option(None, "--rank", help="Same rank r for every layer, capped at each layer's max useful rank floor(m·d/(m+d))."),
+    rank_ratio: float | None = typer.Option(None, "--rank-ratio", help="r = round(F·min(m, d)) per layer (the paper's rank scale)."),
+    param_ratio: float | None = typer.Option(None, "--param-ratio", help="Each layer keeps F of its own weights: r = floor(F·m·d/(m+d))."),
+    target_params: float | None = typer.Option(None, "--target-params", help="The whole model keeps at most F of its parameters; ranks allocated by error per parameter."),
+    target_flops: float | None = typer.Option(None, "--target-flops", help="The whole model keeps at most F of its FLOPs at the input shape; ranks allocated by error per FLOP."),
+    method: str = typer.Option("nkp", "--method", help="nkp (nonlinear kernel projection) or spectral (SVD truncation)."),
+    include: str | None = typer.Option(None, "--include", help="Only layers whose name matches this regex (searched)."),
+    exclude: str | None = typer.Option(None, "--exclude", help="Skip layers whose name matches this regex (searched)."),
+    round_to: int = typer.Option(1, "--round-to", help="Round ranks to multiples of N (hardware-friendly)."),
+    calib: str | None = typer.Option(None, "--calib", help="Calibration inputs: an image folder, a tensor file (.npy/.pt/.safetensors, first axis = samples) or 'gaussian'."),
+    calib_samples: int = typer.Option(256, "--calib-samples", help="Number of calibration samples."),
+    calib_batch_size: int = typer.Option(32, "--calib-batch-size", help="Calibration batch size."),
+    refine_steps: int = typer.Option(200, "--refine-steps", help="Adam steps per layer on the post-activation error (calibrated only; 0 disables)."),
+    allocation: str = typer.Option("auto", "--allocation", help="Rank allocation under a budget, calibrated: output (by each layer's predicted effect on the model's output; auto) or layer (by each layer's own error)."),
+    output_metric: str = typer.Option("auto", "--output-metric", help="What 'output' means: kl (softmax KL, classifiers), mse (relative squared error) or auto (kl when the model returns a Linear layer's (batch, classes) logits)."),
+    block_steps: int = typer.Option(0, "--block-steps", help="Adam steps per block (residual block, transformer layer) fitting all its factors to the original block's output (calibrated; 0 disables)."),
+    blocks: str | None = typer.Option(None, "--blocks", help="Regex (full match) of module names to use as blocks instead of the automatic choice."),
+    distill_steps: int = typer.Option(0, "--distill-steps", help="Label-free distillation steps on the calibration inputs after the fits, the original model as teacher (calibrated; 0 disables)."),
+    distill_features: float = typer.Option(0.0, "--distill-features", help="Weight of matching the blocks' outputs (standardized per channel) during distillation (0: outputs only)."),
+    latency_aware: bool = typer.Option(False, "--latency-aware", help="Keep a layer dense where its factorized form is not faster (timed on this machine); budgets are re-allocated."),
+    latency_runtime: str = typer.Option("torch", "--latency-runtime", help="Runtime to time layers on for --latency-aware: torch or onnxruntime."),
+    latency_batch_size: int = typer.Option(1, "--latency-batch-size", help="Batch size to time layers at for --latency-aware (the deployment batch)."),
+    max_output_error: float | None = typer.Option(None, "--max-output-error", help="CI gate: exit 3 when the model's relative output error exceeds F (outputs are still written)."),
+    onnx_path: Path | None = typer.Option(None, "--onnx", help="Also export the compressed model to ONNX here and verify parity."),
+    plot: Path | None = typer.Option(None, "--plot", help="Write per-layer error-vs-rank curves and the chosen ranks to this PNG."),
+    seed: int = typer.Option(0, "--seed", help="Seed for example inputs, calibration sampling and refinement."),
+    output: Path | None = typer.Option(None, "-o", "--output", help="Output file \\[default: CKPT stem + .lrc.safetensors]."),
+    json_path: Path | None = typer.Option(None, "--json", help="Write the report as JSON here."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or tables (for CI logs); errors still print."),
+) -> None:
+    """Factorize every eligible Linear/Conv layer, initialized to keep each layer's output after its activation."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ..checkpoint import parse_arch_kwargs, parse_input_shape
+    from ..compress import CompressConfig
+    from ..fileio import check_distinct_paths
+    from ..pipeline import CompressJob, default_output, run_compress
+    from .render import report_table, skipped_table, totals_table
+
+    check_distinct_paths(
+        {"CHECKPOINT": checkpoint, "--calib": calib if calib not in (None, "gaussian") else None},
+        {"-o": output or default_output(checkpoint), "--json": json_path, "--onnx": onnx_path, "--plot": plot},
+    )
+    if not 0 <= seed < 2**63:  # torch seeds are 64-bit
+        raise UsageError(f"--seed must be an integer in [0, 2^63), got {seed}")
+    config = CompressConfig(
+        method=method, rank=rank, rank_ratio=rank_ratio, param_ratio=param_ratio, target_params=target_params,
+        target_flops=target_flops, include=include, exclude=exclude, round_to=round_to, refine_steps=refine_steps,
+        calib_samples=calib_samples, latency_aware=latency_aware, latency_runtime=latency_runtime,
+        latency_batch_size=latency_batch_size, allocation=allocation, output_metric=output_metric,
+        block_steps=block_steps, blocks=blocks, distill_steps=distill_steps, distill_features=distill_features,
+        seed=seed,
+    )
+    if calib_batch_size < 1:
+        raise UsageError(f"--calib-batch-size must be ≥ 1, got {calib_batch_size}")
+    job = CompressJob(
+        checkpoint=checkpoint, config=config, output=output, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs),
+        trust_pickle=trust_pickle, input_shape=parse_input_shape(input_shape), calib=calib,
+        calib_batch_size=calib_batch_size, json_path=json_path, onnx_path=onnx_path, plot_path=plot,
+        max_output_error=max_output_error,
+    )
+    progress = Progress(TextColumn("[bold]compress[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TextColumn("{task.description}"), console=console, disable=quiet, transient=True)
+    task = progress.add_task("", total=None)
+
+    def on_layer(name: str, done: int, total: int) -> None:
+        progress.update(task, completed=done, total=total, description=name)
+
+    with progress:
+        result = run_compress(job, on_layer, raise_on_failure=False)
+    report = result.report
+    if not quiet:
+        out.print(report_table(report))
+        if report.skipped:
+            out.print(skipped_table(report.skipped))
+        out.print(totals_table(report))
+        for note in report.notes:
+            console.print(f"[yellow]note:[/] {note}")
+        if result.parity is not None:
+            out.print(f"ONNX {onnx_path}: max abs error {result.parity.max_abs_error:.2e}, max rel error {result.parity.max_rel_error:.2e}")
+    if result.loaded.arch_note:
+        console.print(result.loaded.arch_note, highlight=False, soft_wrap=True, markup=False)
+    console.print(f"wrote {result.output}", highlight=False, soft_wrap=True, markup=False)
+    if result.failure is not None:
+        raise result.failure
