@@ -104,7 +104,8 @@ def tiny_model(
     arch: str, arch_kwargs: dict[str, Any] | None = None
 ) -> tuple[nn.Module, dict[str, Any], tuple[int, ...]]:
     """The model with random weights, the kwargs that build it, and the smallest input it takes."""
-    from lowrank_compress.checkpoint import build_model, default_input_shape
+    from lowrank_compress.io.archspec import build_model
+    from lowrank_compress.io.dataconfig import default_input_shape
 
     kwargs = dict(arch_kwargs or {})
     torch.manual_seed(0)
@@ -134,6 +135,7 @@ def check(arch: str, workdir: Path, arch_kwargs: dict[str, Any] | None = None, m
     from safetensors.torch import save_model
 
     import lowrank_compress
+    from lowrank_compress.io.format import read_manifest
     from lowrank_compress.cli import main
 
     start = time.perf_counter()
@@ -158,7 +160,7 @@ def check(arch: str, workdir: Path, arch_kwargs: dict[str, Any] | None = None, m
             except SystemExit as exc:
                 if exc.code:
                     raise RuntimeError(f"lrc compress exit {exc.code}: {stderr.getvalue().strip()[-300:]}") from None
-        result.factorized = sorted(lowrank_compress.read_manifest(output)["layers"])
+        result.factorized = sorted(read_manifest(output)["layers"])
         loaded = lowrank_compress.load(output, arch, kwargs) if load_with_arch else lowrank_compress.load(output)
         with torch.no_grad():
             got = _outputs(loaded(x))

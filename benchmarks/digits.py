@@ -39,7 +39,7 @@ import torch
 from safetensors.torch import save_file
 
 from lowrank_compress import digits
-from lowrank_compress.serialization import load
+from lowrank_compress.io.format import load
 
 BUDGETS = (0.5, 0.25, 0.1, 0.05)
 # (label, --method, calibrated, extra lrc flags), in the order of the table.

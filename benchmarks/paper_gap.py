@@ -23,8 +23,9 @@ from pathlib import Path
 
 import torch
 
-from lowrank_compress import factorize, function_error
-from lowrank_compress.fileio import atomic_output
+from lowrank_compress import factorize
+from lowrank_compress.projection import function_error
+from lowrank_compress.io.files import atomic_output
 
 DIMS = (64, 256, 1024)
 RANKS = tuple(2**k for k in range(9))  # 1 … 256

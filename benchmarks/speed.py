@@ -44,7 +44,7 @@ ARCHS = {"resnet50": "torchvision:resnet50", "efficientnet_b0": "timm:efficientn
 
 def build(arch: str) -> nn.Module:
     """A random-init model from an arch spec (no weights are downloaded)."""
-    from lowrank_compress.checkpoint import build_model
+    from lowrank_compress.io.archspec import build_model
 
     return build_model(arch).eval()
 

@@ -21,16 +21,16 @@ def _tensor_file(path: Path) -> torch.Tensor:
             raise UsageError(f"cannot read calibration file {path} ({exc})") from None
         return torch.from_numpy(np.ascontiguousarray(array))
     if path.suffix == ".safetensors":
-        from .checkpoint import read_safetensors_metadata
+        from .io.reading import read_safetensors_metadata
 
         read_safetensors_metadata(path)
         from safetensors.torch import load_file
 
         tensors = load_file(str(path))
     else:
-        from .checkpoint import _read_torch
+        from .io.reading import read_torch
 
-        obj = _read_torch(path, trust_pickle=False)
+        obj = read_torch(path, trust_pickle=False)
         tensors = obj if isinstance(obj, dict) else {"x": obj}
     tensors = {k: v for k, v in tensors.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
     for key in ("x", "inputs", "input", "images", "x_test", "x_train", "data"):

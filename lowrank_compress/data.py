@@ -32,8 +32,9 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
-from .checkpoint import IMAGENET_MEAN, IMAGENET_STD, LoadedModel
-from .checkpoint import data_config as arch_data_config
+from .io.dataconfig import IMAGENET_MEAN, IMAGENET_STD
+from .io.records import LoadedModel
+from .io.dataconfig import data_config as arch_data_config
 from .errors import UsageError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")

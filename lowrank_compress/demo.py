@@ -35,7 +35,7 @@ from torch import nn
 from . import digits
 from .compress import CompressConfig, CompressReport, compress, count_flops, count_params
 from .errors import LrcError, UsageError
-from .fileio import atomic_output
+from .io.files import atomic_output
 
 BUDGETS = (0.5, 0.25, 0.1, 0.05)
 FAST_BUDGETS = (0.1,)
@@ -199,7 +199,7 @@ def _finetune(
     settings: DemoSettings,
 ) -> tuple[Any, dict[str, Any]]:
     """Distill ``teacher`` into a copy of ``student`` on a temporary image folder; (result, config)."""
-    from .checkpoint import LoadedModel
+    from .io.records import LoadedModel
     from .recipes import TrainConfig
     from .train import finetune
 
@@ -301,7 +301,7 @@ def run_demo(
     _require_extras()
     from safetensors.torch import save_file
 
-    from .checkpoint import open_model
+    from .io.opening import open_model
     from .export import export_onnx
     from .plots import plot_accuracy_vs_params, plot_compression
 

@@ -35,7 +35,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .fileio import atomic_output
+from .io.files import atomic_output
 
 ARCH_SPEC = "lowrank_compress.digits:DigitsCNN"
 INPUT_SHAPE = (1, 1, 32, 32)

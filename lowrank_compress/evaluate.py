@@ -16,10 +16,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .checkpoint import LoadedModel
+from .io.records import LoadedModel
 from .data import eval_loader, resolve_data_config, split_dir
 from .errors import BudgetExceeded, UsageError
-from .fileio import atomic_output, check_writable
+from .io.files import atomic_output, check_writable
 
 
 @torch.no_grad()

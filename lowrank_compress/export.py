@@ -35,8 +35,8 @@ import torch
 from torch import nn
 
 from .errors import LrcError, UsageError
-from .fileio import atomic_output, check_writable
-from .fileio import quiet_output as _quiet_output
+from .io.files import atomic_output, check_writable
+from .io.files import quiet_output as _quiet_output
 
 DEFAULT_OPSET = 17
 # Opset ranges on torch 2.14 (torch.onnx._constants); the dynamo exporter starts at 18.

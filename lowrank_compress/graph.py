@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .activations import canonical_activation
-from .fileio import quiet_output
+from .io.files import quiet_output
 from .layers import DENSE_TYPES, LOW_RANK_TYPES, unsupported_reason
 from .projection import LARGE_WEIGHT
 

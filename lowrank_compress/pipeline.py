@@ -10,13 +10,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import LoadedModel, open_model
+from .io.opening import open_model
+from .io.records import LoadedModel
 from .compress import compress
 from .config import CompressConfig, CompressReport, ProgressFn
 from .modelrun import call_model
 from .errors import BudgetExceeded, LrcError, UsageError
-from .fileio import atomic_output, check_writable
-from .serialization import save
+from .io.files import atomic_output, check_writable
+from .io.format import save
 
 
 @dataclass

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from .errors import UsageError
-from .fileio import atomic_output, check_writable
+from .io.files import atomic_output, check_writable
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from .errors import UsageError
-from .fileio import atomic_output
+from .io.files import atomic_output
 
 OPTIMIZERS = ("sgd", "adamw")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checkpoint import LoadedModel
+from .io.records import LoadedModel
 from .data import (
     ImageFolder,
     SeededAugmentFolder,
@@ -47,7 +47,7 @@ from .data import (
 )
 from .errors import LrcError, UsageError
 from .evaluate import evaluate, resolve_device
-from .fileio import atomic_output, check_writable
+from .io.files import atomic_output, check_writable
 from .layers import low_rank_modules
 from .losses import distillation_loss
 from .recipes import TrainConfig
@@ -625,7 +625,7 @@ def _run(
             input_shape = student.input_shape or (1, *data_config["input_size"])
             fields = {"arch": student.arch, "arch_kwargs": student.arch_kwargs, "input_shape": list(input_shape),
                       "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()}}
-            from .serialization import save
+            from .io.format import save
 
             save(_export(final_model), output, **fields)
             log.write(event="end", step=pos.global_step, output=str(output), stopped_at_max_steps=stopped)
@@ -756,7 +756,8 @@ def build_from_scratch(
     ``input_shape`` (N, C, H, W) defaults to the arch's config. Exactly one of rank / rank_ratio /
     param_ratio must be given (README: rank policies).
     """
-    from .checkpoint import build_model, data_config, default_input_shape
+    from .io.archspec import build_model
+    from .io.dataconfig import data_config, default_input_shape
     from .compress import CompressConfig, compress
 
     policies = (("--rank", rank), ("--rank-ratio", rank_ratio), ("--param-ratio", param_ratio))

@@ -143,7 +143,7 @@ class ModelCase:
     exclude: str | None = None
 
     def build(self) -> nn.Module:
-        from lowrank_compress.checkpoint import build_model
+        from lowrank_compress.io.archspec import build_model
 
         torch.manual_seed(0)
         return randomize_batchnorm(build_model(self.arch, self.arch_kwargs or {})).eval()

@@ -16,9 +16,11 @@ from conftest import MODEL_CASES
 from safetensors.torch import save_file
 from torch import nn
 
-from lowrank_compress import archinfer
-from lowrank_compress.archinfer import Registry, infer_arch, meta_build, registry_arch, registry_names
-from lowrank_compress.checkpoint import open_model, read_checkpoint
+from lowrank_compress.io import archinfer, archsig
+from lowrank_compress.io.archinfer import Registry, infer_arch, registry_arch
+from lowrank_compress.io.archsig import meta_build, registry_names
+from lowrank_compress.io.opening import open_model
+from lowrank_compress.io.reading import read_checkpoint
 from lowrank_compress.errors import UsageError
 
 FAMILIES = {
@@ -96,8 +98,8 @@ def test_only_timm_models_whose_stem_the_state_dict_has_are_built(tmp_path, monk
     from timm.models import get_pretrained_cfg
 
     built = []
-    build = archinfer.signature_entry
-    monkeypatch.setattr(archinfer, "signature_entry", lambda lib, name: built.append((lib, name)) or build(lib, name))
+    build = archsig.signature_entry
+    monkeypatch.setattr(archsig, "signature_entry", lambda lib, name: built.append((lib, name)) or build(lib, name))
     mlp = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
     with pytest.raises(UsageError, match="pass --arch"):
         infer_arch(mlp.state_dict(), "mlp.pt", registry=Registry(tmp_path))
@@ -109,9 +111,9 @@ def test_signatures_are_cached_per_library_version_and_reused(registry, cache, m
     state = meta_state("torchvision:resnet18")
     infer_arch(state, registry=registry)
     for lib in ("torchvision", "timm"):
-        root = cache / f"{lib}-{archinfer.library_version(lib)}-v{archinfer.CACHE_FORMAT}"
+        root = cache / f"{lib}-{archsig.library_version(lib)}-v{archsig.CACHE_FORMAT}"
         assert (root / "index.json").is_file() and (root / "models" / "resnet18.json").is_file()
-    monkeypatch.setattr(archinfer, "signature_entry", lambda *a: pytest.fail("rebuilt a cached signature"))
+    monkeypatch.setattr(archsig, "signature_entry", lambda *a: pytest.fail("rebuilt a cached signature"))
     monkeypatch.setattr(archinfer, "same_function", lambda *a: pytest.fail("recomputed a cached verdict"))
     start = time.perf_counter()
     found = infer_arch(state, registry=Registry(cache, names=FAMILIES))
@@ -127,11 +129,11 @@ def test_a_damaged_cache_file_is_rebuilt(tmp_path, damaged):
     (root / damaged).write_text("{not json")
     found = infer_arch(meta_state("torchvision:resnet18"), registry=Registry(tmp_path, names=names))
     assert found.arch == "torchvision:resnet18"
-    assert archinfer.SignatureCache("torchvision", tmp_path).entry("resnet18")["class"].endswith(":ResNet")
+    assert archsig.SignatureCache("torchvision", tmp_path).entry("resnet18")["class"].endswith(":ResNet")
 
 
 def test_a_model_that_does_not_build_is_recorded_not_fatal():
-    entry = archinfer.signature_entry("timm", "no_such_model_q")
+    entry = archsig.signature_entry("timm", "no_such_model_q")
     assert "error" in entry
 
 
@@ -150,7 +152,7 @@ def full_registry():
 @pytest.mark.slow
 @pytest.mark.parametrize("key", torchvision_models())
 def test_every_torchvision_classification_model_is_identified(full_registry, key):
-    name, kwargs = archinfer.resolve_key("torchvision", key)  # googlenet+pretrained: as loaded with weights
+    name, kwargs = archsig.resolve_key("torchvision", key)  # googlenet+pretrained: as loaded with weights
     found = infer_arch(meta_state(f"torchvision:{key}"), registry=full_registry)
     assert found.arch == f"torchvision:{name}" and found.arch_kwargs == kwargs
 
@@ -214,7 +216,8 @@ def test_a_pickled_registry_model_gets_its_registry_input_shape(tmp_path):
 def test_bare_compress_of_a_torchvision_resnet50_state_dict(tmp_path, run_cli, monkeypatch):
     from torchvision.models import resnet50
 
-    from lowrank_compress import load, read_manifest
+    from lowrank_compress import load
+    from lowrank_compress.io.format import read_manifest
 
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)

@@ -10,7 +10,8 @@ import timm
 import torch
 from torch import nn
 
-from lowrank_compress import Factorization, from_dense
+from lowrank_compress.layers import from_dense
+from lowrank_compress.projection import Factorization
 from lowrank_compress.bench import (
     count_flops,
     count_onnx_params,

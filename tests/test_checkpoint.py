@@ -11,16 +11,11 @@ from conftest import MLP, ConvBNNet
 from safetensors.torch import save_file
 from torch import nn
 
-from lowrank_compress.checkpoint import (
-    build_model,
-    default_input_shape,
-    load_weights,
-    open_model,
-    parse_arch_kwargs,
-    parse_input_shape,
-    read_checkpoint,
-    unwrap_state_dict,
-)
+from lowrank_compress.io.archspec import build_model
+from lowrank_compress.io.checks import parse_arch_kwargs, parse_input_shape
+from lowrank_compress.io.dataconfig import default_input_shape
+from lowrank_compress.io.opening import open_model
+from lowrank_compress.io.reading import load_weights, read_checkpoint, unwrap_state_dict
 from lowrank_compress.errors import UsageError
 
 

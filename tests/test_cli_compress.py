@@ -18,7 +18,7 @@ from torch import nn
 
 from lowrank_compress.graph import find_sites
 from lowrank_compress.layers import LowRankLinear
-from lowrank_compress.serialization import MANIFEST_KEY, load, read_manifest
+from lowrank_compress.io.format import MANIFEST_KEY, load, read_manifest
 
 
 def state_of(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -426,13 +426,14 @@ def test_inspect_on_a_compressed_file_reads_only_the_manifest(tmp_path, mlp_ckpt
 
     import safetensors.torch
 
-    from lowrank_compress import checkpoint
+    from lowrank_compress.io import format as file_format
+    from lowrank_compress.io import opening
 
     def refuse(*args, **kwargs):
         raise AssertionError("inspect loaded tensors or built the model")
 
     for module, name in ((safetensors.torch, "load_file"), (safetensors.torch, "load_model"),
-                         (checkpoint, "build_model"), (checkpoint, "open_model")):
+                         (file_format, "build_model"), (opening, "open_model")):
         monkeypatch.setattr(module, name, refuse)
     json_path = tmp_path / "m.json"
     result = run_cli("inspect", crafted, "--json", json_path)

@@ -22,7 +22,7 @@ from lowrank_compress.compress import CompressConfig, CompressReport, compress, 
 from lowrank_compress.errors import UsageError
 from lowrank_compress.graph import LayerSite, find_sites
 from lowrank_compress.layers import LOW_RANK_TYPES
-from lowrank_compress.serialization import load, save
+from lowrank_compress.io.format import load, save
 
 # One test item per model and entry point: pytest-xdist (with pytest 9) cannot keep the tests that
 # share a module-scoped model on one worker, so each item compresses its model once and checks

@@ -78,7 +78,7 @@ def test_a_file_holding_shared_tensors_once_loads_against_its_architecture(tmp_p
     from safetensors import safe_open
     from safetensors.torch import save_model
 
-    from lowrank_compress.checkpoint import open_model
+    from lowrank_compress.io.opening import open_model
 
     model = TiedNet().eval()
     save_model(model, str(tmp_path / "tied.safetensors"))

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lowrank_compress.checkpoint import LoadedModel
+from lowrank_compress.io.records import LoadedModel
 from lowrank_compress.data import (
     ImageFolder,
     SeededAugmentFolder,

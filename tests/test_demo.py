@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from lowrank_compress import demo, digits
-from lowrank_compress.serialization import load
+from lowrank_compress.io.format import load
 
 pytestmark = pytest.mark.slow
 

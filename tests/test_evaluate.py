@@ -11,8 +11,9 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lowrank_compress import digits, serialization
-from lowrank_compress.checkpoint import LoadedModel
+from lowrank_compress import digits
+from lowrank_compress.io import format as lrc_format
+from lowrank_compress.io.records import LoadedModel
 from lowrank_compress.cli import main
 from lowrank_compress.evaluate import evaluate, evaluate_folder
 
@@ -34,7 +35,7 @@ def compressed_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = digits.DigitsCNN().eval()
     path = tmp_path_factory.mktemp("model") / "digits.lrc.safetensors"
     mean, std = digits.normalization()
-    serialization.save(model, path, arch=digits.ARCH_SPEC, input_shape=[1, 1, 16, 16],
+    lrc_format.save(model, path, arch=digits.ARCH_SPEC, input_shape=[1, 1, 16, 16],
                        data_config={"mean": list(mean), "std": list(std)})
     return path
 
@@ -67,7 +68,7 @@ def test_top5_with_fewer_than_five_classes_counts_every_prediction() -> None:
 
 
 def test_evaluation_uses_the_recorded_input_size(digits_dir: Path, compressed_file: Path) -> None:
-    loaded = serialization.load_compressed(compressed_file)
+    loaded = lrc_format.load_compressed(compressed_file)
     seen: list[tuple[int, ...]] = []
     loaded.model.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape[1:])))
     result = evaluate_folder(loaded, digits_dir, batch_size=64, workers=0)

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from lowrank_compress import digits
 from lowrank_compress.compress import CompressConfig, compress
-from lowrank_compress.serialization import MANIFEST_KEY, read_manifest, save
+from lowrank_compress.io.format import MANIFEST_KEY, read_manifest, save
 
 EXAMPLES = 50
 PEAK_LIMIT_MB = 2048

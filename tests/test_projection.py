@@ -9,10 +9,14 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lowrank_compress import (
-    ACTIVATIONS,
+from lowrank_compress import factorize
+from lowrank_compress.activations import ACTIVATIONS, activation_fn, canonical_activation
+from lowrank_compress.projection import (
     Factorization,
-    factorize,
+    arccos_kernel,
+    error_curve,
+    factorize_all,
+    fit_rows,
     function_error,
     function_error_mc,
     kernel_projection,
@@ -20,8 +24,6 @@ from lowrank_compress import (
     refine,
     spectral_factors,
 )
-from lowrank_compress.activations import activation_fn, canonical_activation
-from lowrank_compress.projection import arccos_kernel, error_curve, factorize_all, fit_rows
 
 ALL_ACTIVATIONS = (*ACTIVATIONS, "leaky_relu(0.2)")
 NONLINEAR_FOR_SEARCH = ("gelu", "silu", "tanh", "sigmoid", "hardswish", "leaky_relu", "elu")

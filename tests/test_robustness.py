@@ -25,7 +25,7 @@ from lowrank_compress import digits, projection
 from lowrank_compress.compress import CompressConfig, compress
 from lowrank_compress.graph import find_sites
 from lowrank_compress.layers import LOW_RANK_TYPES
-from lowrank_compress.serialization import MANIFEST_KEY, load
+from lowrank_compress.io.format import MANIFEST_KEY, load
 
 METHODS = ["nkp", "spectral"]
 MODES = ["data-free", "calibrated"]

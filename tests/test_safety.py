@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from lowrank_compress import digits
 from lowrank_compress.compress import CompressConfig, compress
 from lowrank_compress.errors import UsageError
-from lowrank_compress.serialization import MANIFEST_KEY, load, read_manifest, save
+from lowrank_compress.io.format import MANIFEST_KEY, load, read_manifest, save
 
 ASSET = digits.bundled_checkpoint_path()
 SPEC = digits.ARCH_SPEC
@@ -590,7 +590,7 @@ def test_an_image_error_in_a_loader_worker_still_names_the_file(work, run_cli):
 
 
 def test_library_warnings_and_logs_stay_off_stderr(work, capfd, monkeypatch):
-    from lowrank_compress import checkpoint
+    from lowrank_compress.io import opening
     from lowrank_compress.cli import main
 
     own = logging.getLogger("some.library")  # a library logger with its own stderr handler, as torch's are
@@ -603,7 +603,7 @@ def test_library_warnings_and_logs_stay_off_stderr(work, capfd, monkeypatch):
         own.error("Traceback (most recent call last): a library's own handler")
         raise RuntimeError()  # no message at all: the line must still say something
 
-    monkeypatch.setattr(checkpoint, "open_model", noisy)
+    monkeypatch.setattr(opening, "open_model", noisy)
     capfd.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         main(["eval", str(work / "digits.lrc.safetensors"), "--data", str(work / "data")])
@@ -612,14 +612,14 @@ def test_library_warnings_and_logs_stay_off_stderr(work, capfd, monkeypatch):
 
 
 def test_debug_shows_library_warnings(work, capfd, monkeypatch):
-    from lowrank_compress import checkpoint
+    from lowrank_compress.io import opening
     from lowrank_compress.cli import main
 
     def noisy(*args, **kwargs):
         warnings.warn("a library warning", UserWarning, stacklevel=1)
         raise UsageError("bad")
 
-    monkeypatch.setattr(checkpoint, "open_model", noisy)
+    monkeypatch.setattr(opening, "open_model", noisy)
     with pytest.raises(SystemExit):
         main(["--debug", "eval", str(work / "digits.lrc.safetensors"), "--data", str(work / "data")])
     assert "a library warning" in capfd.readouterr().err

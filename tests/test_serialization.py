@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from lowrank_compress.compress import CompressConfig, compress
 from lowrank_compress.errors import UsageError
 from lowrank_compress.layers import LowRankConv2d, LowRankLinear
-from lowrank_compress.serialization import FORMAT_VERSION, MANIFEST_KEY, load, read_manifest, save
+from lowrank_compress.io.format import FORMAT_VERSION, MANIFEST_KEY, load, read_manifest, save
 
 
 def compressed_convbn():

@@ -17,8 +17,9 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
-from lowrank_compress import digits, serialization
-from lowrank_compress.checkpoint import open_model
+from lowrank_compress import digits
+from lowrank_compress.io import format as lrc_format
+from lowrank_compress.io.opening import open_model
 from lowrank_compress.cli import main
 from lowrank_compress.errors import LrcError, UsageError
 from lowrank_compress.evaluate import evaluate_folder
@@ -53,7 +54,7 @@ def _factorize(model: nn.Module, rank: int) -> nn.Module:
 
 def _save_compressed(model: nn.Module, path: Path) -> Path:
     mean, std = digits.normalization()
-    serialization.save(model, path, arch=digits.ARCH_SPEC, input_shape=list(digits.INPUT_SHAPE),
+    lrc_format.save(model, path, arch=digits.ARCH_SPEC, input_shape=list(digits.INPUT_SHAPE),
                        data_config={"mean": list(mean), "std": list(std)})
     return path
 
@@ -102,7 +103,7 @@ def _run_cli(argv: list[str]) -> int:
 
 
 def test_distillation_recovers_a_compressed_models_accuracy(digits_dir: Path, compressed_teacher: Path, tmp_path: Path) -> None:
-    before = evaluate_folder(serialization.load_compressed(compressed_teacher), digits_dir, workers=0)["top1"]
+    before = evaluate_folder(lrc_format.load_compressed(compressed_teacher), digits_dir, workers=0)["top1"]
     out = tmp_path / "tuned.lrc.safetensors"
     log = tmp_path / "log.jsonl"
     argv = ["finetune", str(compressed_teacher), "--teacher", str(digits.bundled_checkpoint_path()),
@@ -110,7 +111,7 @@ def test_distillation_recovers_a_compressed_models_accuracy(digits_dir: Path, co
             "--kd-temperature", "2", "--label-smoothing", "0.1", "--workers", "0", "--min-crop-scale", "0.5",
             "--hflip", "0", "--log", str(log), "--quiet", "-o", str(out)]
     assert _run_cli(argv) == 0
-    after = evaluate_folder(serialization.load_compressed(out), digits_dir, workers=0)["top1"]
+    after = evaluate_folder(lrc_format.load_compressed(out), digits_dir, workers=0)["top1"]
     assert after >= before + 0.3, (before, after)
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert records[0]["event"] == "start" and records[-1]["event"] == "end"
@@ -120,8 +121,8 @@ def test_distillation_recovers_a_compressed_models_accuracy(digits_dir: Path, co
 
 def test_the_output_keeps_the_factorized_structure_and_input_size(small_dir: Path, compressed_teacher: Path, tmp_path: Path) -> None:
     out = tmp_path / "out.lrc.safetensors"
-    finetune(serialization.load_compressed(compressed_teacher), small_dir, out, _config(epochs=1, max_steps=1), show_progress=False)
-    loaded = serialization.load_compressed(out)
+    finetune(lrc_format.load_compressed(compressed_teacher), small_dir, out, _config(epochs=1, max_steps=1), show_progress=False)
+    loaded = lrc_format.load_compressed(out)
     assert sum(isinstance(m, LOW_RANK_TYPES) for m in loaded.model.modules()) == 6
     assert loaded.input_shape == digits.INPUT_SHAPE
     assert loaded.data_config["mean"] == [digits.DIGITS_MEAN]
@@ -134,7 +135,7 @@ def test_an_original_checkpoint_with_arch_is_written_with_its_arch(small_dir: Pa
     argv = ["finetune", str(dense), "--arch", digits.ARCH_SPEC, "--input-shape", "1,1,32,32", "--no-teacher",
             "--data", str(small_dir), "--batch-size", "32", "--max-steps", "1", "--workers", "0", "--quiet", "-o", str(out)]
     assert _run_cli(argv) == 0
-    manifest = serialization.read_manifest(out)
+    manifest = lrc_format.read_manifest(out)
     assert manifest["arch"] == digits.ARCH_SPEC and manifest["input_shape"] == [1, 1, 32, 32]
 
 
@@ -153,7 +154,7 @@ def test_teacher_options_are_checked(small_dir: Path, compressed_teacher: Path, 
 
 
 def test_a_nan_loss_stops_the_run_naming_the_step(small_dir: Path, compressed_teacher: Path, tmp_path: Path) -> None:
-    student = serialization.load_compressed(compressed_teacher)
+    student = lrc_format.load_compressed(compressed_teacher)
     calls = {"train": 0}
 
     def poison(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
@@ -189,7 +190,7 @@ def test_a_run_stopped_mid_epoch_and_resumed_matches_an_uninterrupted_run(
 
     def run(name: str, resume: bool = False, **overrides) -> Path:
         out = tmp_path / f"{name}.lrc.safetensors"
-        finetune(serialization.load_compressed(compressed_teacher), small_dir, out, _config(**{**vars(config), **overrides}),
+        finetune(lrc_format.load_compressed(compressed_teacher), small_dir, out, _config(**{**vars(config), **overrides}),
                  teacher=teacher, checkpoint_dir=tmp_path / name, resume=resume, device="cpu", show_progress=False)
         return out
 
@@ -274,10 +275,10 @@ def test_from_scratch_factorizes_a_random_model_and_trains_it(small_dir: Path, t
     argv = ["finetune", "--from-scratch", "--arch", digits.ARCH_SPEC, "--input-shape", "1,1,32,32", "--rank-ratio", "0.25",
             "--data", str(small_dir), "--batch-size", "32", "--max-steps", "2", "--workers", "0", "--quiet", "-o", str(out)]
     assert _run_cli(argv) == 0
-    manifest = serialization.read_manifest(out)
+    manifest = lrc_format.read_manifest(out)
     assert manifest["arch"] == digits.ARCH_SPEC and manifest["method"] == "nkp"
     assert manifest["policy"] == {"rank_ratio": 0.25} and manifest["layers"]
-    model = serialization.load(out)
+    model = lrc_format.load(out)
     assert any(isinstance(m, LOW_RANK_TYPES) for m in model.modules())
 
 
@@ -299,7 +300,7 @@ def test_from_scratch_timm_resnet50_at_rank_ratio_0_1(tmp_path: Path) -> None:
             "--input-shape", "1,3,64,64", "--rank-ratio", "0.1", "--data", str(tmp_path / "data"), "--batch-size", "2",
             "--max-steps", "1", "--workers", "0", "--quiet", "-o", str(out)]
     assert _run_cli(argv) == 0
-    loaded = serialization.load_compressed(out)
+    loaded = lrc_format.load_compressed(out)
     assert loaded.input_shape == (1, 3, 64, 64) and loaded.data_config["interpolation"] == "bicubic"
     assert sum(p.numel() for p in loaded.model.parameters()) < 0.2 * 23_500_000
 

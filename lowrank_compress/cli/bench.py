@@ -23,7 +23,7 @@ def _parse_batch_sizes(text: str) -> list[int]:
 
 def _bench_subject(path: Path, arch: str | None, kwargs: dict, trust_pickle: bool, shape: tuple[int, ...] | None):
     """(model or ONNX path, its recorded input shape) for one file given to ``lrc bench``."""
-    from ..checkpoint import open_model
+    from ..io.opening import open_model
     from ..export import onnx_input_shape
 
     if path.suffix == ".onnx":
@@ -56,10 +56,10 @@ def bench_command(
     from rich.table import Table
 
     from ..bench import RUNTIMES, count_flops, count_onnx_params, count_params, measure_latency
-    from ..checkpoint import parse_arch_kwargs, parse_input_shape
+    from ..io.checks import parse_arch_kwargs, parse_input_shape
     from ..errors import BudgetExceeded
     from ..evaluate import write_json
-    from ..fileio import check_distinct_paths, check_writable
+    from ..io.files import check_distinct_paths, check_writable
 
     check_distinct_paths({"MODEL": model, "--vs": vs}, {"--json": json_path})
     shape = parse_input_shape(input_shape)

@@ -50,9 +50,9 @@ def compress_command(
     """Factorize every eligible Linear/Conv layer, initialized to keep each layer's output after its activation."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from ..checkpoint import parse_arch_kwargs, parse_input_shape
+    from ..io.checks import parse_arch_kwargs, parse_input_shape
     from ..compress import CompressConfig
-    from ..fileio import check_distinct_paths
+    from ..io.files import check_distinct_paths
     from ..pipeline import CompressJob, default_output, run_compress
     from .render import report_table, skipped_table, totals_table
 

@@ -28,9 +28,10 @@ def eval_command(
     """Top-1 / top-5 accuracy on an ImageFolder split, at the model's input size and eval transform."""
     from rich.table import Table
 
-    from ..checkpoint import open_model, parse_arch_kwargs, parse_input_shape
+    from ..io.checks import parse_arch_kwargs, parse_input_shape
+    from ..io.opening import open_model
     from ..evaluate import check_budget, evaluate_folder, resolve_device, validate_outputs, write_json
-    from ..fileio import check_distinct_paths
+    from ..io.files import check_distinct_paths
 
     check_distinct_paths({"MODEL": model, "--data": data}, {"--json": json_path})
     validate_outputs(json_path, min_top1)

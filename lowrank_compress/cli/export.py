@@ -30,10 +30,11 @@ def export_command(
     """Export to ONNX (input "input", output "output", dynamic batch), check it, compare with PyTorch in onnxruntime."""
     from rich.table import Table
 
-    from ..checkpoint import open_model, parse_arch_kwargs, parse_input_shape
+    from ..io.checks import parse_arch_kwargs, parse_input_shape
+    from ..io.opening import open_model
     from ..evaluate import write_json
     from ..export import export_onnx
-    from ..fileio import check_distinct_paths, check_writable
+    from ..io.files import check_distinct_paths, check_writable
 
     check_distinct_paths({"MODEL": model, "--calib": calib if calib != "gaussian" else None}, {"--onnx": onnx, "--json": json_path})
     shape = parse_input_shape(input_shape)

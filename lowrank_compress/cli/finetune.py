@@ -63,8 +63,9 @@ def finetune_command(
     """Fine-tune a compressed model (distillation or cross-entropy), or train one from scratch; DDP under torchrun."""
     from dataclasses import fields
 
-    from ..checkpoint import open_model, parse_arch_kwargs, parse_input_shape
-    from ..fileio import check_distinct_paths
+    from ..io.checks import parse_arch_kwargs, parse_input_shape
+    from ..io.opening import open_model
+    from ..io.files import check_distinct_paths
     from ..recipes import load_recipe, resolve_options
     from ..train import build_from_scratch, finetune
 

@@ -23,9 +23,11 @@ def inspect_command(
     """List every candidate layer: kind, shape, activation found, params, max useful rank, eligibility."""
     import json as _json
 
-    from ..checkpoint import open_model, parse_arch_kwargs, parse_input_shape, read_safetensors_metadata
-    from ..fileio import atomic_output, check_distinct_paths, check_writable
-    from ..serialization import MANIFEST_KEY, read_manifest
+    from ..io.checks import parse_arch_kwargs, parse_input_shape
+    from ..io.opening import open_model
+    from ..io.reading import read_safetensors_metadata
+    from ..io.files import atomic_output, check_distinct_paths, check_writable
+    from ..io.format import MANIFEST_KEY, read_manifest
     from .render import manifest_table, sites_table
 
     check_distinct_paths({"CHECKPOINT": checkpoint}, {"--json": json_path})

@@ -10,37 +10,63 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections import OrderedDict
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .errors import LrcError, UsageError
-from .fileio import atomic_output
-from .layers import LOW_RANK_TYPES, LowRankConv1d, LowRankConv2d, LowRankLinear, overrides_forward
+from ..errors import LrcError, UsageError
+from ..layers import LOW_RANK_TYPES, LowRankConv1d, LowRankConv2d, LowRankLinear, overrides_forward
+from ..modelrun import replace_module
+from .archspec import build_model, file_kwargs, meta_model
+from .checks import MAX_SAMPLE_ELEMENTS, check_input_shape, check_norm_values, clip, is_int, parse_json
+from .files import atomic_output
+from .reading import read_safetensors_metadata, safetensors_numel, state_numel, with_module_versions
+from .records import LoadedModel
+
 
 MANIFEST_KEY = "lrc"
+
+
 FORMAT_VERSION = 1
+
+
 _KINDS = {cls.__name__: cls for cls in (LowRankLinear, LowRankConv1d, LowRankConv2d)}
+
+
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
 _DENSE_KINDS = {"LowRankLinear": nn.Linear, "LowRankConv1d": nn.Conv1d, "LowRankConv2d": nn.Conv2d}
+
+
 _ENTRY_KEYS = frozenset({"kind", "rank", "bias", "tied_to"})
+
+
 _DATA_CONFIG_KEYS = frozenset({"input_size", "mean", "std", "interpolation", "crop_pct"})
+
+
 _INTERPOLATIONS = frozenset({"nearest", "nearest-exact", "bilinear", "bicubic", "box", "hamming", "lanczos"})
+
+
 _LAYER_NAME = re.compile(r"[^.\s]+(?:\.[^.\s]+)*")
+
+
 MAX_LAYERS = 100_000
+
+
 # Names a layer path may not pass through: what every nn.Module has (methods, training, _modules, …).
 _MODULE_ATTRIBUTES = frozenset(dir(nn.Module()))
+
+
 # A file naming a registry model may make the loader build its dense form before the factorized layers
 # replace it: at most this many weights, or 64 times what the file holds (an explicit arch lifts it).
 MAX_DENSE_NUMEL = 2**28
 
 
 def _version() -> str:
-    from . import __version__
+    from ..version import __version__
 
     return __version__
 
@@ -100,8 +126,6 @@ def save(model: nn.Module, path: str | Path, **fields: Any) -> dict[str, Any]:
 def read_manifest(path: str | Path) -> dict[str, Any]:
     """The manifest of a compressed file, read from the header without loading tensors and validated
     whole (:func:`validate_manifest`)."""
-    from .checkpoint import parse_json, read_safetensors_metadata
-
     metadata = read_safetensors_metadata(path)
     if MANIFEST_KEY not in metadata:
         raise UsageError(f"{path} is not a compressed lrc model (no '{MANIFEST_KEY}' manifest in its metadata)")
@@ -114,17 +138,15 @@ def validate_manifest(manifest: Any, path: str | Path = "the file") -> dict[str,
     Nothing is imported or built: whether the layers exist in the architecture is checked when the
     model is rebuilt (:func:`apply_structure`). Unknown top-level fields are kept but never used.
     """
-    from .checkpoint import _clip, _is_int, check_input_shape, check_norm_values
-
     bad = f"{path} has a corrupt lrc manifest"
     if not isinstance(manifest, dict) or not isinstance(manifest.get("layers"), dict):
         raise UsageError(f"{bad} (no layer table)")
     version = manifest.get("format_version")
-    if not _is_int(version) or not 1 <= version <= FORMAT_VERSION:
-        raise UsageError(f"{path} uses manifest format {_clip(version)}; this lrc reads up to {FORMAT_VERSION}")
+    if not is_int(version) or not 1 <= version <= FORMAT_VERSION:
+        raise UsageError(f"{path} uses manifest format {clip(version)}; this lrc reads up to {FORMAT_VERSION}")
     arch = manifest.get("arch")
     if not isinstance(arch, str) or not 1 <= len(arch) <= 256 or ":" not in arch:
-        raise UsageError(f"{bad} (arch {_clip(arch)} is not a spec such as torchvision:NAME)")
+        raise UsageError(f"{bad} (arch {clip(arch)} is not a spec such as torchvision:NAME)")
     kwargs = manifest.get("arch_kwargs")
     if kwargs is not None and not isinstance(kwargs, dict):
         raise UsageError(f"{bad} (arch_kwargs is a {type(kwargs).__name__}, not an object)")
@@ -132,25 +154,25 @@ def validate_manifest(manifest: Any, path: str | Path = "the file") -> dict[str,
         check_input_shape(manifest["input_shape"], path, capped=False)
     dtype = manifest.get("dtype", "float32")
     if not isinstance(dtype, str) or dtype not in _DTYPES:
-        raise UsageError(f"{bad} (dtype {_clip(dtype)} is not one of {', '.join(_DTYPES)})")
+        raise UsageError(f"{bad} (dtype {clip(dtype)} is not one of {', '.join(_DTYPES)})")
     for key in ("method", "lrc_version"):
         if manifest.get(key) is not None and not (isinstance(manifest[key], str) and len(manifest[key]) <= 64):
-            raise UsageError(f"{bad} ({key} {_clip(manifest[key])} is not a short string)")
+            raise UsageError(f"{bad} ({key} {clip(manifest[key])} is not a short string)")
     config = manifest.get("data_config")
     if config is not None:
         if not isinstance(config, dict) or not set(config) <= _DATA_CONFIG_KEYS:
-            raise UsageError(f"{bad} (data_config {_clip(config)} is not an object of {', '.join(sorted(_DATA_CONFIG_KEYS))})")
+            raise UsageError(f"{bad} (data_config {clip(config)} is not an object of {', '.join(sorted(_DATA_CONFIG_KEYS))})")
         if "input_size" in config:  # one sample's shape: C, H, W for images, D for vectors
             check_input_shape(config["input_size"], path, capped=False)
         for key in ("mean", "std"):
             if key in config:
                 check_norm_values(config[key], key, path)
         if "interpolation" in config and config["interpolation"] not in _INTERPOLATIONS:
-            raise UsageError(f"{bad} (data_config interpolation {_clip(config['interpolation'])} is not one of "
+            raise UsageError(f"{bad} (data_config interpolation {clip(config['interpolation'])} is not one of "
                              f"{', '.join(sorted(_INTERPOLATIONS))})")
         crop = config.get("crop_pct", 1.0)
         if isinstance(crop, bool) or not isinstance(crop, (int, float)) or not 0.1 <= crop <= 1.0:
-            raise UsageError(f"{bad} (data_config crop_pct {_clip(crop)} is not a number in [0.1, 1])")
+            raise UsageError(f"{bad} (data_config crop_pct {clip(crop)} is not a number in [0.1, 1])")
     check_layers(manifest["layers"], path)
     return manifest
 
@@ -158,23 +180,21 @@ def validate_manifest(manifest: Any, path: str | Path = "the file") -> dict[str,
 def check_layers(layers: Any, path: str | Path = "the file") -> None:
     """Check a manifest's layer table: names, kinds, ranks, bias flags and ties (to untied entries of the
     same kind and rank). A name may not pass through an attribute of ``nn.Module`` (``forward``, ``__class__``)."""
-    from .checkpoint import _clip, _is_int
-
     if not isinstance(layers, dict) or len(layers) > MAX_LAYERS:
         raise UsageError(f"{path} has a corrupt lrc manifest (the layer table is not an object of at most {MAX_LAYERS:,} layers)")
     for fqn, entry in layers.items():
         if (not isinstance(fqn, str) or len(fqn) > 512 or not _LAYER_NAME.fullmatch(fqn)
                 or any(part in _MODULE_ATTRIBUTES for part in fqn.split("."))):
-            raise UsageError(f"{path}: the manifest names a bad layer {_clip(fqn)} (a module path such as blocks.0.fc)")
+            raise UsageError(f"{path}: the manifest names a bad layer {clip(fqn)} (a module path such as blocks.0.fc)")
         if not isinstance(entry, dict) or entry.get("kind") not in _KINDS:
             raise UsageError(f"{path}: the manifest entry for {fqn!r} has an unknown kind")
         if not set(entry) <= _ENTRY_KEYS:
             raise UsageError(f"{path}: the manifest entry for {fqn!r} has unknown fields {sorted(set(entry) - _ENTRY_KEYS)}")
         rank = entry.get("rank")
-        if not _is_int(rank) or not 1 <= rank < 2**31:
-            raise UsageError(f"{path}: the manifest entry for {fqn!r} has a bad rank {_clip(rank)}")
+        if not is_int(rank) or not 1 <= rank < 2**31:
+            raise UsageError(f"{path}: the manifest entry for {fqn!r} has a bad rank {clip(rank)}")
         if not isinstance(entry.get("bias", False), bool):
-            raise UsageError(f"{path}: the manifest entry for {fqn!r} has a bias flag {_clip(entry['bias'])}, not true or false")
+            raise UsageError(f"{path}: the manifest entry for {fqn!r} has a bias flag {clip(entry['bias'])}, not true or false")
     for fqn, entry in layers.items():
         if "tied_to" not in entry:
             continue
@@ -190,12 +210,6 @@ def _get(model: nn.Module, fqn: str, prefix: str = "") -> nn.Module:
         return model.get_submodule(fqn)
     except AttributeError:
         raise UsageError(f"{prefix}the manifest names layer {fqn!r}, which the architecture does not have") from None
-
-
-def _set(model: nn.Module, fqn: str, module: nn.Module) -> None:
-    parent_name, _, child = fqn.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
 
 
 def apply_structure(model: nn.Module, layers: dict[str, dict[str, Any]], source: str | Path | None = None) -> nn.Module:
@@ -235,39 +249,8 @@ def apply_structure(model: nn.Module, layers: dict[str, dict[str, Any]], source:
                 dense.dilation, dense.padding_mode, bias, w.device, w.dtype,
             )
     for fqn, entry in layers.items():
-        _set(model, fqn, built[entry.get("tied_to", fqn)])
+        replace_module(model, model.get_submodule(fqn), built[entry.get("tied_to", fqn)])
     return model
-
-
-def with_module_versions(state: Mapping[str, torch.Tensor], model: nn.Module) -> OrderedDict:
-    """``state`` with ``model``'s per-module version metadata where it carries none of its own.
-
-    ``load_state_dict`` hands each module the ``version`` recorded in the state dict's
-    ``_metadata``, and some modules need it (torchvision's MNASNet refuses a state dict without
-    one). A state dict read from safetensors, or rebuilt as a plain dict, has lost it; its tensors
-    are then taken to be in the layout of the code that reads them.
-    """
-    out = OrderedDict(state)
-    out._metadata = getattr(state, "_metadata", None) or model.state_dict()._metadata
-    return out
-
-
-def with_tied_names(state: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """``state`` plus every name under which ``model`` holds a tensor that ``state`` has under another.
-
-    Files written by ``safetensors.torch.save_model`` hold a tensor that modules share (timm's CoaT
-    reuses its position-encoding convs across blocks) under one of its names only.
-    """
-    names: dict[int, list[str]] = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        names.setdefault(id(tensor), []).append(name)
-    out = dict(state)
-    for group in names.values():
-        present = next((n for n in group if n in state), None)
-        if present is not None:
-            for name in group:
-                out.setdefault(name, state[present])
-    return out
 
 
 def _load_tensors(model: nn.Module, path: str | Path) -> tuple[list[str], list[str]]:
@@ -301,11 +284,6 @@ def load_compressed(
     layer table against it and the sizes against the file's tensors before anything is allocated.
     ``input_shape`` (the caller's) replaces the recorded one and lifts the caps on it.
     """
-    from .checkpoint import (
-        MAX_SAMPLE_ELEMENTS, LoadedModel, build_model, check_input_shape, file_kwargs, meta_model,
-        safetensors_numel, state_numel,
-    )
-
     manifest = read_manifest(path)
     restricted = arch is None
     if restricted:
