@@ -1,18 +1,28 @@
-"""Training throughput of dense vs compressed ResNet-50 on one GPU, against their FLOP ratio.
+"""GPU throughput of dense vs compressed ResNet-50 and ViT-B/16, and where the GPU time goes.
 
-    .venv/bin/python benchmarks/gpu_throughput.py --json gpu_throughput.json          # CUDA, batch 256
-    .venv/bin/python benchmarks/gpu_throughput.py --device cpu --batch-size 8 --steps 2  # smoke run
+    .venv/bin/python benchmarks/gpu_throughput.py --json gpu_throughput.json        # CUDA, batch 256
+    .venv/bin/python benchmarks/gpu_throughput.py --no-compile                      # eager PyTorch
+    .venv/bin/python benchmarks/gpu_throughput.py --device cpu --no-compile --batch-sizes 2 \\
+        --image-size 64 --steps 1 --rounds 1 --warmup 1 --target torch-cpu --latency-batch-size 2  # smoke run
 
-What is measured: torchvision resnet50 (random init, 1000 classes) and the same network compressed
-data-free with nkp at rank ratio 0.25 (every eligible conv/linear at rank round(0.25·min(m, d)),
-docs/design.md §4). Each trains on synthetic 224×224 images — SGD with momentum, cross-entropy, bf16
-autocast, channels_last, cudnn.benchmark — for ``--warmup`` untimed steps, then ``--steps`` timed
-steps between two device synchronizations. images/s = batch × steps / seconds.
+What is measured (random init, nothing downloaded):
+- torchvision resnet50, compressed data-free to at most half its FLOPs (``--target-flops 0.5
+  --target torch-cuda``: ranks in multiples of 8, and with latency-aware planning each layer timed
+  dense vs factorized on this GPU in bf16, kept dense where factorizing does not pay);
+- timm vit_base_patch16_224, every Linear of its blocks at half its weights (``--param-ratio 0.5
+  --target torch-cuda``).
 
-FLOPs are those of one training step per image (forward + backward, counted by
-torch.utils.flop_counter at batch 1, float32); the FLOP ratio dense/compressed is the speed-up the
-compressed model would get if time followed FLOPs. Prints a markdown table with the device name
-and writes the figures as JSON with ``--json``. On an H100 the whole run takes well under a minute.
+Both models of a pair run the same way (lowrank_compress.bench.measure_throughput): bf16 autocast,
+channels_last for the CNN, ``torch.compile`` (``--no-compile``: eager), cudnn.benchmark, warm-up,
+then interleaved rounds of ``--steps`` steps between two ``torch.cuda.synchronize()`` calls; the
+figure is the median round. Inference (no grad) and training (SGD with momentum on the mean squared
+output) throughput are both reported, compressed / dense.
+
+Profiler breakdown (``--profile``, on by default): ``torch.profiler`` over a few inference steps of
+each ResNet-50, device kernel time split into matrix products and convolutions (cuDNN/cuBLAS/
+CUTLASS kernels, Triton matmul templates) vs normalization and elementwise kernels (BatchNorm,
+ReLU, residual adds, pooling, Triton pointwise/reduction kernels) vs the rest. Factorization
+shrinks only the first share; the second stays as it was, which bounds the end-to-end gain.
 """
 
 from __future__ import annotations
@@ -21,138 +31,195 @@ import argparse
 import copy
 import json
 import platform
-import time
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+
+from lowrank_compress.bench import count_flops, count_params, measure_throughput
+
+MODELS = ("resnet50", "vit_b16")
+# Kernel names by family (CUDA kernel names of cuDNN, cuBLAS, CUTLASS, Triton/Inductor).
+_MATMUL = re.compile(r"gemm|conv|cutlass|xmma|implicit|wgrad|dgrad|nvjet|winograd|mma|_mm_|::mm$|::addmm|matmul"
+                     r"|linear|triton_tem|cudnn|sm\d\d_", re.I)
+_ELEMENTWISE = re.compile(r"norm|elementwise|vectorized|reduce|triton_|relu|add|mul|copy|fill|softmax|gelu|pool|bn_"
+                          r"|cat|index|where|sum|mean", re.I)
 
 
-def build_models(rank_ratio: float, image_size: int) -> tuple[nn.Module, nn.Module, dict[str, Any]]:
-    """(dense resnet50, its nkp compression at ``rank_ratio``, compress report as a dict); CPU, float32."""
-    import torchvision
+def build(name: str, image_size: int) -> nn.Module:
+    if name == "resnet50":
+        import torchvision
 
+        return torchvision.models.resnet50(weights=None).eval()
+    import timm
+
+    return timm.create_model("vit_base_patch16_224", pretrained=False, img_size=image_size).eval()
+
+
+def compress_model(name: str, model: nn.Module, image_size: int, args: argparse.Namespace) -> tuple[nn.Module, dict, str]:
+    """The compressed copy and its report, with the policy in words."""
     from lowrank_compress.compress import CompressConfig, compress
 
-    torch.manual_seed(0)
-    dense = torchvision.models.resnet50(weights=None)
-    compressed, report = compress(
-        copy.deepcopy(dense),
-        CompressConfig(method="nkp", rank_ratio=rank_ratio),
-        torch.zeros(1, 3, image_size, image_size),
-    )
-    return dense, compressed, report.to_dict()
+    example = torch.randn(1, 3, image_size, image_size)
+    latency_aware = False if args.no_latency_aware else None
+    if name == "resnet50":
+        config = CompressConfig(method="spectral", target_flops=args.target_flops, target=args.target,
+                                latency_aware=latency_aware, latency_batch_size=args.latency_batch_size)
+        policy = f"--target-flops {args.target_flops} --target {args.target}"
+    else:
+        config = CompressConfig(method="spectral", param_ratio=0.5, include=r"^blocks\.", target=args.target,
+                                latency_aware=latency_aware, latency_batch_size=args.latency_batch_size)
+        policy = f"--param-ratio 0.5 --include '^blocks\\.' --target {args.target}"
+    if args.no_latency_aware:
+        policy += " --no-latency-aware"
+    compressed, report = compress(copy.deepcopy(model), config, example)
+    return compressed.eval(), report.to_dict(), policy
 
 
-def train_flops_per_image(model: nn.Module, image_size: int) -> int:
-    """FLOPs of forward + backward of one image (batch 1, float32, CPU)."""
-    model = copy.deepcopy(model).train()
-    x = torch.randn(1, 3, image_size, image_size)
-    with FlopCounterMode(display=False) as counter:
-        F.cross_entropy(model(x), torch.zeros(1, dtype=torch.long)).backward()
-    return int(counter.get_total_flops())
+def kernel_family(name: str) -> str:
+    """matmul/conv, norm/elementwise or other, from a device kernel's name."""
+    if _MATMUL.search(name):
+        return "matmul/conv"
+    if _ELEMENTWISE.search(name):
+        return "norm/elementwise"
+    return "other"
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def profile_breakdown(model: nn.Module, batch_size: int, image_size: int, device: str, bf16: bool,
+                      compile: bool, steps: int = 5) -> dict[str, Any]:
+    """Device time per kernel family over ``steps`` inference steps (ms per step and shares)."""
+    from torch.profiler import ProfilerActivity, profile
 
-
-def images_per_second(
-    model: nn.Module, device: torch.device, batch_size: int, image_size: int, warmup: int, steps: int, bf16: bool
-) -> float:
-    """Training images/s of ``model`` on synthetic data: ``warmup`` untimed steps, then ``steps`` timed."""
-    model = copy.deepcopy(model).to(device, memory_format=torch.channels_last).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-    generator = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(batch_size, 3, image_size, image_size, device=device, generator=generator)
-    x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 1000, (batch_size,), device=device, generator=generator)
+    module = copy.deepcopy(model).to(device).eval().to(memory_format=torch.channels_last)
+    run = torch.compile(module) if compile else module
+    x = torch.randn(batch_size, 3, image_size, image_size, device=device).contiguous(memory_format=torch.channels_last)
 
     def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        with torch.inference_mode(), torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+            run(x)
 
-    for _ in range(warmup):
+    for _ in range(5):
         step()
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    _sync(device)
-    return batch_size * steps / (time.perf_counter() - start)
+    cuda = device == "cuda"
+    activities = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    totals = {"matmul/conv": 0.0, "norm/elementwise": 0.0, "other": 0.0}
+    for event in prof.key_averages():
+        us = event.self_device_time_total if cuda else event.self_cpu_time_total
+        if us <= 0:
+            continue
+        totals[kernel_family(event.key)] += us
+    all_us = sum(totals.values()) or 1.0
+    return {
+        "ms_per_step": {k: v / steps / 1e3 for k, v in totals.items()},
+        "share": {k: v / all_us for k, v in totals.items()},
+    }
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def markdown(result: dict[str, Any]) -> str:
-    """The figures as a markdown table."""
-    d, c = result["dense"], result["compressed"]
     lines = [
-        f"Training throughput on {result['device']} — batch {result['batch_size']}, "
-        f"{result['image_size']}×{result['image_size']}, "
-        f"{'bf16 autocast' if result['bf16'] else 'float32'}, channels_last, {result['steps']} timed steps "
-        f"after {result['warmup']} warm-up (torch {result['torch']})",
+        f"Throughput on {result['device']} (torch {result['torch']}): "
+        f"{'bf16 autocast' if result['bf16'] else 'float32'}, channels_last for the CNN, "
+        f"{'torch.compile' if result['compile'] else 'eager'}, median of {result['rounds']} rounds of "
+        f"{result['steps']} steps after {result['warmup']} warm-up steps",
         "",
-        "| model | params | train GFLOPs / image | images / s |",
-        "|---|---:|---:|---:|",
-        f"| resnet50 dense | {d['params'] / 1e6:.2f} M | {d['train_flops_per_image'] / 1e9:.2f} | "
-        f"{d['images_per_s']:,.0f} |",
-        f"| resnet50 nkp, rank ratio {result['rank_ratio']} | {c['params'] / 1e6:.2f} M | "
-        f"{c['train_flops_per_image'] / 1e9:.2f} | {c['images_per_s']:,.0f} |",
-        "",
-        f"Measured speed-up (compressed / dense images/s): **{result['speedup']:.2f}×**; "
-        f"FLOP ratio (dense / compressed): {result['flop_ratio']:.2f}×.",
+        "| model | policy | FLOP ratio | params ratio | batch | mode | dense samples/s | compressed samples/s | speed-up |",
+        "|---|---|---:|---:|---:|---|---:|---:|---:|",
     ]
+    for name, entry in result["models"].items():
+        for row in entry["throughput"]:
+            lines.append(
+                f"| {name} | `{entry['policy']}` | {entry['flop_ratio']:.3f} | {entry['param_ratio']:.3f} | "
+                f"{row['batch_size']} | {row['mode']} | {row['dense']:,.0f} | {row['compressed']:,.0f} | "
+                f"**{row['speedup']:.2f}×** |"
+            )
+    if result.get("profile"):
+        lines += ["", "Device time per inference step by kernel family (resnet50):", "",
+                  "| model | matmul/conv ms | norm/elementwise ms | other ms | matmul/conv share |",
+                  "|---|---:|---:|---:|---:|"]
+        for label, prof in result["profile"].items():
+            ms = prof["ms_per_step"]
+            lines.append(f"| {label} | {ms['matmul/conv']:.2f} | {ms['norm/elementwise']:.2f} | {ms['other']:.2f} | "
+                         f"{prof['share']['matmul/conv']:.0%} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=30, help="timed training steps per model")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first [default: 10 on CUDA, 1 on CPU]")
+    parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (a smoke run)")
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated: " + ", ".join(MODELS))
+    parser.add_argument("--batch-sizes", default="256", help="comma-separated batch sizes")
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--rank-ratio", type=float, default=0.25)
+    parser.add_argument("--target-flops", type=float, default=0.5, help="resnet50's FLOPs budget")
+    parser.add_argument("--target", default="torch-cuda", help="deployment target the plans are made for")
+    parser.add_argument("--no-latency-aware", action="store_true", help="plan without timing layers")
+    parser.add_argument("--latency-batch-size", type=int, default=256, help="batch size layers are timed at")
+    parser.add_argument("--no-compile", action="store_true", help="eager PyTorch instead of torch.compile")
     parser.add_argument("--fp32", action="store_true", help="no bf16 autocast")
+    parser.add_argument("--modes", default="inference,training")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps [default: 15 on CUDA, 1 on CPU]")
+    parser.add_argument("--steps", type=int, default=20, help="steps per timed round")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per model")
+    parser.add_argument("--no-profile", action="store_true", help="skip the profiler breakdown")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = parser.parse_args()
 
-    device = torch.device(args.device)
-    if device.type == "cuda":
+    if args.device == "cuda":
         if not torch.cuda.is_available():
-            parser.error("no CUDA device; use --device cpu for a smoke run")
+            parser.error("no CUDA device; use --device cpu --no-compile for a smoke run")
         torch.backends.cudnn.benchmark = True
-    warmup = args.warmup if args.warmup is not None else (10 if device.type == "cuda" else 1)
-
-    dense, compressed, report = build_models(args.rank_ratio, args.image_size)
-    models = {"dense": dense, "compressed": compressed}
+    names = args.models.split(",")
+    if any(n not in MODELS for n in names):
+        parser.error(f"--models: choose from {', '.join(MODELS)}")
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    modes = args.modes.split(",")
+    warmup = args.warmup if args.warmup is not None else (15 if args.device == "cuda" else 1)
+    bf16 = not args.fp32 and args.device == "cuda"
     result: dict[str, Any] = {
-        "device": device_name(device), "torch": torch.__version__, "batch_size": args.batch_size,
-        "image_size": args.image_size, "bf16": not args.fp32, "warmup": warmup, "steps": args.steps,
-        "rank_ratio": args.rank_ratio, "factorized_layers": len(report["layers"]),
+        "device": device_name(args.device), "torch": torch.__version__, "bf16": bf16, "compile": not args.no_compile,
+        "warmup": warmup, "steps": args.steps, "rounds": args.rounds, "image_size": args.image_size, "models": {},
+        "profile": {},
     }
-    for name, model in models.items():
-        result[name] = {
-            "params": sum(p.numel() for p in model.parameters()),
-            "train_flops_per_image": train_flops_per_image(model, args.image_size),
-            "images_per_s": images_per_second(
-                model, device, args.batch_size, args.image_size, warmup, args.steps, not args.fp32
-            ),
+    shape = (1, 3, args.image_size, args.image_size)
+    for name in names:
+        torch.manual_seed(0)
+        dense = build(name, args.image_size)
+        compressed, report, policy = compress_model(name, dense, args.image_size, args)
+        throughput = measure_throughput(
+            {"dense": dense, "compressed": compressed}, shape, batch_sizes, device=args.device, modes=modes,
+            bf16=bf16, compile=not args.no_compile, warmup=warmup, steps=args.steps, rounds=args.rounds,
+            baseline="dense",
+        )
+        rows = []
+        for mode in modes:
+            for batch in batch_sizes:
+                by = {r.model: r for r in throughput.results if r.mode == mode and r.batch_size == batch}
+                rows.append({"mode": mode, "batch_size": batch, "dense": by["dense"].samples_per_s,
+                             "compressed": by["compressed"].samples_per_s, "speedup": by["compressed"].ratio})
+        result["models"][name] = {
+            "policy": policy,
+            "flop_ratio": count_flops(compressed, shape) / count_flops(dense, shape),
+            "param_ratio": count_params(compressed) / count_params(dense),
+            "factorized_layers": len(report["layers"]),
+            "kept_dense": [s for s in report["skipped"] if "latency" in s["reason"] or "budget" in s["reason"]],
+            "throughput": rows,
         }
-    result["speedup"] = result["compressed"]["images_per_s"] / result["dense"]["images_per_s"]
-    result["flop_ratio"] = result["dense"]["train_flops_per_image"] / result["compressed"]["train_flops_per_image"]
+        if name == "resnet50" and not args.no_profile:
+            for label, model in (("dense", dense), ("compressed", compressed)):
+                result["profile"][f"resnet50 {label}"] = profile_breakdown(
+                    model, batch_sizes[0], args.image_size, args.device, bf16, not args.no_compile)
     print(markdown(result))
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

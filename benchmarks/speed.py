@@ -53,16 +53,21 @@ def compress_model(model: nn.Module, example: torch.Tensor, args: argparse.Names
     """The compressed copy of ``model`` and the policy used, in words (the one call to adjust)."""
     from lowrank_compress.compress import CompressConfig, compress
 
+    budget = {"target_latency": args.target_latency} if args.target_latency else {"target_flops": args.target_flops}
     config = CompressConfig(
-        method=args.method, target_flops=args.target_flops, round_to=args.round_to, exclude=args.exclude,
-        latency_aware=args.latency_aware,
+        method=args.method, round_to=args.round_to, exclude=args.exclude, target=args.target,
+        latency_aware=False if args.no_latency_aware else None, latency_batch_size=args.latency_batch_size,
+        **budget,
     )
     compressed, _ = compress(copy.deepcopy(model), config, example)
-    policy = f"--target-flops {args.target_flops} --round-to {args.round_to} --method {args.method}"
+    name, value = next(iter(budget.items()))
+    policy = f"--{name.replace('_', '-')} {value} --target {args.target} --method {args.method}"
+    if args.round_to:
+        policy += f" --round-to {args.round_to}"
     if args.exclude:
         policy += f" --exclude '{args.exclude}'"
-    if args.latency_aware:
-        policy += " --latency-aware"
+    if args.no_latency_aware:
+        policy += " --no-latency-aware"
     return compressed.eval(), policy
 
 
@@ -127,13 +132,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="resnet50,efficientnet_b0", help="comma-separated: " + ", ".join(ARCHS))
     parser.add_argument("--target-flops", type=float, default=0.5, help="fraction of the FLOPs to keep")
-    parser.add_argument("--round-to", type=int, default=16, help="ranks are multiples of this")
+    parser.add_argument("--target-latency", type=float, default=None, help="instead: latency budget, F × dense")
+    parser.add_argument("--target", default="onnxruntime-cpu", help="deployment target the plan is made for")
+    parser.add_argument("--round-to", type=int, default=None, help="ranks are multiples of this [default: the target's]")
     parser.add_argument("--method", default="spectral", help="spectral or nkp (speed does not depend on it)")
     parser.add_argument("--exclude", default=None, help="regex of layer names to keep dense")
-    parser.add_argument("--latency-aware", action="store_true", help="keep layers dense where factoring is not faster")
-    parser.add_argument("--batch-sizes", default="1,32", help="comma-separated batch sizes")
+    parser.add_argument("--no-latency-aware", action="store_true", help="plan by FLOPs alone (no layer timing)")
+    parser.add_argument("--latency-batch-size", type=int, default=1, help="batch size layers are timed at")
+    parser.add_argument("--batch-sizes", default="1,16", help="comma-separated batch sizes")
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads [default: its own]")
+    parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)

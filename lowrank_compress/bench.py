@@ -4,12 +4,17 @@ Latency is measured in one process with the models' runs interleaved (A B A B �
 rotating every round), so slow drifts of a noisy machine (frequency scaling, other tenants, cache
 state) hit every model alike and the *ratio* stays fair even when the absolute times move. The
 figure reported is the median over the timed runs. On CUDA each run is timed with CUDA events.
+
+Throughput (:func:`measure_throughput`) is what a GPU deployment or training run sees: bf16
+autocast, channels_last, ``torch.compile`` of every model, blocks of steps between device
+synchronizations, inference and training.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import os
 import statistics
 import tempfile
@@ -154,9 +159,14 @@ def _iqr(values: list[float]) -> float:
 def _check_runtime(runtime: str, device: str) -> None:
     if runtime not in RUNTIMES:
         raise UsageError(f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}")
-    if runtime == "onnxruntime" and device != "cpu":
-        raise UsageError("the onnxruntime runtime is timed on CPU only; use --runtime torch for CUDA")
-    if device == "cuda" and not torch.cuda.is_available():
+    if device not in ("cpu", "cuda"):
+        raise UsageError(f"unknown device {device!r}; use cpu or cuda")
+    if runtime == "onnxruntime" and device == "cuda":
+        import onnxruntime
+
+        if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+            raise UsageError("onnxruntime has no CUDA execution provider here (install onnxruntime-gpu)")
+    elif device == "cuda" and not torch.cuda.is_available():
         raise UsageError("CUDA was asked for but is not available")
 
 
@@ -229,7 +239,7 @@ def measure_latency(
                     example = torch.zeros((1, *shape[1:]))
                     reference_forward(module, example)
                     write_graph(module, path, example, opset=opset, dynamic_batch=True)
-                session = ort_session(path, threads)
+                session = ort_session(path, threads, device=device)
                 rank = len(session.get_inputs()[0].shape)
                 if rank != len(shape):
                     raise UsageError(f"input shape {shape} has {len(shape)} axes; {name} takes {rank}")
@@ -252,6 +262,54 @@ def measure_latency(
     return report
 
 
+def layer_latencies(
+    layers: Mapping[str, nn.Module],
+    input: torch.Tensor,
+    runtime: str = "torch",
+    device: str = "cpu",
+    threads: int | None = None,
+    warmup: int = 3,
+    repeats: int = 15,
+) -> dict[str, float]:
+    """Seconds per call of each of several versions of one layer on ``input``: the fastest of
+    ``repeats`` interleaved runs (a layer's run is short enough that the fastest is the one no other
+    job interrupted; medians of millisecond runs on a shared machine vary several-fold).
+
+    ``input`` is the layer's real input at the batch size that matters (batch included). On
+    onnxruntime each layer is exported alone with the input's static shape, so every figure includes
+    the layout reorders onnxruntime puts around a lone Conv (NCHW ↔ its blocked NCHWc layout);
+    inside a whole graph those are absent. They add the same time to every version, so the
+    *differences* are what a version saves in the graph, while ratios understate the gain. On the
+    torch runtime with ``device`` cuda the layers run in bfloat16 (channels_last for 4-D inputs),
+    as :func:`gpu_throughput` runs whole models. Layers are not changed (copies are timed).
+    """
+    _check_runtime(runtime, device)
+    cuda = device == "cuda"
+    with torch_threads(threads), contextlib.ExitStack() as stack:
+        runners = {}
+        if runtime == "torch":
+            x = input.detach().to(device)
+            if cuda:
+                x = x.to(torch.bfloat16)
+                if x.dim() == 4:
+                    x = x.contiguous(memory_format=torch.channels_last)
+            for name, layer in layers.items():
+                ready = copy.deepcopy(layer).eval().to(device=device, dtype=x.dtype)
+                if cuda and x.dim() == 4:
+                    ready = ready.to(memory_format=torch.channels_last)
+                runners[name] = _torch_runner(ready, x)
+        else:
+            tmpdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lrc-layer-")))
+            x = input.detach().float().cpu()
+            for i, (name, layer) in enumerate(layers.items()):
+                path = tmpdir / f"{i}.onnx"
+                on_cpu = copy.deepcopy(layer).eval().float().cpu()
+                write_graph(on_cpu, path, x, dynamic_batch=False)
+                runners[name] = _ort_runner(ort_session(path, threads, device=device), x.numpy())
+        times = time_interleaved(runners, warmup, repeats, cuda=cuda)
+    return {name: min(values) for name, values in times.items()}
+
+
 def layer_latency(
     dense_layer: nn.Module,
     factorized_layer: nn.Module,
@@ -261,30 +319,168 @@ def layer_latency(
     warmup: int = 3,
     repeats: int = 15,
 ) -> tuple[float, float]:
-    """(dense, factorized) median seconds per call of two versions of one layer on ``input``.
+    """(dense, factorized) seconds per call of two versions of one layer on ``input``
+    (see :func:`layer_latencies`; the device is the input's)."""
+    times = layer_latencies({"dense": dense_layer, "factorized": factorized_layer}, input, runtime,
+                            input.device.type, threads, warmup, repeats)
+    return times["dense"], times["factorized"]
 
-    ``input`` is the layer's real input at the batch size that matters (batch included; its device
-    is where torch times it). On onnxruntime each layer is exported alone with the input's static
-    shape, so both figures include the layout reorders onnxruntime puts around a lone Conv
-    (NCHW ↔ its blocked NCHWc layout); inside a whole graph those reorders are absent. They add the
-    same time to both versions, so the *difference* is what the factorization saves in the graph,
-    while the ratio understates the gain. Runs are interleaved as in :func:`measure_latency`.
+
+# ---------------------------------------------------------------- throughput (GPU)
+
+
+@dataclass
+class ThroughputResult:
+    """Samples per second of one model at one batch size, inference or one training step.
+
+    ``step_s``: median seconds per step over the timed rounds; ``ratio``: samples/s against the
+    baseline's (above 1: faster).
     """
-    device = input.device.type
-    _check_runtime(runtime, device)
-    layers = {"dense": dense_layer.eval(), "factorized": factorized_layer.eval()}
-    with torch_threads(threads), contextlib.ExitStack() as stack:
-        if runtime == "torch":
-            runners = {name: _torch_runner(layer, input) for name, layer in layers.items()}
-        else:
-            tmpdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lrc-layer-")))
-            x = input.detach().float().cpu()
-            runners = {}
-            for name, layer in layers.items():
-                path = tmpdir / f"{name}.onnx"
-                ready = model_dtype(layer) == torch.float32 and model_device(layer).type == "cpu"
-                on_cpu = layer if ready else copy.deepcopy(layer).float().cpu()
-                write_graph(on_cpu, path, x, dynamic_batch=False)
-                runners[name] = _ort_runner(ort_session(path, threads), x.numpy())
-        times = time_interleaved(runners, warmup, repeats, cuda=device == "cuda")
-    return statistics.median(times["dense"]), statistics.median(times["factorized"])
+
+    model: str
+    mode: str  # "inference" or "training"
+    batch_size: int
+    step_s: float
+    samples_per_s: float
+    rounds: int
+    ratio: float | None = None
+
+
+@dataclass
+class ThroughputReport:
+    """Throughput of several models measured together (see :func:`measure_throughput`)."""
+
+    device: str
+    input_shape: list[int]
+    baseline: str
+    bf16: bool
+    channels_last: bool
+    compiled: bool
+    results: list[ThroughputResult] = field(default_factory=list)
+
+    def ratio(self, model: str, mode: str, batch_size: int) -> float | None:
+        return next((r.ratio for r in self.results
+                     if r.model == model and r.mode == mode and r.batch_size == batch_size), None)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _training_loss(output) -> torch.Tensor:
+    """A loss over every output element: the step's backward then costs what training would."""
+    items = [output] if isinstance(output, torch.Tensor) else [o for o in output if isinstance(o, torch.Tensor)]
+    return sum(o.float().square().mean() for o in items)
+
+
+def _prepare_for_speed(model: nn.Module, device: str, channels_last: bool, compile: bool, training: bool):
+    """A copy of ``model`` on ``device`` as it would be deployed: channels_last, compiled."""
+    module = copy.deepcopy(model).to(device).train(training)
+    if channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    if training:
+        module.requires_grad_(True)
+    return (torch.compile(module) if compile else module), module
+
+
+def _step_fn(model: nn.Module, x: torch.Tensor, device: str, bf16: bool, training: bool,
+             optimizer: torch.optim.Optimizer | None) -> Callable[[], object]:
+    autocast = functools.partial(torch.autocast, device_type=device, dtype=torch.bfloat16, enabled=bf16)
+    if not training:
+        def infer() -> object:
+            with torch.inference_mode(), autocast():
+                return model(x)
+
+        return infer
+
+    def train_step() -> object:
+        with autocast():
+            loss = _training_loss(model(x))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    return train_step
+
+
+def measure_throughput(
+    models: Mapping[str, nn.Module],
+    input_shape: Sequence[int],
+    batch_sizes: Sequence[int] = (256,),
+    device: str = "cuda",
+    modes: Sequence[str] = ("inference", "training"),
+    bf16: bool | None = None,
+    channels_last: bool | None = None,
+    compile: bool = True,
+    warmup: int = 10,
+    steps: int = 20,
+    rounds: int = 3,
+    baseline: str | None = None,
+) -> ThroughputReport:
+    """Inference and training throughput of each model, measured the way a GPU deployment runs.
+
+    Each model is copied to ``device`` and, by default, run under bf16 autocast (on CUDA),
+    channels_last (for 4-D inputs) and ``torch.compile`` (both models, so neither gets an unfair
+    advantage; ``compile=False`` turns it off). Training is SGD with momentum on the mean squared
+    output. Per (mode, batch size): ``warmup`` untimed steps of each model (compilation and
+    autotuning happen there), then ``rounds`` rounds, each timing ``steps`` steps of every model
+    between two device synchronizations (``torch.cuda.synchronize``), the model order rotating
+    each round. samples/s = batch × steps / seconds; the figure kept is the median round. The
+    input models are not changed.
+    """
+    if device not in ("cpu", "cuda"):
+        raise UsageError(f"unknown device {device!r}; use cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("CUDA was asked for but is not available")
+    unknown = [m for m in modes if m not in ("inference", "training")]
+    if unknown or not modes:
+        raise UsageError(f"modes must be inference and/or training, got {list(modes)}")
+    if not models:
+        raise UsageError("nothing to time")
+    if not batch_sizes or any(b < 1 for b in batch_sizes):
+        raise UsageError(f"batch sizes must be positive integers, got {list(batch_sizes)}")
+    if steps < 1 or rounds < 1 or warmup < 0:
+        raise UsageError(f"steps and rounds must be ≥ 1 and warmup ≥ 0, got {steps}, {rounds} and {warmup}")
+    baseline = baseline if baseline is not None else next(iter(models))
+    if baseline not in models:
+        raise UsageError(f"baseline {baseline!r} is not among the models")
+    shape = tuple(int(s) for s in input_shape)
+    bf16 = device == "cuda" if bf16 is None else bf16
+    channels_last = len(shape) == 4 if channels_last is None else channels_last
+    cuda = device == "cuda"
+    report = ThroughputReport(device, list(shape), baseline, bf16, channels_last, compile)
+    for mode in modes:
+        training = mode == "training"
+        prepared = {name: _prepare_for_speed(model, device, channels_last, compile, training)
+                    for name, model in models.items()}
+        optimizers = {name: torch.optim.SGD(plain.parameters(), lr=1e-3, momentum=0.9) if training else None
+                      for name, (_, plain) in prepared.items()}
+        for batch in batch_sizes:
+            gen = torch.Generator().manual_seed(batch)
+            x = torch.randn((batch, *shape[1:]), generator=gen).to(device)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            steps_fn = {name: _step_fn(run, x, device, bf16, training, optimizers[name])
+                        for name, (run, _) in prepared.items()}
+            for fn in steps_fn.values():
+                for _ in range(warmup):
+                    fn()
+            names = list(steps_fn)
+            seconds: dict[str, list[float]] = {name: [] for name in names}
+            for k in range(rounds):
+                for name in names[k % len(names):] + names[: k % len(names)]:
+                    if cuda:
+                        torch.cuda.synchronize()
+                    start = time.perf_counter()
+                    for _ in range(steps):
+                        steps_fn[name]()
+                    if cuda:
+                        torch.cuda.synchronize()
+                    seconds[name].append((time.perf_counter() - start) / steps)
+            base = batch / statistics.median(seconds[baseline])
+            for name, values in seconds.items():
+                step = statistics.median(values)
+                report.results.append(
+                    ThroughputResult(name, mode, batch, step, batch / step, rounds, (batch / step) / base)
+                )
+    return report

@@ -14,7 +14,11 @@ from .sensitivity import OUTPUT_METRICS
 
 CONFIG_VERSION = 1
 ALLOCATIONS = ("auto", "output", "layer")
-_POLICIES = ("rank", "rank_ratio", "param_ratio", "target_params", "target_flops")
+_POLICIES = ("rank", "rank_ratio", "param_ratio", "target_params", "target_flops", "target_latency")
+# Where the compressed model will run: sets the rank rounding and the runtime latency-aware planning
+# times layers on (see plan.TARGETS).
+TARGETS = ("onnxruntime-cpu", "torch-cpu", "torch-cuda", "onnxruntime-cuda")
+DEFAULT_TARGET = "onnxruntime-cpu"
 
 
 @dataclass
@@ -24,6 +28,11 @@ class CompressConfig:
     ``include`` / ``exclude`` are regular expressions searched in layer names. ``calibration``
     switches on the data-aware projection (an iterable of model inputs); ``refine_steps`` applies
     to it.
+
+    ``target`` is the runtime and device the model is deployed to; it sets the rank rounding of the
+    budget policies (``round_to`` None) and where latency-aware planning times layers.
+    ``latency_aware`` None: on with a ``target_flops`` or ``target_latency`` budget, off otherwise.
+    ``target_latency`` F: the compressed model's measured latency on ``target`` is at most F × dense.
     """
 
     method: str = "nkp"
@@ -32,13 +41,15 @@ class CompressConfig:
     param_ratio: float | None = None
     target_params: float | None = None
     target_flops: float | None = None
+    target_latency: float | None = None
     include: str | None = None
     exclude: str | None = None
-    round_to: int = 1
+    round_to: int | None = None
     refine_steps: int = 200
     calib_samples: int = 256
-    latency_aware: bool = False
-    latency_runtime: str = "torch"
+    target: str = DEFAULT_TARGET
+    latency_aware: bool | None = None
+    latency_runtime: str | None = None  # superseded by ``target``; accepted until the CLI passes target
     latency_batch_size: int = 1
     allocation: str = "auto"
     output_metric: str = "auto"
@@ -59,16 +70,21 @@ class CompressConfig:
             raise UsageError(f"give exactly one rank policy ({flags}); got {what}")
         if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1):
             raise UsageError(f"--rank must be a positive integer, got {self.rank!r}")
-        for name in ("rank_ratio", "param_ratio", "target_params", "target_flops"):
+        for name in ("rank_ratio", "param_ratio", "target_params", "target_flops", "target_latency"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and 0 < value <= 1 and math.isfinite(value)):
                 raise UsageError(f"--{name.replace('_', '-')} must be in (0, 1], got {value!r}")
-        if not isinstance(self.round_to, int) or self.round_to < 1:
+        if self.round_to is not None and (
+                isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1):
             raise UsageError(f"--round-to must be a positive integer, got {self.round_to!r}")
         if self.refine_steps < 0:
             raise UsageError(f"--refine-steps must be ≥ 0, got {self.refine_steps}")
-        if self.latency_runtime not in ("torch", "onnxruntime"):
-            raise UsageError(f"--latency-runtime must be torch or onnxruntime, got {self.latency_runtime!r}")
+        if self.target not in TARGETS:
+            raise UsageError(f"--target must be one of {', '.join(TARGETS)}, got {self.target!r}")
+        if self.latency_aware not in (None, True, False):
+            raise UsageError(f"latency_aware must be True, False or None (auto), got {self.latency_aware!r}")
+        if self.target_latency is not None and self.latency_aware is False:
+            raise UsageError("--target-latency allocates by measured layer times; it cannot run with --no-latency-aware")
         if self.latency_batch_size < 1:
             raise UsageError(f"--latency-batch-size must be ≥ 1, got {self.latency_batch_size}")
         if self.allocation not in ALLOCATIONS:
@@ -94,6 +110,13 @@ class CompressConfig:
     @property
     def policy(self) -> str:
         return next(p for p in _POLICIES if getattr(self, p) is not None)
+
+    @property
+    def times_layers(self) -> bool:
+        """Whether planning times layers on the target (``latency_aware``, None resolved)."""
+        if self.latency_aware is not None:
+            return self.latency_aware
+        return self.target_flops is not None or self.target_latency is not None
 
     def to_dict(self) -> dict[str, Any]:
         return {"_type": "CompressConfig", "_version": self.version, "_data": asdict(self)}

@@ -193,10 +193,13 @@ def write_graph(
     return output_names, "dynamo", dynamo_opset
 
 
-def ort_session(path: str | os.PathLike, threads: int | None = None):
-    """An onnxruntime CPU session with all graph optimizations on (what a deployment would use).
+def ort_session(path: str | os.PathLike, threads: int | None = None, device: str = "cpu",
+                optimized_path: str | os.PathLike | None = None):
+    """An onnxruntime session with all graph optimizations on (what a deployment would use).
 
     ``threads`` sets the intra-op thread pool (None: onnxruntime's default, one per physical core).
+    ``device`` cuda runs on the CUDA execution provider (onnxruntime-gpu), CPU for what it lacks.
+    ``optimized_path``: also write the graph as optimized for this machine there.
     """
     import onnxruntime as ort
 
@@ -207,7 +210,10 @@ def ort_session(path: str | os.PathLike, threads: int | None = None):
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    if optimized_path is not None:
+        options.optimized_model_filepath = str(optimized_path)
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+    return ort.InferenceSession(str(path), options, providers=providers)
 
 
 def _load_graph_proto(path: str | os.PathLike):

@@ -7,27 +7,75 @@ For a layer with flattened weight W (m, d):
 - ``target_params F`` / ``target_flops F``: the whole model keeps at most F of its parameters
   (or FLOPs); ranks are allocated across layers by measured error reduction per parameter
   (or FLOP) — see :mod:`lowrank_compress.allocation`.
-Every rank is at least 1; ``round_to N`` rounds to a multiple of N. A layer is skipped, with the
-reason, when its rank would not save parameters (r·(m+d) ≥ m·d).
+- ``target_latency F``: the whole model's measured latency on the target is at most F × dense;
+  ranks are allocated by error reduction per second of measured layer time.
+Every rank is at least 1; ``round_to N`` rounds to a multiple of N. Without ``round_to`` the budget
+policies round to the target's multiple (:data:`TARGETS`; a small layer whose max useful rank is
+below twice that multiple takes half of it, and so on) and the per-layer policies do not round.
+A layer is skipped, with the reason, when its rank would not save parameters (r·(m+d) ≥ m·d).
+
+Latency-aware planning (on by default with a FLOPs or latency budget) times every planned layer,
+dense and factorized, on the target at its real input shape (batch ``latency_batch_size``) and
+keeps it dense where factorizing does not pay; with a budget, the ranks are then re-allocated over
+the layers that remain. Each layer's note or skip reason carries the measured times.
 """
 
 from __future__ import annotations
 
+import copy
 import math
-from dataclasses import dataclass
-
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from .allocation import ErrorCurve, allocate
 from .config import CompressConfig
+from .errors import UsageError
 from .graph import LayerSite
 from .layers import from_dense
-from .modelrun import count_flops, count_params, forward_with_hooks
+from .modelrun import count_flops, count_params, forward_with_hooks, replace_module
 from .projection import Factorization, error_curve
+
+
+@dataclass(frozen=True)
+class Target:
+    """A deployment runtime and device: where layers are timed and the rank multiple that suits it."""
+
+    name: str
+    runtime: str  # "onnxruntime" or "torch"
+    device: str  # "cpu" or "cuda"
+    rank_multiple: int
+
+
+TARGETS = {
+    # onnxruntime's fast CPU convolutions run in its blocked NCHWc layout: blocks of 16 channels with
+    # AVX-512, 8 with AVX2. A rank off the block takes the pair out of the layout (reorders, lost fusions).
+    "onnxruntime-cpu": Target("onnxruntime-cpu", "onnxruntime", "cpu", 16),
+    # oneDNN's blocked layouts: 16 channels with AVX-512.
+    "torch-cpu": Target("torch-cpu", "torch", "cpu", 16),
+    # Tensor cores take bf16/fp16 matrix dimensions in multiples of 8.
+    "torch-cuda": Target("torch-cuda", "torch", "cuda", 8),
+    "onnxruntime-cuda": Target("onnxruntime-cuda", "onnxruntime", "cuda", 8),
+}
+_BUDGETS = ("target_params", "target_flops", "target_latency")
+
+
+def rank_multiple(config: CompressConfig) -> int:
+    """What ranks are rounded to: ``round_to``, else the target's multiple for budgets, else 1."""
+    if config.round_to is not None:
+        return config.round_to
+    return TARGETS[config.target].rank_multiple if config.policy in _BUDGETS else 1
+
+
+def _site_multiple(max_rank: int, multiple: int, explicit: bool) -> int:
+    """The multiple for one layer: a target's multiple halves until the layer has two of them."""
+    while not explicit and multiple > 1 and max_rank < 2 * multiple:
+        multiple //= 2
+    return multiple
 
 
 @dataclass
@@ -132,7 +180,7 @@ def _budgeted_ranks(
     for site in sites:
         m, d = site.shape
         per = 2.0 * positions.get(site.name, 1) if by_flops else 1.0
-        ranks = [r for r in _rank_grid(site.max_useful_rank, config.round_to) if saves_parameters(r, m, d)]
+        ranks = _site_ranks(site, config)
         if not ranks:
             continue
         # A factorized layer gains a bias where the nonlinear fit moves a bias-free layer's outputs.
@@ -145,6 +193,13 @@ def _budgeted_ranks(
     budget = (config.target_flops if by_flops else config.target_params) * total
     fixed = total - dense_total
     return allocate(curves, budget, fixed_cost=fixed), {c.name: c for c in curves}
+
+
+def _site_ranks(site: LayerSite, config: CompressConfig) -> list[int]:
+    """Candidate ranks of a site under a budget: rounded as the target wants, each saving parameters."""
+    m, d = site.shape
+    multiple = _site_multiple(site.max_useful_rank, rank_multiple(config), config.round_to is not None)
+    return [r for r in _rank_grid(site.max_useful_rank, multiple) if saves_parameters(r, m, d)]
 
 
 def _may_add_bias(site: LayerSite, method: str, calibrated: bool = False) -> bool:
@@ -172,16 +227,30 @@ def plan_ranks(
 ) -> tuple[dict[str, int], dict[str, str], dict[str, str]]:
     """Ranks per site name, notes per site, and skip reasons per site, for any policy.
 
-    With ``config.latency_aware`` each planned layer is timed dense vs factorized on its real
-    input shape; layers that are not faster factorized stay dense, and a budget is re-allocated
-    over the remaining layers (reverting costs budget that other layers must give back).
+    With latency-aware planning (``config.times_layers``) each planned layer is timed dense vs
+    factorized on the target at its real input shape; layers where factorizing does not pay stay
+    dense, and a budget is re-allocated over the remaining layers (reverting costs budget that
+    other layers must give back). ``target_latency`` allocates by measured time.
     """
+    if config.times_layers and (config.target_flops is not None or config.target_latency is not None):
+        return _timed_budget_plan(model, sites, config, example_inputs, curve_fn or _gaussian_curve(config.method))
     ranks, notes, reasons = _plan_once(model, sites, config, example_inputs, curve_fn, calibrated)
-    if not config.latency_aware:
+    if not config.times_layers:
         return ranks, notes, reasons
+    timer = LayerTimer(model, sites, example_inputs, config)
     reverted: dict[str, str] = {}
-    for _ in range(3):
-        slow = _not_faster(model, [s for s in sites if s.name in ranks], ranks, example_inputs, config)
+    for _ in range(4):
+        slow = {}
+        for site in sites:
+            if site.name not in ranks:
+                continue
+            times = timer.times(site, [ranks[site.name]])
+            dense_s, factor_s = times[None], times[ranks[site.name]]
+            timing = timer.describe(dense_s, factor_s)
+            if factor_s >= PAYS * dense_s:
+                slow[site.name] = f"kept dense by latency-aware planning: {timing}"
+            else:
+                notes[site.name] = "; ".join(n for n in (notes.get(site.name), f"factorized: {timing}") if n)
         if not slow:
             break
         reverted.update(slow)
@@ -189,8 +258,81 @@ def plan_ranks(
         ranks, notes, reasons = _plan_once(model, remaining, config, example_inputs, curve_fn, calibrated)
         if config.target_params is None and config.target_flops is None:
             break
-    reasons.update({name: f"reverted by --latency-aware: {why}" for name, why in reverted.items()})
+    reasons.update(reverted)
     return ranks, notes, reasons
+
+
+# A factorized layer must take less than this share of the dense layer's time to be kept. Below
+# 1.0: a layer that saves a few percent is within the timing noise, and under a FLOPs budget the
+# FLOPs it would save are better spent on layers where they become time.
+PAYS = 0.9
+
+
+class LayerTimer:
+    """Times sites dense and factorized on the config's target at their real inputs, with a cache.
+
+    Each layer is run alone at its input captured from one forward pass of ``example_inputs``,
+    batch expanded to ``config.latency_batch_size``. The factorized versions use random factors
+    (time does not depend on the values). Dense and factorized runs of one layer are interleaved.
+    """
+
+    def __init__(self, model: nn.Module, sites: list[LayerSite], example_inputs: Any, config: CompressConfig):
+        self.target = TARGETS[config.target]
+        self.batch = config.latency_batch_size
+        self.seed = config.seed
+        self.inputs = _layer_inputs(model, sites, example_inputs)
+        self.cache: dict[tuple[str, int | None], float] = {}
+
+    def describe(self, dense_s: float, factor_s: float) -> str:
+        return (f"{self.target.name} batch {self.batch}: dense {dense_s * 1e3:.3f} ms, "
+                f"factorized {factor_s * 1e3:.3f} ms ({factor_s / dense_s:.2f}×)")
+
+    def times(self, site: LayerSite, ranks: list[int]) -> dict[int | None, float]:
+        """Median seconds per call, dense (key None) and at each rank; cached per (site, rank)."""
+        from .bench import layer_latencies
+
+        todo = [r for r in ranks if (site.name, r) not in self.cache]
+        if todo or (site.name, None) not in self.cache:
+            x = self.inputs.get(site.name)
+            if x is None:
+                raise UsageError(f"layer {site.name} did not run on the example inputs; it cannot be timed")
+            x = x[:1].expand(self.batch, *x.shape[1:]).contiguous()
+            gen = torch.Generator().manual_seed(self.seed)
+            m, d = site.shape
+            w = site.module.weight
+            layers: dict[str, nn.Module] = {"dense": site.module}
+            for r in todo:
+                probe = Factorization(torch.randn(m, r, generator=gen).to(w.dtype), torch.randn(r, d, generator=gen).to(w.dtype))
+                layers[str(r)] = from_dense(site.module, probe)
+            measured = layer_latencies(layers, x, self.target.runtime, self.target.device)
+            self.cache[(site.name, None)] = measured["dense"]
+            for r in todo:
+                self.cache[(site.name, r)] = measured[str(r)]
+        return {r: self.cache[(site.name, r)] for r in [None, *ranks]}
+
+    def model_ratio(self, model: nn.Module, sites: list[LayerSite], ranks: dict[str, int], example_inputs: Any) -> float:
+        """Measured latency of ``model`` with ``ranks`` applied (random factors) / the dense model's."""
+        from .bench import measure_latency
+
+        if not isinstance(example_inputs, torch.Tensor):
+            raise UsageError("--target-latency times the whole model; it needs a single tensor input")
+        probe = copy.deepcopy(model)
+        gen = torch.Generator().manual_seed(self.seed)
+        for site in sites:
+            if site.name in ranks:
+                m, d = site.shape
+                old = probe.get_submodule(site.name)
+                r = ranks[site.name]
+                factors = Factorization(torch.randn(m, r, generator=gen), torch.randn(r, d, generator=gen))
+                replace_module(probe, old, from_dense(old, factors.to(old.weight.dtype)))
+        shape = (self.batch, *example_inputs.shape[1:])
+        report = measure_latency({"dense": model, "compressed": probe}, shape, batch_sizes=[self.batch],
+                                 runtime=self.target.runtime, device=self.target.device, warmup=2, repeats=MODEL_REPEATS,
+                                 baseline="dense")
+        return report.ratio("compressed", self.batch)
+
+
+MODEL_REPEATS = 10
 
 
 def _layer_inputs(model: nn.Module, sites: list[LayerSite], example_inputs: Any) -> dict[str, torch.Tensor]:
@@ -206,28 +348,109 @@ def _layer_inputs(model: nn.Module, sites: list[LayerSite], example_inputs: Any)
     return captured
 
 
-def _not_faster(
-    model: nn.Module, sites: list[LayerSite], ranks: dict[str, int], example_inputs: Any, config: CompressConfig
-) -> dict[str, str]:
-    """Sites whose factorized form is not faster than the dense layer, with the timings."""
-    from .bench import layer_latency
+def _probe_ranks(ranks: list[int], points: int = 4) -> list[int]:
+    """Up to ``points`` ranks spread over ``ranks`` (sorted), the smallest and largest included."""
+    if len(ranks) <= points:
+        return list(ranks)
+    return sorted({ranks[round(i * (len(ranks) - 1) / (points - 1))] for i in range(points)})
 
-    inputs = _layer_inputs(model, sites, example_inputs)
-    slow = {}
-    gen = torch.Generator().manual_seed(config.seed)
+
+def _timed_budget_plan(
+    model: nn.Module,
+    sites: list[LayerSite],
+    config: CompressConfig,
+    example_inputs: Any,
+    curve_fn: Callable[[LayerSite, list[int]], list[float]],
+) -> tuple[dict[str, int], dict[str, str], dict[str, str]]:
+    """A FLOPs or latency budget, allocated by error reduction per second of measured layer time.
+
+    Each layer is timed dense and factorized at a few ranks of its grid (times in between are
+    interpolated linearly in the rank); ranks whose time is not below ``PAYS`` × dense are dropped.
+    Layer times measured alone include what the runtime adds around a lone layer (layout
+    reorders), the same for dense and factorized, so only differences are used: the model costs
+    T_dense − Σ (dense − factorized) over the factorized layers.
+
+    ``target_flops`` F: the largest time budget whose allocation keeps at most F of the FLOPs (the
+    FLOPs are spent where they buy the most time). ``target_latency`` F: the time budget is
+    F × T_dense, T_dense the whole dense model's measured time; the plan is then checked by timing
+    the whole model with its ranks, and while it misses the budget is tightened by the miss.
+    """
+    timer = LayerTimer(model, sites, example_inputs, config)
+    positions = _output_positions(model, sites, example_inputs)
+    curves, reasons, notes = [], {}, {}
+    saved_flops: dict[str, Callable[[int], float]] = {}
     for site in sites:
-        x = inputs.get(site.name)
-        if x is None:
+        ranks = _site_ranks(site, config)
+        if not ranks:
+            reasons[site.name] = "no rank saves parameters"
             continue
-        x = x[:1].expand(config.latency_batch_size, *x.shape[1:]).contiguous()
+        probes = _probe_ranks(ranks)
+        times = timer.times(site, probes)
+        dense_s = times[None]
+        costs = [float(c) for c in np.interp(ranks, probes, [times[r] for r in probes])]
+        paying = [(r, c) for r, c in zip(ranks, costs) if c < PAYS * dense_s]
+        if not paying:
+            reasons[site.name] = f"kept dense by latency-aware planning: {timer.describe(dense_s, min(costs))}"
+            continue
+        kept = [r for r, _ in paying]
+        curves.append(ErrorCurve(site.name, kept, [c for _, c in paying], curve_fn(site, kept), dense_s))
         m, d = site.shape
-        r = ranks[site.name]
-        w = site.module.weight
-        probe = Factorization(torch.randn(m, r, generator=gen).to(w.dtype), torch.randn(r, d, generator=gen).to(w.dtype))
-        dense_s, factor_s = layer_latency(site.module, from_dense(site.module, probe), x, runtime=config.latency_runtime)
-        if factor_s >= dense_s:
-            slow[site.name] = f"factorized {factor_s * 1e3:.3f} ms ≥ dense {dense_s * 1e3:.3f} ms"
-    return slow
+        per = 2.0 * positions.get(site.name, 1)
+        saved_flops[site.name] = lambda r, per=per, m=m, d=d: per * (m * d - r * (m + d))
+    dense_layers = sum(c.dense_cost for c in curves)
+    if config.target_flops is not None:
+        total_flops = float(count_flops(model, example_inputs))
+        limit = config.target_flops * total_flops
+
+        def fits(alloc: dict[str, int | None]) -> bool:
+            return total_flops - sum(saved_flops[n](r) for n, r in alloc.items() if r is not None) <= limit
+
+        lo, hi = 0.0, dense_layers
+        best = allocate(curves, lo)
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            alloc = allocate(curves, mid)
+            if fits(alloc):
+                lo, best = mid, alloc
+            else:
+                hi = mid
+        ranks = {name: r for name, r in best.items() if r is not None}
+        ratio = None
+    else:
+        total = _dense_model_time(model, example_inputs, timer)
+        budget = config.target_latency * total
+        for _ in range(3):
+            allocation = allocate(curves, budget, fixed_cost=total - dense_layers)
+            ranks = {name: r for name, r in allocation.items() if r is not None}
+            ratio = timer.model_ratio(model, sites, ranks, example_inputs)
+            if ratio <= config.target_latency:
+                break
+            budget *= config.target_latency / ratio
+    for curve in curves:
+        dense_s = curve.dense_cost
+        if curve.name in ranks:
+            factor_s = curve.costs[curve.ranks.index(ranks[curve.name])]
+            note = f"factorized: {timer.describe(dense_s, factor_s)}"
+            if ratio is not None:
+                note += f"; whole model measured at {ratio:.2f}× dense"
+            notes[curve.name] = note
+        else:
+            budget_name = "FLOPs" if config.target_flops is not None else "latency"
+            reasons[curve.name] = (f"kept dense by the {budget_name} budget allocation (timed on "
+                                   f"{timer.target.name}: dense {dense_s * 1e3:.3f} ms, fastest factorized "
+                                   f"{min(curve.costs) * 1e3:.3f} ms)")
+    return ranks, notes, reasons
+
+
+def _dense_model_time(model: nn.Module, example_inputs: Any, timer: LayerTimer) -> float:
+    from .bench import measure_latency
+
+    if not isinstance(example_inputs, torch.Tensor):
+        raise UsageError("--target-latency times the whole model; it needs a single tensor input")
+    shape = (timer.batch, *example_inputs.shape[1:])
+    report = measure_latency({"dense": model}, shape, batch_sizes=[timer.batch], runtime=timer.target.runtime,
+                             device=timer.target.device, warmup=2, repeats=MODEL_REPEATS)
+    return report.results[0].median_s
 
 
 def _plan_once(
@@ -255,7 +478,7 @@ def _plan_once(
         return ranks, notes, reasons
     for site in sites:
         extra = site.shape[0] if _may_add_bias(site, config.method, calibrated) else 0
-        choice = choose_rank(site, config.rank, config.rank_ratio, config.param_ratio, config.round_to, extra)
+        choice = choose_rank(site, config.rank, config.rank_ratio, config.param_ratio, rank_multiple(config), extra)
         if choice.rank is None:
             reasons[site.name] = choice.skip_reason or "skipped"
         else:
