@@ -16,8 +16,10 @@ from lowrank_compress.bench import (
     count_flops,
     count_onnx_params,
     count_params,
+    layer_latencies,
     layer_latency,
     measure_latency,
+    measure_throughput,
     time_interleaved,
 )
 from lowrank_compress.cli import main
@@ -118,6 +120,74 @@ def test_layer_latency_times_dense_and_factorized(runtime: str) -> None:
 def test_cuda_latency_uses_events() -> None:
     report = measure_latency({"a": mlp(), "b": mlp()}, (1, 32), batch_sizes=(8,), device="cuda", warmup=2, repeats=5)
     assert report.device == "cuda" and all(r.median_s > 0 for r in report.results)
+
+
+def test_layer_latencies_time_every_version_and_leave_the_layers_as_they_were() -> None:
+    conv = nn.Conv2d(16, 16, 3, padding=1)
+    before = conv.weight.clone()
+    versions = {"dense": conv, "4": low_rank(conv, 4), "8": low_rank(conv, 8)}
+    times = layer_latencies(versions, torch.randn(1, 16, 8, 8), runtime="onnxruntime", repeats=3)
+    assert set(times) == {"dense", "4", "8"} and all(t > 0 for t in times.values())
+    assert torch.equal(conv.weight, before)
+
+
+def test_onnxruntime_on_cuda_without_its_provider_is_a_usage_error() -> None:
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("onnxruntime-gpu is installed")
+    with pytest.raises(UsageError, match="CUDA execution provider"):
+        layer_latencies({"dense": nn.Linear(4, 4)}, torch.randn(1, 4), runtime="onnxruntime", device="cuda")
+
+
+def conv_net() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(8, 4)).eval()
+
+
+def test_throughput_reports_both_modes_at_every_batch_size_against_the_baseline() -> None:
+    models = {"dense": conv_net(), "other": conv_net()}
+    report = measure_throughput(models, (1, 3, 8, 8), batch_sizes=(2, 4), device="cpu", compile=False, warmup=1,
+                                steps=2, rounds=2)
+    assert [(r.mode, r.batch_size, r.model) for r in report.results] == [
+        (mode, batch, name) for mode in ("inference", "training") for batch in (2, 4) for name in models]
+    for r in report.results:
+        assert r.samples_per_s == pytest.approx(r.batch_size / r.step_s) and r.rounds == 2
+        if r.model == "dense":
+            assert r.ratio == 1.0
+    assert report.ratio("other", "training", 4) == next(
+        r.ratio for r in report.results if (r.model, r.mode, r.batch_size) == ("other", "training", 4))
+    # On CPU: no bf16 by default; channels_last for image inputs; nothing compiled when asked not to.
+    assert (report.bf16, report.channels_last, report.compiled) == (False, True, False)
+
+
+def test_throughput_trains_copies_and_leaves_the_models_as_they_were() -> None:
+    model = conv_net()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    measure_throughput({"m": model}, (1, 3, 8, 8), batch_sizes=(2,), device="cpu", compile=False, modes=("training",),
+                       warmup=1, steps=1, rounds=1)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert not model.training and next(model.parameters()).device.type == "cpu"
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"modes": ("inference", "serving")}, "modes must be"),
+    ({"batch_sizes": (0,)}, "batch sizes"),
+    ({"steps": 0}, "steps and rounds"),
+    ({"baseline": "nope"}, "baseline"),
+    ({"device": "tpu"}, "unknown device"),
+])
+def test_bad_throughput_settings_are_usage_errors(kwargs: dict, message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        measure_throughput({"m": conv_net()}, (1, 3, 8, 8), **{"device": "cpu", "compile": False, **kwargs})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_throughput_runs_compiled_in_bf16() -> None:
+    report = measure_throughput({"a": conv_net(), "b": conv_net()}, (1, 3, 32, 32), batch_sizes=(8,), warmup=2,
+                                steps=2, rounds=2)
+    assert report.bf16 and report.compiled and report.device == "cuda"
+    assert all(r.samples_per_s > 0 for r in report.results)
 
 
 # ---------------------------------------------------------------- lrc bench

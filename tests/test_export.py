@@ -345,3 +345,94 @@ def test_cli_read_only_directory_is_one_line(tmp_path: Path, checkpoint: Path, c
     finally:
         locked.chmod(0o700)
     assert code == 2 and "not writable" in _one_error_line(err)
+
+
+# ---------------------------------------------------------------- export for speed
+
+
+def _op_counts(path: Path) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in onnx.load(str(path)).graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def _optimized_op_counts(path: Path) -> dict[str, int]:
+    """Op counts of the graph as onnxruntime optimizes it for this CPU (fusions, NCHWc layout)."""
+    from lowrank_compress.export import ort_session
+
+    optimized = path.with_suffix(".opt.onnx")
+    ort_session(path, threads=1, optimized_path=optimized)
+    return _op_counts(optimized)
+
+
+def factorize_in_blocks(model: nn.Module, block: int = 16) -> nn.Module:
+    """Every eligible conv at a rank of ``block`` channels (onnxruntime's NCHWc block with AVX-512; a
+    multiple of AVX2's 8), as the onnxruntime-cpu target rounds them; Linears at a quarter of their
+    weights. Random factors, as in :func:`factorize_every_layer`."""
+    gen = torch.Generator().manual_seed(0)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, (nn.Linear, nn.Conv2d)) or unsupported_reason(child) is not None:
+                continue
+            m, d = child.weight.shape[0], child.weight[0].numel()
+            rank = block if isinstance(child, nn.Conv2d) else max(1, int(0.25 * m * d / (m + d)))
+            A, B = torch.randn(m, rank, generator=gen) / rank**0.5, torch.randn(rank, d, generator=gen) / d**0.5
+            setattr(parent, name, from_dense(child, Factorization(A, B, child.bias)))
+    return model.eval()
+
+
+def _dense_and_factorized(tmp_path: Path, model: nn.Module, shape: tuple[int, ...]) -> tuple[Path, Path, int, int]:
+    """Both exported; also the number of factorized convs and Linears."""
+    dense_path, factorized_path = tmp_path / "dense.onnx", tmp_path / "factorized.onnx"
+    assert export_onnx(model, dense_path, shape).passed
+    factorized = factorize_in_blocks(model)
+    assert export_onnx(factorized, factorized_path, shape).passed
+    convs = sum(isinstance(m, LOW_RANK_TYPES) and hasattr(m, "kernel_size") for m in factorized.modules())
+    linears = sum(isinstance(m, LOW_RANK_TYPES) and not hasattr(m, "kernel_size") for m in factorized.modules())
+    return dense_path, factorized_path, convs, linears
+
+
+def _randomized_resnet18() -> nn.Module:
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    with torch.no_grad():
+        for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.normal_(0, 0.2)
+            bn.running_mean.normal_(0, 0.1)
+            bn.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def test_batchnorm_after_a_factor_pair_is_folded_into_its_up_factor_and_nothing_is_added_around_it(tmp_path):
+    dense, factorized, convs, linears = _dense_and_factorized(tmp_path, _randomized_resnet18(), (1, 3, 64, 64))
+    before, after = _op_counts(dense), _op_counts(factorized)
+    assert convs == 20 and linears == 1
+    assert "BatchNormalization" not in before and "BatchNormalization" not in after
+    assert after.pop("Conv") == before.pop("Conv") + convs
+    # The factorized fc: its down factor is one MatMul (no bias) feeding the up factor's Gemm.
+    assert after.pop("MatMul", 0) == before.pop("MatMul", 0) + linears
+    assert after == before  # no Transpose, Reshape or anything else appears around the pairs
+
+
+def test_onnxruntime_fuses_in_a_factorized_cnn_what_it_fused_in_the_dense_one(tmp_path):
+    dense, factorized, convs, linears = _dense_and_factorized(tmp_path, _randomized_resnet18(), (1, 3, 64, 64))
+    before, after = _optimized_op_counts(dense), _optimized_op_counts(factorized)
+    # ReLU, the residual Add and BatchNorm are fused into the convolutions in both graphs.
+    assert not {"Relu", "Add", "BatchNormalization"} & (set(before) | set(after))
+    assert after.pop("Conv") == before.pop("Conv") + convs
+    assert after.pop("MatMul", 0) == before.pop("MatMul", 0) + linears
+    assert after == before  # the same layout reorders, pooling and head: nothing unfused, nothing added
+
+
+def test_onnxruntime_fuses_in_a_factorized_vit_what_it_fused_in_the_dense_one(tmp_path):
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2).eval()
+    dense, factorized, convs, linears = _dense_and_factorized(tmp_path, model, (1, 3, 32, 32))
+    before, after = _optimized_op_counts(dense), _optimized_op_counts(factorized)
+    assert linears == 2 * 4 + 1 and convs == 1  # qkv, proj, fc1, fc2 per block, the head; the patch embedding
+    assert after.pop("MatMul") == before.pop("MatMul") + linears  # each pair's down factor
+    assert after.pop("Conv") == before.pop("Conv") + convs
+    # GELU and bias adds fused as before; no Transpose or Reshape around the token-wise pairs.
+    assert after == before
