@@ -23,6 +23,7 @@ import os
 import random
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
+from torchvision.datasets import DatasetFolder
 
 from .io.dataconfig import IMAGENET_MEAN, IMAGENET_STD
 from .io.records import LoadedModel
@@ -57,7 +59,13 @@ def resolve_data_config(loaded: LoadedModel, input_shape: Sequence[int] | None =
     of ImageNet's for any other channel count.
     """
     config = {**arch_data_config(loaded.arch, loaded.model), **(loaded.data_config or {})}
-    shape = input_shape or loaded.input_shape
+    return complete_data_config(config, input_shape or loaded.input_shape)
+
+
+def complete_data_config(config: dict[str, Any], shape: Sequence[int] | None = None) -> dict[str, Any]:
+    """``config`` with every key filled in and checked, its input size taken from ``shape`` (N, C, H, W)
+    when given (see :func:`resolve_data_config`)."""
+    config = dict(config)
     if shape is not None:
         if len(shape) != 4:
             raise UsageError(f"input shape {tuple(shape)} is not an image batch shape N,C,H,W")
@@ -92,7 +100,11 @@ def _interpolation(name: str):
 
 
 def eval_transform(config: dict[str, Any]) -> Callable[[Image.Image], torch.Tensor]:
-    """PIL image → normalized float tensor (C, H, W): resize by crop_pct, center crop, normalize."""
+    """PIL image → normalized float tensor (C, H, W): resize by crop_pct, center crop, normalize.
+
+    Not timm's ``create_transform``: it resizes non-square inputs to another size and does not know
+    the ``nearest-exact`` interpolation that a torchvision data config may record.
+    """
     from torchvision import transforms as T
 
     _, height, width = config["input_size"]
@@ -182,55 +194,32 @@ def read_image(path: str | Path, channels: int) -> Image.Image:
         raise UsageError(f"cannot read image {path} ({' '.join(str(exc).split())[:120]})") from None
 
 
-def _is_image(path: Path) -> bool:
+def _is_image(path: str | Path) -> bool:
+    path = Path(path)
     return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
-class ImageFolder(Dataset):
-    """``root/<class>/<image>`` → (PIL image, class index); see the module docstring for class indices."""
+class ImageFolder(DatasetFolder):
+    """torchvision's ``DatasetFolder`` over ``root/<class>/<image>`` → (image, class index), read as
+    grayscale or RGB; see the module docstring for class indices. Folders without images are allowed."""
 
-    def __init__(self, root: str | Path, channels: int) -> None:
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise UsageError(f"no image folder {self.root}")
-        folders = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        if not folders:
-            raise UsageError(f"{self.root} has no class folders (expected {self.root}/<class>/<image>)")
-        if all(name.isdigit() for name in folders):
-            self.class_to_idx = {name: int(name) for name in folders}
-        else:
-            self.class_to_idx = {name: i for i, name in enumerate(folders)}
-        self.samples: list[tuple[Path, int]] = [
-            (path, self.class_to_idx[name])
-            for name in folders
-            for path in sorted((self.root / name).rglob("*"))
-            if _is_image(path)
-        ]
-        if not self.samples:
-            raise UsageError(f"{self.root} has class folders but no images ({', '.join(IMAGE_EXTENSIONS[:3])}, …)")
+    def __init__(self, root: str | Path, channels: int, transform: Callable | None = None) -> None:
+        if not Path(root).is_dir():
+            raise UsageError(f"no image folder {root}")
         self.channels = channels
+        super().__init__(root, loader=partial(read_image, channels=channels), transform=transform,
+                         is_valid_file=_is_image, allow_empty=True)
+        if not self.samples:
+            raise UsageError(f"{root} has class folders but no images ({', '.join(IMAGE_EXTENSIONS[:3])}, …)")
         self.num_classes = max(self.class_to_idx.values()) + 1
 
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
-        path, target = self.samples[index]
-        return read_image(path, self.channels), target
-
-
-class TransformedFolder(Dataset):
-    """An :class:`ImageFolder` with a deterministic transform: index → (tensor (C, H, W), class index)."""
-
-    def __init__(self, folder: ImageFolder, transform: Callable[[Image.Image], torch.Tensor]) -> None:
-        self.folder, self.transform = folder, transform
-
-    def __len__(self) -> int:
-        return len(self.folder)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image, target = self.folder[index]
-        return self.transform(image), target
+    def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
+        folders = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+        if not folders:
+            raise UsageError(f"{directory} has no class folders (expected {directory}/<class>/<image>)")
+        if all(name.isdigit() for name in folders):
+            return folders, {name: int(name) for name in folders}
+        return folders, {name: i for i, name in enumerate(folders)}
 
 
 class SeededAugmentFolder(Dataset):
@@ -350,8 +339,7 @@ def eval_loader(
     rank: int = 0,
 ) -> DataLoader:
     """A loader over an image folder with the eval transform; with several ranks, each gets its shard."""
-    images = ImageFolder(folder, channels=config["input_size"][0])
-    dataset = TransformedFolder(images, eval_transform(config))
+    dataset = ImageFolder(folder, channels=config["input_size"][0], transform=eval_transform(config))
     sampler = ShardSampler(len(dataset), num_replicas, rank)
     return make_loader(dataset, batch_size, sampler, workers, device, drop_last=False)
 
@@ -379,8 +367,7 @@ def image_tensors(
         raise UsageError(f"no images under {root} ({', '.join(IMAGE_EXTENSIONS[:3])}, …)")
     if len(files) > samples:
         files = [files[i] for i in np.linspace(0, len(files) - 1, samples).round().astype(int)]
-    loaded = LoadedModel(model=torch.nn.Identity(), input_shape=tuple(input_shape), data_config=dict(config))
-    resolved = resolve_data_config(loaded)
+    resolved = complete_data_config(config, input_shape)
     transform = eval_transform(resolved)
     channels = resolved["input_size"][0]
     return torch.stack([transform(read_image(f, channels)) for f in files])

@@ -18,18 +18,12 @@ included: a run stopped and resumed ends with the same weights as one that was n
 from __future__ import annotations
 
 import copy
-import json
-import math
-import os
-import random
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -45,19 +39,22 @@ from .data import (
     split_dir,
     train_transform,
 )
-from .errors import LrcError, UsageError
-from .evaluate import evaluate, resolve_device
-from .io.files import atomic_output, check_writable
+from .errors import UsageError
+from .evaluate import evaluate
+from .io.files import check_writable
 from .layers import low_rank_modules
 from .losses import distillation_loss
 from .recipes import TrainConfig
-
-CHECKPOINT_NAME = "last.pt"
-CHECKPOINT_FORMAT = "lrc-train-checkpoint"
-CHECKPOINT_VERSION = 1
-# Debugging aid: when set to a directory, every rank writes its final weights there as
-# rank<R>.safetensors, so a distributed run can be checked for ranks that drifted apart.
-RANK_STATE_ENV = "LRC_RANK_STATE_DIR"
+from .training.distributed import (
+    Dist, NonFiniteCheck, barrier, distributed_context, dump_rank_state, mean_over_ranks, sync_buffers,
+)
+from .training.parts import (
+    Notes, RunLog, frobenius_penalty, lr_schedule, model_ema, num_outputs, parameter_groups, precision_dtype, progress_bar,
+)
+from .training.state import (
+    CHECKPOINT_FORMAT, CHECKPOINT_VERSION, Position, Trainables, checkpoint_path, read_on_rank0, restore, rng_state,
+    save_checkpoint, seed_everything,
+)
 
 
 @dataclass
@@ -71,311 +68,6 @@ class TrainResult:
     val: dict[str, Any] | None
     output: Path
     stopped_at_max_steps: bool
-
-
-# ---------------------------------------------------------------- distributed context
-
-
-@dataclass
-class Dist:
-    """This process's place in the job: rank, world size and its device."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-
-@contextmanager
-def distributed_context(device: str = "auto") -> Iterator[Dist]:
-    """Join the torchrun job described by the environment (or run alone) and leave it on exit.
-
-    ``device``: "auto" (CUDA when available, else CPU), "cuda" or "cpu". Under torchrun each rank
-    uses GPU LOCAL_RANK. The process group is created here only when WORLD_SIZE > 1 and destroyed on
-    exit, errors included, so a failing rank does not leave the others hanging in a collective.
-    """
-    use_cuda = resolve_device(device).type == "cuda"
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    created = False
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
-        created = True
-    try:
-        yield Dist(rank, world_size, local_rank, dev)
-    finally:
-        if created:
-            dist.destroy_process_group()
-
-
-def _barrier(ctx: Dist) -> None:
-    if ctx.distributed:
-        dist.barrier()
-
-
-def sync_buffers(module: nn.Module, ctx: Dist) -> None:
-    """Copy rank 0's buffers (BatchNorm statistics) to every rank, as DDP does before each forward.
-
-    Each rank's last forward updated its buffers from its own batch; after this all ranks hold the
-    buffers that rank 0 evaluates and saves.
-    """
-    if ctx.distributed:
-        for buffer in module.buffers():
-            dist.broadcast(buffer, src=0)
-
-
-# ---------------------------------------------------------------- randomness
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python's, NumPy's and torch's (CPU and CUDA) global generators."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict[str, Any]:
-    """The global generators' states, made of tensors and plain values (loadable with weights_only)."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` captured."""
-    random.setstate(_tuples(state["python"]))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _tuples(value: Any) -> Any:
-    """Lists back to tuples (random.setstate needs tuples; some serializers turn them into lists)."""
-    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
-# ---------------------------------------------------------------- losses and regularizers
-
-
-def frobenius_penalty(modules: list[nn.Module]) -> torch.Tensor:
-    """Σ over factorized modules of ‖A B‖²_F, A = up weight (m, r), B = down weight flattened (r, d).
-
-    Computed as Σ (AᵀA) ∘ (B Bᵀ) = tr(AᵀA B Bᵀ): r×r products instead of the m×d matrix. Float32.
-    """
-    total = torch.zeros((), device=modules[0].up.weight.device)
-    for module in modules:
-        a = module.up.weight.float().reshape(module.up.weight.shape[0], -1)
-        b = module.down.weight.float().reshape(a.shape[1], -1)
-        total = total + ((a.T @ a) * (b @ b.T)).sum()
-    return total
-
-
-def parameter_groups(model: nn.Module, weight_decay: float, frobenius_decay: float) -> list[dict[str, Any]]:
-    """Optimizer groups: weights with decay; biases and norm parameters (1-D) without; factor weights
-    without plain decay when Frobenius decay regularizes their product instead (Khodak et al. 2021)."""
-    factors = {id(p) for m in low_rank_modules(model) for p in (m.up.weight, m.down.weight)}
-    decay, no_decay, factor = [], [], []
-    for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        if id(p) in factors:
-            factor.append(p)
-        elif p.ndim <= 1:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    groups = [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-        {"params": factor, "weight_decay": 0.0 if frobenius_decay > 0 else weight_decay},
-    ]
-    return [g for g in groups if g["params"]]
-
-
-def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
-    """LR multiplier at 0-based ``step``: linear warm-up to 1 over ``warmup_steps``, then cosine to 0
-    at ``total_steps``."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-class ModelEma:
-    """Exponential moving average of a model's parameters (buffers are copied).
-
-    After each step: ema ← decay·ema + (1 − decay)·param. The copy lives on the model's device,
-    in eval mode, without gradients.
-    """
-
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        self.decay = decay
-        self.module = copy.deepcopy(model).eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        ema_params = list(self.module.parameters())
-        params = [p.detach() for p in model.parameters()]
-        torch._foreach_lerp_(ema_params, params, 1.0 - self.decay)
-        for ema_buffer, buffer in zip(self.module.buffers(), model.buffers()):
-            ema_buffer.copy_(buffer)
-
-
-# ---------------------------------------------------------------- checkpoints
-
-
-@dataclass
-class _Position:
-    """Where a run is: epoch (0-based), batches done in it, optimizer steps done in total."""
-
-    epoch: int = 0
-    step_in_epoch: int = 0
-    global_step: int = 0
-
-
-@dataclass
-class _Trainables:
-    """The objects whose state a checkpoint holds, besides the position and the RNGs."""
-
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler
-    ema: ModelEma | None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-            "ema": self.ema.module.state_dict() if self.ema is not None else None,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        if self.ema is not None:
-            if state["ema"] is None:
-                raise UsageError("the checkpoint was written without --ema; resume without it or start afresh")
-            self.ema.module.load_state_dict(state["ema"])
-
-
-
-def checkpoint_path(directory: str | Path) -> Path:
-    """Where a run's resumable checkpoint lives: ``DIR/last.pt``."""
-    return Path(directory) / CHECKPOINT_NAME
-
-
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """``torch.save`` to a temporary file renamed over ``path``: a crash never leaves half a checkpoint."""
-    with atomic_output(path) as tmp:
-        torch.save(state, tmp)
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint` with ``weights_only=True``.
-
-    The file holds only tensors and plain values, so nothing in it can run code when loaded.
-    """
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UsageError(f"cannot read checkpoint {path} ({' '.join(str(exc).split())[:160]})") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise UsageError(f"{path} is not an lrc training checkpoint")
-    if state.get("version", 0) > CHECKPOINT_VERSION:
-        raise UsageError(
-            f"{path} is a checkpoint version {state['version']}; this lrc reads up to {CHECKPOINT_VERSION}"
-        )
-    return state
-
-
-# ---------------------------------------------------------------- the run
-
-
-class _Log:
-    """JSON-lines log (rank 0 only), appended to so a resumed run continues the same file.
-
-    One object per line, each with ``time`` (Unix seconds) and ``event``: ``start`` (world_size,
-    device, config, steps_per_epoch, total_steps), ``resume`` (step, epoch, step_in_epoch), ``step``
-    (step, epoch, loss = mean over ranks and steps since the last record, lr, images_per_s),
-    ``epoch`` (epoch, step, train_loss, val_top1/val_top5/val_samples when a val split exists) and
-    ``end`` (step, output, stopped_at_max_steps). Epochs count from 1, steps are optimizer steps.
-    """
-
-    def __init__(self, path: str | Path | None, enabled: bool) -> None:
-        self.file = open(path, "a") if (path is not None and enabled) else None
-
-    def write(self, **record: Any) -> None:
-        if self.file is not None:
-            self.file.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
-            self.file.flush()
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-
-
-def _progress(enabled: bool):
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[speed]} img/s"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        disable=not enabled,
-    )
-
-
-def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    if precision == "fp16" and device.type != "cuda":
-        raise UsageError("--precision fp16 needs a CUDA device (use bf16 or fp32 on CPU)")
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
-
-
-def _num_outputs(model: nn.Module, input_size: tuple[int, ...], device: torch.device) -> int:
-    """The number of logits the model returns for one input of ``input_size`` (C, H, W)."""
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        out = model(torch.zeros(1, *input_size, device=device))
-    model.train(was_training)
-    if out.ndim != 2:
-        raise UsageError(f"the model returned shape {tuple(out.shape)}, not (batch, classes) logits")
-    return out.shape[1]
 
 
 def _export(module: nn.Module) -> nn.Module:
@@ -445,7 +137,7 @@ def _run(
     """The body of :func:`finetune` inside the distributed context."""
     device = ctx.device
     cuda = device.type == "cuda"
-    autocast_dtype = _autocast_dtype(config.precision, device)
+    autocast_dtype = precision_dtype(config.precision, device)
     if cuda:
         torch.backends.cudnn.benchmark = True
     seed_everything(config.seed + ctx.rank)
@@ -472,14 +164,14 @@ def _run(
     # Models.
     memory_format = torch.channels_last if cuda else torch.preserve_format
     model = student.model.to(device, memory_format=memory_format).train()
-    classes = _num_outputs(model, data_config["input_size"], device)
+    classes = num_outputs(model, data_config["input_size"], device)
     if images.num_classes > classes:
         raise UsageError(
             f"{train_folder} has class index {images.num_classes - 1} but the model predicts {classes} classes"
         )
     if teacher is not None:
         teacher = teacher.to(device, memory_format=memory_format).eval().requires_grad_(False)
-        teacher_classes = _num_outputs(teacher, data_config["input_size"], device)
+        teacher_classes = num_outputs(teacher, data_config["input_size"], device)
         if teacher_classes != classes:
             raise UsageError(f"the teacher predicts {teacher_classes} classes, the model {classes}")
     factors = low_rank_modules(model) if config.frobenius_decay > 0 else []
@@ -488,25 +180,23 @@ def _run(
         optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
     else:
         optimizer = torch.optim.AdamW(groups, lr=config.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, config.warmup_steps, total_steps)
-    )
+    scheduler = lr_schedule(optimizer, config.warmup_steps, total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype is torch.float16)
-    ema = ModelEma(model, config.ema) if config.ema is not None else None
+    ema = model_ema(model, config.ema) if config.ema is not None else None
 
-    trainables = _Trainables(model, optimizer, scheduler, scaler, ema)
+    trainables = Trainables(model, optimizer, scheduler, scaler, ema)
     ckpt_file = checkpoint_path(checkpoint_dir) if checkpoint_dir is not None else None
-    log = _Log(log_path, ctx.main)
-    note = _Notes(ctx.main)
-    state = _read_on_rank0(ckpt_file, ctx) if resume and ckpt_file is not None else None
+    log = RunLog(log_path, ctx.main)
+    note = Notes(ctx.main)
+    state = read_on_rank0(ckpt_file, ctx) if resume and ckpt_file is not None else None
     if state is not None:
-        pos, skip = _restore(trainables, state, config, ctx)
+        pos, skip = restore(trainables, state, config, ctx)
         note(f"resumed from {ckpt_file} at step {pos.global_step} (epoch {pos.epoch + 1}, batch {pos.step_in_epoch})")
         log.write(event="resume", step=pos.global_step, epoch=pos.epoch + 1, step_in_epoch=pos.step_in_epoch)
     else:
         if resume:
             note(f"no checkpoint at {ckpt_file}; starting from the beginning")
-        pos, skip = _Position(), 0
+        pos, skip = Position(), 0
         log.write(event="start", world_size=ctx.world_size, device=str(device), config=asdict(config),
                   steps_per_epoch=steps_per_epoch, total_steps=total_steps)
 
@@ -530,7 +220,7 @@ def _run(
             })
 
     final_model = ema.module if ema is not None else model
-    nonfinite = _NonFiniteCheck(ctx)
+    nonfinite = NonFiniteCheck(ctx)
     autocast = (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if autocast_dtype else nullcontext
     stop_at = min(total_steps, config.max_steps) if config.max_steps is not None else total_steps
     last_loss: float | None = None
@@ -539,7 +229,7 @@ def _run(
     loss_count = 0
     interval_start, interval_steps = time.perf_counter(), 0
     try:
-        with _progress(show_progress and ctx.main) as progress:
+        with progress_bar(show_progress and ctx.main) as progress:
             task = progress.add_task(
                 "training", total=stop_at, completed=min(pos.global_step, stop_at), loss="–", lr="–", speed="–"
             )
@@ -567,7 +257,7 @@ def _run(
                         nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
                     scaler.step(optimizer)
                     scaler.update()
-                    scheduler.step()
+                    scheduler.step_update(pos.global_step + 2)  # the LR of the next step
                     if ema is not None:
                         ema.update(model)
                     pos.global_step += 1
@@ -582,10 +272,10 @@ def _run(
                     epoch_done = pos.step_in_epoch == steps_per_epoch
                     if pos.global_step % config.log_every == 0 or pos.global_step == stop_at or epoch_done:
                         nonfinite.flush()
-                        last_loss = _mean_over_ranks(loss_sum, loss_count, ctx)
+                        last_loss = mean_over_ranks(loss_sum, loss_count, ctx)
                         elapsed = time.perf_counter() - interval_start
                         speed = interval_steps * config.batch_size / max(elapsed, 1e-9)
-                        lr = scheduler.get_last_lr()[0]
+                        lr = optimizer.param_groups[0]["lr"]
                         progress.update(task, loss=f"{last_loss:.4f}", lr=f"{lr:.3g}", speed=f"{speed:,.0f}")
                         log.write(event="step", step=pos.global_step, epoch=pos.epoch + 1, loss=last_loss, lr=lr,
                                   images_per_s=speed)
@@ -620,7 +310,7 @@ def _run(
         sync_buffers(model, ctx)
         if ema is not None:
             sync_buffers(ema.module, ctx)
-        _dump_rank_state(final_model, ctx)
+        dump_rank_state(final_model, ctx)
         if ctx.main:
             input_shape = student.input_shape or (1, *data_config["input_size"])
             fields = {"arch": student.arch, "arch_kwargs": student.arch_kwargs, "input_shape": list(input_shape),
@@ -629,115 +319,10 @@ def _run(
 
             save(_export(final_model), output, **fields)
             log.write(event="end", step=pos.global_step, output=str(output), stopped_at_max_steps=stopped)
-        _barrier(ctx)
+        barrier(ctx)
     finally:
         log.close()
     return TrainResult(pos.global_step, pos.epoch, last_loss, val_result, output, stopped)
-
-
-def _read_on_rank0(ckpt_file: Path, ctx: Dist) -> dict[str, Any] | None:
-    """The checkpoint as rank 0 reads it (None when there is none), sent to every rank.
-
-    Only rank 0 writes checkpoints, so only its node needs the directory: other nodes of a
-    multi-node job receive the state over the process group. A read error is raised on every rank.
-    """
-    state, error = None, None
-    if ctx.main and ckpt_file.exists():
-        try:
-            state = load_checkpoint(ckpt_file)
-        except UsageError as exc:
-            error = str(exc)
-    if ctx.distributed:
-        shared = [state, error]
-        dist.broadcast_object_list(shared, src=0)
-        state, error = shared
-    if error is not None:
-        raise UsageError(error)
-    return state
-
-
-def _restore(trainables: _Trainables, state: dict[str, Any], config: TrainConfig, ctx: Dist) -> tuple[_Position, int]:
-    """Load a checkpoint's state into ``trainables``; returns the position and this rank's samples to skip.
-
-    With the same world size and global batch the RNG states and the data position are restored
-    exactly; otherwise the run continues from the same step with fresh generators (and says so).
-    """
-    trainables.load_state_dict(state)
-    pos = _Position(state["epoch"], state["step_in_epoch"], state["global_step"])
-    if state["world_size"] == ctx.world_size and state["batch_size"] == config.batch_size:
-        set_rng_state(state["rng"][ctx.rank])
-    else:
-        seed_everything(config.seed + ctx.rank + pos.global_step)
-        _Notes(ctx.main)(
-            f"resuming with {ctx.world_size} processes × batch {config.batch_size} (the checkpoint was "
-            f"{state['world_size']} × {state['batch_size']}): continuing approximately, not bit-exactly"
-        )
-    samples_seen = state["samples_seen"]
-    if pos.step_in_epoch >= state["steps_per_epoch"]:
-        pos, samples_seen = _Position(pos.epoch + 1, 0, pos.global_step), 0
-    return pos, samples_seen // ctx.world_size
-
-
-class _Notes:
-    """One-line messages to stderr from rank 0."""
-
-    def __init__(self, enabled: bool) -> None:
-        from rich.console import Console
-
-        self.console = Console(stderr=True) if enabled else None
-
-    def __call__(self, message: str) -> None:
-        if self.console is not None:
-            self.console.print(message, highlight=False, markup=False)
-
-
-class _NonFiniteCheck:
-    """Stops the run at the first step whose loss is NaN or Inf on any rank.
-
-    Each step's flag is reduced over ranks (so every rank stops at the same step and none waits
-    in a collective for a rank that left) and read at the next ``push`` or ``flush``.
-    """
-
-    def __init__(self, ctx: Dist) -> None:
-        self.ctx = ctx
-        self.pending: tuple[int, torch.Tensor] | None = None
-
-    def push(self, step: int, loss: torch.Tensor) -> None:
-        flag = (~torch.isfinite(loss.detach())).to(torch.int32)
-        if self.ctx.distributed:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        self.flush()
-        self.pending = (step, flag)
-
-    def flush(self) -> None:
-        if self.pending is not None:
-            step, flag = self.pending
-            self.pending = None
-            if flag.item():
-                raise LrcError(
-                    f"the loss is NaN or Inf at step {step}; nothing after the last checkpoint was kept "
-                    "(try a lower --lr, --clip-grad, or --precision fp32)"
-                )
-
-
-def _mean_over_ranks(loss_sum: torch.Tensor, count: int, ctx: Dist) -> float:
-    total = torch.stack([loss_sum.float(), torch.tensor(float(count), device=loss_sum.device)])
-    if ctx.distributed:
-        dist.all_reduce(total)
-    return float(total[0] / total[1])
-
-
-def _dump_rank_state(model: nn.Module, ctx: Dist) -> None:
-    directory = os.environ.get(RANK_STATE_ENV)
-    if directory:
-        from safetensors.torch import save_file
-
-        Path(directory).mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(Path(directory) / f"rank{ctx.rank}.safetensors"))
-
-
-# ---------------------------------------------------------------- from scratch
 
 
 def build_from_scratch(

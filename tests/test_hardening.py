@@ -31,7 +31,7 @@ from lowrank_compress.compress import CompressConfig
 from lowrank_compress.graph import find_sites
 from lowrank_compress.pipeline import CompressJob, run_compress
 from lowrank_compress.io.format import MANIFEST_KEY, load
-from lowrank_compress.train import load_checkpoint
+from lowrank_compress.training.state import load_checkpoint
 
 ASSET = digits.bundled_checkpoint_path()
 ARCH = ["--arch", digits.ARCH_SPEC]

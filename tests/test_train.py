@@ -24,18 +24,13 @@ from lowrank_compress.cli import main
 from lowrank_compress.errors import LrcError, UsageError
 from lowrank_compress.evaluate import evaluate_folder
 from lowrank_compress.layers import LOW_RANK_TYPES, from_dense
-from lowrank_compress.projection import flatten_weight, spectral_factors
+from lowrank_compress.factors import flatten_weight
+from lowrank_compress.projection import spectral_factors
 from lowrank_compress.recipes import TrainConfig, dump_recipe, load_recipe, resolve_options, validate_recipe
-from lowrank_compress.train import (
-    distillation_loss,
-    finetune,
-    frobenius_penalty,
-    load_checkpoint,
-    lr_factor,
-    parameter_groups,
-    rng_state,
-    set_rng_state,
-)
+from lowrank_compress.losses import distillation_loss
+from lowrank_compress.train import finetune
+from lowrank_compress.training.parts import frobenius_penalty, lr_schedule, parameter_groups
+from lowrank_compress.training.state import load_checkpoint, rng_state, set_rng_state
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
@@ -322,10 +317,15 @@ def test_the_throughput_benchmark_runs_on_cpu(tmp_path: Path) -> None:
 
 
 def test_lr_warms_up_linearly_then_decays_by_cosine() -> None:
-    factors = [lr_factor(step, 4, 12) for step in range(12)]
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = lr_schedule(optimizer, warmup_steps=4, total_steps=12)
+    factors = []
+    for step in range(12):
+        factors.append(optimizer.param_groups[0]["lr"])
+        scheduler.step_update(step + 2)
     assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
-    assert factors[4] == 1.0 and math.isclose(factors[8], 0.5) and factors[11] < 0.05
-    assert all(a >= b for a, b in zip(factors[4:], factors[5:]))
+    cosine = [0.5 * (1 + math.cos(math.pi * k / 9)) for k in range(1, 9)]  # 8 steps left, zero one step after
+    assert all(math.isclose(a, b) for a, b in zip(factors[4:], cosine)) and 0 < factors[11] < 0.05
 
 
 def test_distillation_mixes_cross_entropy_and_scaled_kl() -> None:

@@ -48,13 +48,11 @@ def compress_command(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or tables (for CI logs); errors still print."),
 ) -> None:
     """Factorize every eligible Linear/Conv layer, initialized to keep each layer's output after its activation."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from ..io.checks import parse_arch_kwargs, parse_input_shape
     from ..compress import CompressConfig
+    from ..io.checks import parse_arch_kwargs, parse_input_shape
     from ..io.files import check_distinct_paths
     from ..pipeline import CompressJob, default_output, run_compress
-    from .render import report_table, skipped_table, totals_table
+    from .render import compress_progress, print_compress_result
 
     check_distinct_paths(
         {"CHECKPOINT": checkpoint, "--calib": calib if calib not in (None, "gaussian") else None},
@@ -78,27 +76,9 @@ def compress_command(
         calib_batch_size=calib_batch_size, json_path=json_path, onnx_path=onnx_path, plot_path=plot,
         max_output_error=max_output_error,
     )
-    progress = Progress(TextColumn("[bold]compress[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        TextColumn("{task.description}"), console=console, disable=quiet, transient=True)
-    task = progress.add_task("", total=None)
-
-    def on_layer(name: str, done: int, total: int) -> None:
-        progress.update(task, completed=done, total=total, description=name)
-
+    progress, on_layer = compress_progress(console, quiet)
     with progress:
         result = run_compress(job, on_layer, raise_on_failure=False)
-    report = result.report
-    if not quiet:
-        out.print(report_table(report))
-        if report.skipped:
-            out.print(skipped_table(report.skipped))
-        out.print(totals_table(report))
-        for note in report.notes:
-            console.print(f"[yellow]note:[/] {note}")
-        if result.parity is not None:
-            out.print(f"ONNX {onnx_path}: max abs error {result.parity.max_abs_error:.2e}, max rel error {result.parity.max_rel_error:.2e}")
-    if result.loaded.arch_note:
-        console.print(result.loaded.arch_note, highlight=False, soft_wrap=True, markup=False)
-    console.print(f"wrote {result.output}", highlight=False, soft_wrap=True, markup=False)
+    print_compress_result(out, console, result, onnx_path, quiet)
     if result.failure is not None:
         raise result.failure

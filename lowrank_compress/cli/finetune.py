@@ -7,7 +7,6 @@ from pathlib import Path
 
 import typer
 
-from ..errors import UsageError
 from ..recipes import TrainConfig as _TrainConfig  # torch-free: only for the help defaults
 from .app import app, out
 
@@ -61,62 +60,24 @@ def finetune_command(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
     """Fine-tune a compressed model (distillation or cross-entropy), or train one from scratch; DDP under torchrun."""
-    from dataclasses import fields
-
     from ..io.checks import parse_arch_kwargs, parse_input_shape
-    from ..io.opening import open_model
     from ..io.files import check_distinct_paths
-    from ..recipes import load_recipe, resolve_options
-    from ..train import build_from_scratch, finetune
+    from ..recipes import recipe_keys
+    from ..training.job import FinetuneJob, run_finetune
 
     check_distinct_paths(
         {"MODEL": model, "--teacher": teacher, "--data": data, "--recipe": recipe},
         {"-o": output, "--log-file": log, "--checkpoint-dir": None if checkpoint_dir is None else checkpoint_dir / "last.pt"},
     )
-    if checkpoint_dir is not None and checkpoint_dir.exists() and not checkpoint_dir.is_dir():
-        raise UsageError(f"--checkpoint-dir {checkpoint_dir} is a file, not a folder")
-    given = dict(
-        epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum,
-        weight_decay=weight_decay, frobenius_decay=frobenius_decay, warmup_steps=warmup_steps,
-        label_smoothing=label_smoothing, kd_temperature=kd_temperature, kd_weight=kd_weight,
-        clip_grad=clip_grad, ema=ema, workers=workers, seed=seed, checkpoint_every=checkpoint_every,
-        log_every=log_every, max_steps=max_steps, min_crop_scale=min_crop_scale, hflip=hflip, precision=precision,
-        train_split=train_split, val_split=val_split,
-        from_scratch=from_scratch, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs) or None,
-        input_shape=list(parse_input_shape(input_shape) or []) or None, method=method, rank=rank,
-        rank_ratio=rank_ratio, param_ratio=param_ratio,
+    given = {name: value for name, value in locals().items() if name in recipe_keys()}
+    given.update(arch_kwargs=parse_arch_kwargs(arch_kwargs) or None,
+                 input_shape=list(parse_input_shape(input_shape) or []) or None)
+    job = FinetuneJob(
+        data, output, given, recipe=recipe, model=model, teacher=teacher, no_teacher=no_teacher,
+        trust_pickle=trust_pickle, checkpoint_dir=checkpoint_dir, resume=resume, log_path=log, device=device,
+        show_progress=not quiet,
     )
-    values = resolve_options(load_recipe(recipe) if recipe is not None else {}, given)
-    config = _TrainConfig(**{f.name: values[f.name] for f in fields(_TrainConfig) if f.name in values})
-    shape = tuple(values["input_shape"]) if values.get("input_shape") else None
-    if teacher is not None and no_teacher:
-        raise UsageError("--teacher and --no-teacher exclude each other")
-    if values.get("from_scratch"):
-        if model is not None:
-            raise UsageError("--from-scratch builds the model from --arch; drop MODEL")
-        if not values.get("arch"):
-            raise UsageError("--from-scratch needs --arch")
-    else:
-        if model is None:
-            raise UsageError("missing MODEL (or pass --from-scratch --arch SPEC)")
-        if teacher is None and not no_teacher:
-            raise UsageError("pass --teacher ORIGINAL to distill from the uncompressed model, or --no-teacher")
-        if any(values.get(k) is not None for k in ("rank", "rank_ratio", "param_ratio", "method")):
-            raise UsageError("--rank, --rank-ratio, --param-ratio and --method only apply with --from-scratch")
-    if values.get("from_scratch"):
-        student = build_from_scratch(
-            values["arch"], values.get("arch_kwargs"), shape, values.get("method") or "nkp",
-            values.get("rank"), values.get("rank_ratio"), values.get("param_ratio"), config.seed,
-        )
-    else:
-        student = open_model(model, values.get("arch"), values.get("arch_kwargs"), trust_pickle, shape)
-    teacher_model = (
-        open_model(teacher, values.get("arch"), values.get("arch_kwargs"), trust_pickle).model if teacher is not None else None
-    )
-    result = finetune(
-        student, data, output, config, teacher=teacher_model, checkpoint_dir=checkpoint_dir, resume=resume,
-        log_path=log, device=device, show_progress=not quiet,
-    )
+    result = run_finetune(job)
     if os.environ.get("RANK", "0") == "0":
         val = f", val top-1 {result.val['top1']:.4f}" if result.val else ""
         stop = " (stopped at --max-steps)" if result.stopped_at_max_steps else ""

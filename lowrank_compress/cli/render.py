@@ -1,9 +1,13 @@
-"""Rich tables for the CLI: layer sites, compression reports, manifests."""
+"""Rich rendering for the CLI: tables of layer sites, compression reports and manifests; the compress progress bar."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ..compress import CompressReport
@@ -86,3 +90,32 @@ def skipped_table(skipped: list[dict[str, str]]) -> Table:
     for item in skipped:
         table.add_row(item["name"], item["reason"])
     return table
+
+
+def compress_progress(console: Console, quiet: bool) -> tuple[Progress, Callable[[str, int, int], None]]:
+    """The progress bar of ``lrc compress`` and the per-layer callback that advances it."""
+    progress = Progress(TextColumn("[bold]compress[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TextColumn("{task.description}"), console=console, disable=quiet, transient=True)
+    task = progress.add_task("", total=None)
+
+    def on_layer(name: str, done: int, total: int) -> None:
+        progress.update(task, completed=done, total=total, description=name)
+
+    return progress, on_layer
+
+
+def print_compress_result(out: Console, console: Console, result: Any, onnx_path: Path | None, quiet: bool) -> None:
+    """What ``lrc compress`` prints for a ``pipeline.CompressResult``: tables unless ``quiet``, then the output."""
+    report = result.report
+    if not quiet:
+        out.print(report_table(report))
+        if report.skipped:
+            out.print(skipped_table(report.skipped))
+        out.print(totals_table(report))
+        for note in report.notes:
+            console.print(f"[yellow]note:[/] {note}")
+        if result.parity is not None:
+            out.print(f"ONNX {onnx_path}: max abs error {result.parity.max_abs_error:.2e}, max rel error {result.parity.max_rel_error:.2e}")
+    if result.loaded.arch_note:
+        console.print(result.loaded.arch_note, highlight=False, soft_wrap=True, markup=False)
+    console.print(f"wrote {result.output}", highlight=False, soft_wrap=True, markup=False)
