@@ -49,7 +49,6 @@ class CompressConfig:
     calib_samples: int = 256
     target: str = DEFAULT_TARGET
     latency_aware: bool | None = None
-    latency_runtime: str | None = None  # superseded by ``target``; accepted until the CLI passes target
     latency_batch_size: int = 1
     allocation: str = "auto"
     output_metric: str = "auto"

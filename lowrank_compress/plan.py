@@ -172,33 +172,44 @@ def _budgeted_ranks(
     curve_fn: Callable[[LayerSite, list[int]], list[float]],
     calibrated: bool = False,
 ) -> tuple[dict[str, int | None], dict[str, ErrorCurve]]:
-    """Allocate ranks under --target-params / --target-flops from per-layer error curves."""
+    """Allocate ranks under --target-params / --target-flops from per-layer error curves.
+
+    Ranks are rounded to the target's multiple; where even the smallest rounded ranks cannot meet
+    the budget (a small model), any rank is allowed instead.
+    """
     by_flops = config.target_flops is not None
     positions = _output_positions(model, sites, example_inputs) if by_flops else {}
-    curves = []
-    dense_total = 0.0
-    for site in sites:
-        m, d = site.shape
-        per = 2.0 * positions.get(site.name, 1) if by_flops else 1.0
-        ranks = _site_ranks(site, config)
-        if not ranks:
-            continue
-        # A factorized layer gains a bias where the nonlinear fit moves a bias-free layer's outputs.
-        extra = 0.0 if by_flops or not _may_add_bias(site, config.method, calibrated) else float(m)
-        errors = curve_fn(site, ranks)
-        dense = per * m * d
-        curves.append(ErrorCurve(site.name, ranks, [per * r * (m + d) + extra for r in ranks], errors, dense))
-        dense_total += dense
     total = float(count_flops(model, example_inputs)) if by_flops else float(count_params(model))
     budget = (config.target_flops if by_flops else config.target_params) * total
-    fixed = total - dense_total
+    for multiple in ([None, 1] if config.round_to is None else [None]):
+        curves = []
+        dense_total = 0.0
+        for site in sites:
+            m, d = site.shape
+            per = 2.0 * positions.get(site.name, 1) if by_flops else 1.0
+            ranks = _site_ranks(site, config, multiple)
+            if not ranks:
+                continue
+            # A factorized layer gains a bias where the nonlinear fit moves a bias-free layer's outputs.
+            extra = 0.0 if by_flops or not _may_add_bias(site, config.method, calibrated) else float(m)
+            dense = per * m * d
+            curves.append(ErrorCurve(site.name, ranks, [per * r * (m + d) + extra for r in ranks], [], dense))
+            dense_total += dense
+        fixed = total - dense_total
+        if fixed + sum(min(c.costs) for c in curves) <= budget:
+            break
+    by_name = {s.name: s for s in sites}
+    for curve in curves:
+        curve.errors = curve_fn(by_name[curve.name], curve.ranks)
     return allocate(curves, budget, fixed_cost=fixed), {c.name: c for c in curves}
 
 
-def _site_ranks(site: LayerSite, config: CompressConfig) -> list[int]:
-    """Candidate ranks of a site under a budget: rounded as the target wants, each saving parameters."""
+def _site_ranks(site: LayerSite, config: CompressConfig, multiple: int | None = None) -> list[int]:
+    """Candidate ranks of a site under a budget: rounded as the target wants (or to ``multiple``),
+    each saving parameters."""
     m, d = site.shape
-    multiple = _site_multiple(site.max_useful_rank, rank_multiple(config), config.round_to is not None)
+    if multiple is None:
+        multiple = _site_multiple(site.max_useful_rank, rank_multiple(config), config.round_to is not None)
     return [r for r in _rank_grid(site.max_useful_rank, multiple) if saves_parameters(r, m, d)]
 
 
