@@ -251,6 +251,31 @@ def test_gate_exits_0_when_the_ratio_meets_its_budget(tmp_path: Path, checkpoint
     }
 
 
+def test_bench_throughput_times_inference_and_training_against_the_baseline(tmp_path: Path, checkpoint: Path,
+                                                                            capsys) -> None:
+    out = tmp_path / "bench.json"
+    code, stdout, _ = run_cli(
+        ["bench", str(checkpoint), "--vs", str(checkpoint), *ARCH, "--input-shape", "1,3,32,32", "--batch-sizes", "2",
+         "--device", "cpu", "--throughput", "--no-compile", "--warmup", "1", "--repeats", "2", "--steps", "1",
+         "--json", str(out), "--max-latency-ratio", "100"],
+        capsys,
+    )
+    assert code == 0 and "samples/s" in stdout
+    result = json.loads(out.read_text())
+    assert result["timing"] == "throughput" and result["compiled"] is False and result["bf16"] is False
+    assert {(r["model"], r["mode"], r["batch_size"]) for r in result["results"]} == {
+        (m, mode, 2) for m in ("baseline", "model") for mode in ("inference", "training")}
+    assert all(r["ratio"] == 1.0 for r in result["results"] if r["model"] == "baseline")
+    assert result["passed"] is True and result["worst_latency_ratio"] > 0
+
+
+def test_bench_throughput_of_an_onnx_file_is_a_usage_error(tmp_path: Path, checkpoint: Path, capsys) -> None:
+    path = tmp_path / "m.onnx"
+    export_onnx(mlp(), path, (1, 32))
+    code, _, stderr = run_cli(["bench", str(path), "--throughput", "--device", "cpu"], capsys)
+    assert code == 2 and "--throughput times PyTorch models" in stderr
+
+
 def test_bench_on_onnxruntime_against_an_onnx_baseline(tmp_path: Path, checkpoint: Path, capsys) -> None:
     export = ["export", str(checkpoint), *ARCH, "--onnx", str(tmp_path / "m.onnx"), "--input-shape", "1,3,32,32"]
     assert run_cli(export, capsys)[0] == 0

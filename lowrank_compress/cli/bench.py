@@ -50,12 +50,17 @@ def bench_command(
     repeats: int = typer.Option(10, "--repeats", help="Timed rounds; each runs every model once, interleaved."),
     json_path: Path | None = typer.Option(None, "--json", help="Write params, FLOPs, latencies and ratios here as JSON."),
     max_latency_ratio: float | None = typer.Option(None, "--max-latency-ratio", help="Exit 3 when MODEL's latency / the baseline's exceeds this at any batch size; the JSON is still written."),
+    throughput: bool | None = typer.Option(None, "--throughput/--latency", help="Time throughput the GPU way (bf16 autocast, channels_last, torch.compile, synchronized blocks of steps; inference and training) instead of per-call latency \\[default: throughput on CUDA]."),
+    compile: bool = typer.Option(True, "--compile/--no-compile", help="Throughput: torch.compile every model (both, so neither is favoured)."),
+    bf16: bool | None = typer.Option(None, "--bf16/--fp32", help="Throughput: bf16 autocast \\[default: on CUDA]."),
+    training: bool = typer.Option(True, "--training/--no-training", help="Throughput: also time training steps (SGD, backward included)."),
+    steps: int = typer.Option(20, "--steps", help="Throughput: steps per timed round (--repeats rounds, --warmup steps first)."),
 ) -> None:
     """Params, FLOPs and median latency (interleaved runs in one process), with ratios against --vs."""
     import torch
     from rich.table import Table
 
-    from ..bench import RUNTIMES, count_flops, count_onnx_params, count_params, measure_latency
+    from ..bench import RUNTIMES, count_flops, count_onnx_params, count_params, measure_latency, measure_throughput
     from ..io.checks import parse_arch_kwargs, parse_input_shape
     from ..errors import BudgetExceeded
     from ..evaluate import write_json
@@ -96,10 +101,21 @@ def bench_command(
         else:
             info = {"path": str(path), "params": count_onnx_params(item), "flops": None}
         sizes_info[name] = info
-    report = measure_latency(
-        {name: s[1] for name, s in subjects.items()}, shape, sizes, runtime=runtime, threads=threads,
-        warmup=warmup, repeats=repeats, device=device,
-    )
+    if throughput is None:
+        throughput = device == "cuda" and runtime == "torch"
+    if throughput and (runtime != "torch" or any(not isinstance(s[1], torch.nn.Module) for s in subjects.values())):
+        raise UsageError("--throughput times PyTorch models: use --runtime torch and model files, not .onnx")
+    if throughput:
+        report = measure_throughput(
+            {name: s[1] for name, s in subjects.items()}, shape, sizes, device=device,
+            modes=("inference", "training") if training else ("inference",), bf16=bf16, compile=compile,
+            warmup=warmup, steps=steps, rounds=repeats,
+        )
+    else:
+        report = measure_latency(
+            {name: s[1] for name, s in subjects.items()}, shape, sizes, runtime=runtime, threads=threads,
+            warmup=warmup, repeats=repeats, device=device,
+        )
 
     base = sizes_info.get("baseline")
     table = Table(title=f"size (FLOPs per sample at {'×'.join(map(str, shape[1:]))})")
@@ -111,21 +127,37 @@ def bench_command(
         gflops = f"{info['flops'] / 1e9:.3f}" if info["flops"] is not None else "–"
         table.add_row(name, info["path"], f"{info['params']:,}", gflops, p_ratio, f_ratio)
     out.print(table)
-    threads_text = "default threads" if threads is None else f"{threads} thread{'' if threads == 1 else 's'}"
-    table = Table(title=f"latency: {runtime} on {device}, {threads_text}, median of {repeats} interleaved runs")
-    for column in ("", "batch", "median ms", "IQR ms", "ratio"):
-        table.add_column(column, justify="right" if column else "left")
-    for r in sorted(report.results, key=lambda r: (r.batch_size, r.model != "baseline")):
-        ratio = f"{r.ratio:.3f}" if vs is not None and r.ratio is not None else ""
-        table.add_row(r.model, str(r.batch_size), f"{r.median_s * 1e3:.2f}", f"{r.iqr_s * 1e3:.2f}", ratio)
-    out.print(table)
+    if throughput:
+        how = ", ".join(w for w, on in (("bf16 autocast", report.bf16), ("channels_last", report.channels_last),
+                                         ("torch.compile", report.compiled)) if on) or "eager float32"
+        table = Table(title=f"throughput on {device} ({how}), median of {repeats} rounds of {steps} steps")
+        for column in ("", "mode", "batch", "samples/s", "step ms", "ratio"):
+            table.add_column(column, justify="right" if column not in ("", "mode") else "left")
+        for r in sorted(report.results, key=lambda r: (r.mode, r.batch_size, r.model != "baseline")):
+            ratio = f"{r.ratio:.3f}" if vs is not None and r.ratio is not None else ""
+            table.add_row(r.model, r.mode, str(r.batch_size), f"{r.samples_per_s:,.1f}", f"{r.step_s * 1e3:.2f}", ratio)
+        out.print(table)
+        # Latency of an inference step relative to the baseline's: the inverse of the throughput ratio.
+        rows = [(1 / r.ratio, r.batch_size) for r in report.results
+                if r.model == "model" and r.mode == "inference" and r.ratio]
+        worst = max(rows) if rows and vs is not None else None
+    else:
+        threads_text = "default threads" if threads is None else f"{threads} thread{'' if threads == 1 else 's'}"
+        table = Table(title=f"latency: {runtime} on {device}, {threads_text}, median of {repeats} interleaved runs")
+        for column in ("", "batch", "median ms", "IQR ms", "ratio"):
+            table.add_column(column, justify="right" if column else "left")
+        for r in sorted(report.results, key=lambda r: (r.batch_size, r.model != "baseline")):
+            ratio = f"{r.ratio:.3f}" if vs is not None and r.ratio is not None else ""
+            table.add_row(r.model, str(r.batch_size), f"{r.median_s * 1e3:.2f}", f"{r.iqr_s * 1e3:.2f}", ratio)
+        out.print(table)
+        worst = report.worst_ratio("model") if vs is not None else None
 
-    worst = report.worst_ratio("model") if vs is not None else None
     passed = worst is None or max_latency_ratio is None or worst[0] <= max_latency_ratio
     if json_path is not None:
         result = {
             **{k: v for k, v in report.to_dict().items() if k != "baseline"},
             "models": sizes_info,
+            "timing": "throughput" if throughput else "latency",
             "max_latency_ratio": max_latency_ratio,
             "worst_latency_ratio": None if worst is None else worst[0],
             "worst_batch_size": None if worst is None else worst[1],
