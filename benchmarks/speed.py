@@ -1,4 +1,4 @@
-"""How much of the FLOP saving becomes onnxruntime CPU time (issue 6).
+"""How much of the FLOP saving becomes onnxruntime CPU time.
 
     .venv/bin/python benchmarks/speed.py                                  # resnet50 + efficientnet_b0, batch 1 and 32
     .venv/bin/python benchmarks/speed.py --models resnet50 --batch-sizes 32 --repeats 20 --json speed.json

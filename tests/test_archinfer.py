@@ -1,4 +1,4 @@
-"""Architecture inference from a state dict (issue 15, part 1): keys and shapes against the registries.
+"""Architecture inference from a state dict: keys and shapes against the registries.
 
 The fast tests use a registry restricted to a few families in a temporary cache; the slow ones
 identify every torchvision classification model and the walker's timm models with the full
@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from conftest import MODEL_CASES
+from models import MODEL_CASES
 from safetensors.torch import save_file
 from torch import nn
 

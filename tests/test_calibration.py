@@ -13,18 +13,9 @@ from torch import nn
 from lowrank_compress.calibdata import calibration_batches
 from lowrank_compress.calibration import calibrated_compress
 from lowrank_compress.responses import ResponseStats, patches, response_projection, responses
-from lowrank_compress.cli import main
 from lowrank_compress.compress import CompressConfig, compress
 from lowrank_compress.graph import find_sites
 from lowrank_compress.projection import factorize
-
-
-def _run_cli(args: list[str]) -> int:
-    try:
-        main(args)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
 
 
 class ConvBlockNet(nn.Module):
@@ -188,7 +179,7 @@ def test_calibration_tensor_of_the_wrong_shape_is_a_usage_error(tmp_path):
         calibration_batches(str(tmp_path / "calib.npy"), (1, 1, 32, 32), {}, 4, 2)
 
 
-def test_calibration_folder_with_an_unreadable_image_is_reported_by_name(tmp_path):
+def test_calibration_folder_with_an_unreadable_image_is_reported_by_name(tmp_path, run_cli):
     from PIL import Image
 
     from lowrank_compress.digits import bundled_checkpoint_path
@@ -199,15 +190,12 @@ def test_calibration_folder_with_an_unreadable_image_is_reported_by_name(tmp_pat
         Image.fromarray(np.full((32, 32), 40 * i, dtype=np.uint8)).save(folder / f"ok{i}.png")
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
     out = tmp_path / "out.lrc.safetensors"
-    code = _run_cli([
-        "compress", str(bundled_checkpoint_path()), "--rank", "4", "--calib", str(tmp_path / "calib"),
-        "-o", str(out), "--quiet",
-    ])
-    assert code == 2
+    result = run_cli("compress", bundled_checkpoint_path(), "--rank", "4", "--calib", tmp_path / "calib", "-o", out, "--quiet")
+    assert result.code == 2
     assert not out.exists()
 
 
-def test_calibration_folder_error_message_names_the_file(tmp_path, capsys):
+def test_calibration_folder_error_message_names_the_file(tmp_path, run_cli):
     from PIL import Image
 
     from lowrank_compress.digits import bundled_checkpoint_path
@@ -216,9 +204,8 @@ def test_calibration_folder_error_message_names_the_file(tmp_path, capsys):
     folder.mkdir()
     Image.fromarray(np.zeros((32, 32), dtype=np.uint8)).save(folder / "good.png")
     (folder / "corrupt.jpg").write_bytes(b"garbage")
-    _run_cli(["compress", str(bundled_checkpoint_path()), "--rank", "4", "--calib", str(folder),
-              "-o", str(tmp_path / "o.lrc.safetensors"), "--quiet"])
-    err = capsys.readouterr().err
+    err = run_cli("compress", bundled_checkpoint_path(), "--rank", "4", "--calib", folder,
+                  "-o", tmp_path / "o.lrc.safetensors", "--quiet").err
     assert "corrupt.jpg" in err
     assert len([line for line in err.strip().splitlines() if line.strip()]) == 1
 

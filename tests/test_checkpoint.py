@@ -1,4 +1,4 @@
-"""Safe checkpoint loading and architecture specs (issue 3, point 1)."""
+"""Safe checkpoint loading and architecture specs."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import MLP, ConvBNNet
+from models import MLP, ConvBNNet
 from safetensors.torch import save_file
 from torch import nn
 
@@ -46,11 +46,11 @@ WRAPPINGS = {
 def test_torch_checkpoints_in_every_wrapping_load_the_same_weights(tmp_path, mlp, wrapping, suffix):
     path = tmp_path / f"ckpt{suffix}"
     torch.save(WRAPPINGS[wrapping](plain(mlp)), path)
-    loaded = open_model(path, "conftest:MLP")
+    loaded = open_model(path, "models:MLP")
     x = torch.randn(3, 48)
     with torch.no_grad():
         assert torch.equal(loaded.model(x), mlp(x))
-    assert loaded.arch == "conftest:MLP" and not loaded.model.training
+    assert loaded.arch == "models:MLP" and not loaded.model.training
 
 
 @pytest.mark.parametrize("wrapping", ["flat", "ddp-prefix"])
@@ -59,7 +59,7 @@ def test_safetensors_state_dicts_load(tmp_path, mlp, wrapping):
     save_file(WRAPPINGS[wrapping](plain(mlp)), str(path))
     state = read_checkpoint(path)
     assert set(state) == set(mlp.state_dict())
-    loaded = open_model(path, "conftest:MLP")
+    loaded = open_model(path, "models:MLP")
     x = torch.randn(3, 48)
     with torch.no_grad():
         assert torch.equal(loaded.model(x), mlp(x))
@@ -67,12 +67,12 @@ def test_safetensors_state_dicts_load(tmp_path, mlp, wrapping):
 
 def test_safetensors_metadata_may_name_a_module_class(tmp_path, mlp):
     path = tmp_path / "ckpt.safetensors"
-    save_file(plain(mlp), str(path), metadata={"arch": "conftest:MLP", "input_shape": "[4, 48]"})
+    save_file(plain(mlp), str(path), metadata={"arch": "models:MLP", "input_shape": "[4, 48]"})
     loaded = open_model(path)
-    assert loaded.arch == "conftest:MLP" and loaded.input_shape == (4, 48)
+    assert loaded.arch == "models:MLP" and loaded.input_shape == (4, 48)
 
 
-@pytest.mark.parametrize("spec", ["os:system", "conftest:make_mlp", "builtins:eval", "subprocess:Popen"])
+@pytest.mark.parametrize("spec", ["os:system", "models:make_mlp", "builtins:eval", "subprocess:Popen"])
 def test_safetensors_metadata_cannot_name_a_function(tmp_path, mlp, spec, monkeypatch):
     calls = []
     monkeypatch.setattr(os, "system", lambda *a, **k: calls.append(a) or 0)
@@ -89,11 +89,11 @@ def test_safetensors_metadata_cannot_name_a_function(tmp_path, mlp, spec, monkey
 def test_pickled_module_is_refused_without_trust(tmp_path, mlp):
     path = tmp_path / "whole.pt"
     torch.save(mlp, path)
-    with pytest.raises(UsageError, match=r"pickled Python objects \(conftest.MLP\); unpickling runs arbitrary code") as info:
+    with pytest.raises(UsageError, match=r"pickled Python objects \(models.MLP\); unpickling runs arbitrary code") as info:
         read_checkpoint(path)
     assert "--trust-pickle" in str(info.value) and "\n" not in str(info.value)
     with pytest.raises(UsageError, match="arbitrary code"):
-        open_model(path, "conftest:MLP")
+        open_model(path, "models:MLP")
 
 
 def test_pickled_module_is_accepted_with_trust_and_needs_no_arch(tmp_path, mlp):
@@ -104,7 +104,7 @@ def test_pickled_module_is_accepted_with_trust_and_needs_no_arch(tmp_path, mlp):
     x = torch.randn(2, 48)
     with torch.no_grad():
         assert torch.equal(loaded.model(x), mlp(x))
-    assert loaded.arch == "conftest:MLP"  # its class rebuilds it: what a manifest can record
+    assert loaded.arch == "models:MLP"  # its class rebuilds it: what a manifest can record
     assert loaded.input_shape == (1, 48)
 
 
@@ -119,10 +119,10 @@ def test_pickled_module_whose_class_needs_arguments_has_no_rebuild_spec(tmp_path
     path = tmp_path / "whole.pt"
     torch.save(model, path)
     assert open_model(path, trust_pickle=True).arch is None
-    loaded = open_model(path, "conftest:MLP", {"hidden": 32}, trust_pickle=True)
-    assert loaded.arch == "conftest:MLP" and loaded.arch_kwargs == {"hidden": 32}
+    loaded = open_model(path, "models:MLP", {"hidden": 32}, trust_pickle=True)
+    assert loaded.arch == "models:MLP" and loaded.arch_kwargs == {"hidden": 32}
     with pytest.raises(UsageError, match="does not build the structure of the model pickled"):
-        open_model(path, "conftest:MLP", trust_pickle=True)
+        open_model(path, "models:MLP", trust_pickle=True)
 
 
 # ---------------------------------------------------------------- strict loading
@@ -162,7 +162,7 @@ def test_a_failed_load_leaves_the_model_unchanged(mlp):
 def test_half_precision_checkpoint_gives_a_half_precision_model(tmp_path, mlp):
     path = tmp_path / "half.safetensors"
     save_file({k: v.half() for k, v in plain(mlp).items()}, str(path))
-    model = open_model(path, "conftest:MLP").model
+    model = open_model(path, "models:MLP").model
     assert {p.dtype for p in model.parameters()} == {torch.float16}
 
 
@@ -181,7 +181,7 @@ def test_unreadable_files_raise_usage_errors(tmp_path, content, suffix, message)
     if content is not None:
         path.write_bytes(content)
     with pytest.raises(UsageError, match=message):
-        open_model(path, "conftest:MLP")
+        open_model(path, "models:MLP")
 
 
 def test_directory_and_non_state_dict_files_are_refused(tmp_path):
@@ -217,9 +217,9 @@ def test_torchvision_timm_and_callable_specs_build_models():
     assert type(build_model("torchvision:resnet18")).__name__ == "ResNet"
     timm_model = build_model("timm:resnet18", {"num_classes": 3})
     assert timm_model.fc.out_features == 3
-    mlp = build_model("conftest:make_mlp", {"hidden": 20})
+    mlp = build_model("models:make_mlp", {"hidden": 20})
     assert isinstance(mlp, MLP) and mlp.fc1.out_features == 20
-    assert isinstance(build_model("conftest:MLP", {"hidden": 20}, restricted=True), MLP)
+    assert isinstance(build_model("models:MLP", {"hidden": 20}, restricted=True), MLP)
     assert type(build_model("torchvision:resnet18", restricted=True)).__name__ == "ResNet"
 
 
@@ -230,9 +230,9 @@ def test_torchvision_timm_and_callable_specs_build_models():
         ("torchvision:resnet_nope", {}, "unknown torchvision model 'resnet_nope'"),
         ("timm:nope_net", {}, "unknown timm model 'nope_net'"),
         ("no_such_package_xyz.models:Net", {}, "cannot import no_such_package_xyz.models"),
-        ("conftest:NoSuchNet", {}, "has no attribute NoSuchNet"),
-        ("conftest:MODEL_CASES", {}, "MODEL_CASES is not callable"),
-        ("conftest:MLP", {"bogus": 1}, "cannot build conftest:MLP with kwargs"),
+        ("models:NoSuchNet", {}, "has no attribute NoSuchNet"),
+        ("models:MODEL_CASES", {}, "MODEL_CASES is not callable"),
+        ("models:MLP", {"bogus": 1}, "cannot build models:MLP with kwargs"),
         ("torch:zeros", {"size": [2]}, "returned Tensor, not an nn.Module"),
     ],
     ids=["no-colon", "tv-unknown", "timm-unknown", "no-module", "no-attr", "not-callable", "bad-kwargs", "not-module"],
@@ -245,7 +245,7 @@ def test_bad_arch_specs_raise_usage_errors(spec, kwargs, message):
 def test_restricted_specs_refuse_functions_and_never_call_them(monkeypatch):
     calls = []
     monkeypatch.setattr(os, "system", lambda *a, **k: calls.append(a) or 0)
-    for spec in ("os:system", "conftest:make_mlp", "builtins:exec"):
+    for spec in ("os:system", "models:make_mlp", "builtins:exec"):
         with pytest.raises(UsageError, match="not an nn.Module class"):
             build_model(spec, {"command": "touch pwned"} if spec == "os:system" else {}, restricted=True)
     assert calls == []
@@ -278,6 +278,6 @@ def test_parse_arch_kwargs():
 def test_default_input_shapes():
     assert default_input_shape("timm:resnet18", build_model("timm:resnet18")) == (1, 3, 224, 224)
     assert default_input_shape("torchvision:resnet18", build_model("torchvision:resnet18")) == (1, 3, 224, 224)
-    assert default_input_shape("conftest:MLP", MLP()) == (1, 48)
-    assert default_input_shape("conftest:ConvBNNet", ConvBNNet()) is None
+    assert default_input_shape("models:MLP", MLP()) == (1, 48)
+    assert default_input_shape("models:ConvBNNet", ConvBNNet()) is None
     assert default_input_shape(None, MLP(), {"input_shape": "[4, 48]"}) == (4, 48)

@@ -1,6 +1,6 @@
-"""Compression end to end on real architectures (issue 3, point 6) and the rank policies (docs/design.md §4).
+"""Compression end to end on real architectures and the rank policies (docs/design.md §4).
 
-Each architecture of ``conftest.MODEL_CASES`` is compressed once per module (random weights, small
+Each architecture of ``models.MODEL_CASES`` is compressed once per module (random weights, small
 inputs) at rank ratio 0.25; the tests then check the activations found, the outputs, the report
 against the saved tensors, the save → load round trip and the CLI on a state dict.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MLP, MODEL_CASES, ConvBNNet, ModelCase, randomize_batchnorm, saved_param_count
+from models import MLP, MODEL_CASES, ConvBNNet, ModelCase, randomize_batchnorm, saved_param_count
 from safetensors.torch import save_file
 from torch import nn
 

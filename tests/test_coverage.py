@@ -1,4 +1,4 @@
-"""Coverage across the registries (issue 15, part 0): compress → save → load → forward.
+"""Coverage across the registries: compress → save → load → forward.
 
 Each case goes the way a user's model does (``benchmarks/coverage.py``): random weights saved as
 safetensors, ``lrc compress --arch SPEC --rank-ratio 0.5`` data-free, ``lowrank_compress.load``,
@@ -74,7 +74,7 @@ def test_layer_subclasses_stay_dense_or_round_trip_by_what_their_forward_does(tm
 
 def test_a_file_holding_shared_tensors_once_loads_against_its_architecture(tmp_path):
     # safetensors' save_model keeps one name per shared tensor (timm's CoaT shares convs across blocks)
-    from conftest import TiedNet
+    from models import TiedNet
     from safetensors import safe_open
     from safetensors.torch import save_model
 
@@ -84,7 +84,7 @@ def test_a_file_holding_shared_tensors_once_loads_against_its_architecture(tmp_p
     save_model(model, str(tmp_path / "tied.safetensors"))
     with safe_open(str(tmp_path / "tied.safetensors"), "pt") as f:
         assert len(list(f.keys())) < len(model.state_dict())
-    loaded = open_model(tmp_path / "tied.safetensors", "conftest:TiedNet").model
+    loaded = open_model(tmp_path / "tied.safetensors", "models:TiedNet").model
     x = torch.randn(3, 24)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))

@@ -1,4 +1,4 @@
-"""Issue 8, point 4: the same command twice gives byte-identical files.
+"""The same command twice gives byte-identical files.
 
 Each command runs twice, each time in a fresh process as a user runs it, with a different
 PYTHONHASHSEED (so set or dict order that depends on string hashing would show), on one thread

@@ -14,7 +14,6 @@ from torch.utils.data import DataLoader, TensorDataset
 from lowrank_compress import digits
 from lowrank_compress.io import format as lrc_format
 from lowrank_compress.io.records import LoadedModel
-from lowrank_compress.cli import main
 from lowrank_compress.evaluate import evaluate, evaluate_folder
 
 
@@ -88,52 +87,45 @@ def test_eval_matches_the_in_memory_accuracy(digits_dir: Path) -> None:
     assert abs(result["top1"] - expected) <= 0.02
 
 
-def _run(argv: list[str]) -> int:
-    try:
-        main(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
-
-
-def test_eval_cli_writes_fractions_to_json(digits_dir: Path, compressed_file: Path, tmp_path: Path) -> None:
+def test_eval_cli_writes_fractions_to_json(digits_dir: Path, compressed_file: Path, tmp_path: Path, run_cli) -> None:
     out = tmp_path / "eval.json"
-    assert _run(["eval", str(compressed_file), "--data", str(digits_dir), "--workers", "0", "--json", str(out)]) == 0
+    assert run_cli("eval", compressed_file, "--data", digits_dir, "--workers", "0", "--json", out).code == 0
     result = json.loads(out.read_text())
     assert set(result) == {"top1", "top5", "samples"} and result["samples"] == 150
     assert 0.0 <= result["top1"] <= result["top5"] <= 1.0
 
 
-def test_min_top1_exits_3_when_missed_and_0_when_met(digits_dir: Path, compressed_file: Path, tmp_path: Path, capsys) -> None:
+def test_min_top1_exits_3_when_missed_and_0_when_met(digits_dir: Path, compressed_file: Path, tmp_path: Path, run_cli) -> None:
     out = tmp_path / "eval.json"
-    args = ["eval", str(compressed_file), "--data", str(digits_dir), "--workers", "0", "--json", str(out)]
-    assert _run(args) == 0
+    args = ["eval", compressed_file, "--data", digits_dir, "--workers", "0", "--json", out]
+    assert run_cli(*args).code == 0
     top1 = json.loads(out.read_text())["top1"]
     out.unlink()
-    assert _run([*args, "--min-top1", f"{min(1.0, top1 + 0.01):.4f}"]) == 3
+    missed = run_cli(*args, "--min-top1", f"{min(1.0, top1 + 0.01):.4f}")
+    assert missed.code == 3
     assert out.exists()  # written before the budget check
-    assert f"top-1 {top1:.3f} < budget" in capsys.readouterr().err
-    assert _run([*args, "--min-top1", f"{top1:.4f}"]) == 0
+    assert f"top-1 {top1:.3f} < budget" in missed.err
+    assert run_cli(*args, "--min-top1", f"{top1:.4f}").code == 0
 
 
-def test_an_original_checkpoint_is_evaluated_with_its_arch(digits_dir: Path, tmp_path: Path) -> None:
+def test_an_original_checkpoint_is_evaluated_with_its_arch(digits_dir: Path, tmp_path: Path, run_cli) -> None:
     torch.manual_seed(0)
     path = tmp_path / "dense.pt"
     torch.save(digits.DigitsCNN().state_dict(), path)
     out = tmp_path / "eval.json"
     argv = ["eval", str(path), "--arch", digits.ARCH_SPEC, "--input-shape", "1,1,32,32", "--data", str(digits_dir),
             "--workers", "0", "--json", str(out)]
-    assert _run(argv) == 0
+    assert run_cli(*argv).code == 0
     assert json.loads(out.read_text())["samples"] == 150
 
 
-def test_a_missing_split_is_a_usage_error(digits_dir: Path, compressed_file: Path, capsys) -> None:
-    assert _run(["eval", str(compressed_file), "--data", str(digits_dir), "--split", "test"]) == 2
-    assert "no 'test' split" in capsys.readouterr().err
+def test_a_missing_split_is_a_usage_error(digits_dir: Path, compressed_file: Path, run_cli) -> None:
+    result = run_cli("eval", compressed_file, "--data", digits_dir, "--split", "test")
+    assert result.code == 2 and "no 'test' split" in result.err
 
 
-def test_more_classes_than_outputs_is_a_usage_error(tmp_path: Path, compressed_file: Path, capsys) -> None:
+def test_more_classes_than_outputs_is_a_usage_error(tmp_path: Path, compressed_file: Path, run_cli) -> None:
     (tmp_path / "val" / "12").mkdir(parents=True)
     Image.new("L", (16, 16)).save(tmp_path / "val" / "12" / "0.png")
-    assert _run(["eval", str(compressed_file), "--data", str(tmp_path), "--workers", "0"]) == 2
-    assert "predicts 10 classes" in capsys.readouterr().err
+    result = run_cli("eval", compressed_file, "--data", tmp_path, "--workers", "0")
+    assert result.code == 2 and "predicts 10 classes" in result.err

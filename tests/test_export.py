@@ -63,7 +63,7 @@ def timm_model(name: str, **kwargs) -> nn.Module:
     return timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
 
 
-# (name, factory, input shape): the acceptance list of issue 6, random init, small inputs.
+# (name, factory, input shape): the acceptance list, random init, small inputs.
 MODELS: list[tuple[str, Callable[[], nn.Module], tuple[int, ...]]] = [
     ("mlp", mlp, (1, 32)),
     ("torchvision_resnet18", lambda: torchvision.models.resnet18(num_classes=10), (1, 3, 64, 64)),

@@ -1,4 +1,4 @@
-"""Issue 8, point 2: property-based fuzzing of the whole CLI.
+"""Property-based fuzzing of the whole CLI.
 
 Random commands, random options with random (mostly wrong) values, and random or damaged input files:
 ``lrc`` must never print a traceback, never hang, exit with 0, 1, 2 or 3, say what went wrong in exactly
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import MLP, CliResult
+from models import MLP
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -36,26 +36,9 @@ EXAMPLES = 300
 SUFFIXES = [".safetensors", ".lrc.safetensors", ".pt", ".pth", ".bin", ".npy", ".onnx", ""]
 
 
-@pytest.fixture
-def run_lrc(capfd):
-    """``lrc ARGS`` in-process, capturing file descriptors 1 and 2 as a terminal would see them.
-
-    Unlike capsys, this sees what C++ code and logging handlers write, and keeps the CLI's own
-    descriptor-level silencing of exporter output working as it does for a user.
-    """
-    from lowrank_compress.cli import main
-
-    def run(*args) -> CliResult:
-        capfd.readouterr()
-        try:
-            main([str(a) for a in args])
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        out, err = capfd.readouterr()
-        return CliResult(code, out, err)
-
-    return run
+# capfd, not capsys: the CLI's output as a terminal sees it, what C++ code and logging handlers write
+# included, with the CLI's own descriptor-level silencing of exporter output working as for a user.
+pytestmark = pytest.mark.fd_capture
 
 
 class Hang(BaseException):
@@ -71,7 +54,7 @@ def base(tmp_path_factory) -> dict[str, Path]:
     torch.manual_seed(0)
     model = MLP().eval()
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(root / "mlp.safetensors"), metadata={"arch": "conftest:MLP", "input_shape": "[1, 48]"})
+    save_file(state, str(root / "mlp.safetensors"), metadata={"arch": "models:MLP", "input_shape": "[1, 48]"})
     torch.save(state, root / "mlp.pt")
     result = run_compress(CompressJob(checkpoint=root / "mlp.safetensors", config=CompressConfig(rank=4),
                                       output=root / "mlp.lrc.safetensors"))
@@ -117,7 +100,7 @@ weird = st.sampled_from(["", "abc", "-", "1e3", "0x10", " ", "[", "{}", "nan"])
 # Values stay small where a legitimate value costs time or memory (shapes, ranks, sample counts) and
 # never name a callable that is not a model (an --arch like os:system would run with --arch-kwargs).
 OPTIONS = {
-    "--arch": st.sampled_from(["conftest:MLP", "conftest:ConvBNNet", "conftest:make_mlp", "torchvision:nonet",
+    "--arch": st.sampled_from(["models:MLP", "models:ConvBNNet", "models:make_mlp", "torchvision:nonet",
                                "timm:nonet", "MLP", "no_such_pkg_q.m:Net", ""]),
     "--arch-kwargs": st.sampled_from(["{}", '{"hidden": 8}', '{"d_in": 12}', "{bad", "[1]", '{"nope": 1}', ""]),
     "--input-shape": st.one_of(
@@ -249,7 +232,7 @@ def _on_alarm(signum, frame):
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(invocation=invocations())
-def test_the_cli_never_crashes_hangs_or_leaves_partial_files(base, tmp_path, run_lrc, invocation):
+def test_the_cli_never_crashes_hangs_or_leaves_partial_files(base, tmp_path, run_cli, invocation):
     command, options, flags, content, suffix, with_input = invocation
     work = Path(tempfile.mkdtemp(dir=tmp_path))
     (work / "out").mkdir()
@@ -266,7 +249,7 @@ def test_the_cli_never_crashes_hangs_or_leaves_partial_files(base, tmp_path, run
     previous = signal.signal(signal.SIGALRM, _on_alarm)
     signal.setitimer(signal.ITIMER_REAL, DEADLINE_S)
     try:
-        result = run_lrc(*argv)
+        result = run_cli(*argv)
     except Hang:
         pytest.fail(f"no result within {DEADLINE_S} s: lrc {' '.join(argv)}")
     finally:

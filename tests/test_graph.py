@@ -1,11 +1,11 @@
-"""The graph walker (issue 3, point 2): what each Linear/Conv output feeds, and why layers are skipped."""
+"""The graph walker: what each Linear/Conv output feeds, and why layers are skipped."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ConvBNNet, FunctionalNet, TiedNet, randomize_batchnorm
+from models import ConvBNNet, FunctionalNet, TiedNet, randomize_batchnorm
 from torch import nn
 
 from lowrank_compress.graph import LayerSite, find_sites

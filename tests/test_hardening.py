@@ -1,4 +1,4 @@
-"""Issue 8, points 1, 2 and 5: untrusted files, every CLI error, full disks and interrupts.
+"""Untrusted files, every CLI error, full disks and interrupts.
 
 Each command is driven as a user drives it. A failure must exit 2 (bad arguments or input files)
 or 1 (a runtime failure) with exactly one line on stderr, run no code from a file, and leave

@@ -1,4 +1,4 @@
-"""Factorized modules (issue 2, point 2): x ↦ A(Bx) + b, conv geometry, to_dense, refusals."""
+"""Factorized modules: x ↦ A(Bx) + b, conv geometry, to_dense, refusals."""
 
 from __future__ import annotations
 

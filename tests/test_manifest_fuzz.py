@@ -1,4 +1,4 @@
-"""Issue 11: a structure-aware property-based fuzz of the ``.lrc.safetensors`` manifest.
+"""A structure-aware property-based fuzz of the ``.lrc.safetensors`` manifest.
 
 Each example starts from a valid manifest of the digits model and replaces one to three of its
 fields with generated values of the right or wrong type, nesting, size or name (architecture specs

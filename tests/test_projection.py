@@ -1,4 +1,4 @@
-"""The projection math (issue 2, points 3–4): closed forms, quadrature, nkp vs spectral, bad input."""
+"""The projection math: closed forms, quadrature, nkp vs spectral, bad input."""
 
 from __future__ import annotations
 

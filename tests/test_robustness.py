@@ -1,4 +1,4 @@
-"""Issue 8, point 3: numerical robustness of whole-model compression.
+"""Numerical robustness of whole-model compression.
 
 Dead channels, constant (singular-covariance) responses, duplicate rows, an all-zero layer, half
 precision checkpoints, tied modules and very large layers — data-free and calibrated, nkp and
@@ -16,7 +16,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import TiedNet
+from models import TiedNet
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -243,7 +243,7 @@ def test_tied_modules_are_calibrated_once_and_stay_tied_after_load(tmp_path, run
     # The data-free case is in test_cli_compress.py; calibration sees the shared layer called twice.
     torch.manual_seed(0)
     torch.save(TiedNet().eval().state_dict(), tmp_path / "tied.pt")
-    result = run_cli("compress", tmp_path / "tied.pt", "--arch", "conftest:TiedNet", "--input-shape", "2,24",
+    result = run_cli("compress", tmp_path / "tied.pt", "--arch", "models:TiedNet", "--input-shape", "2,24",
                      "--rank", "8", "--method", method, "--calib", "gaussian", "--calib-samples", "64",
                      "--refine-steps", "10", "-q", "-o", tmp_path / "tied.lrc.safetensors",
                      "--json", tmp_path / "r.json")

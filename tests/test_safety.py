@@ -1,4 +1,4 @@
-"""Issue 11: untrusted model files must not reach the network, import code or destroy inputs.
+"""Untrusted model files must not reach the network, import code or destroy inputs.
 
 Every case the issue reports is reproduced with real files on disk and must now be refused with
 exit 2 and one line on stderr. Where the process itself is the point — the network, the torch hub

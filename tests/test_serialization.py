@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import MLP, ConvBNNet, TiedNet, randomize_batchnorm, saved_param_count
+from models import MLP, ConvBNNet, TiedNet, randomize_batchnorm, saved_param_count
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -29,7 +29,7 @@ def compressed_convbn():
 def saved(tmp_path_factory):
     model, x = compressed_convbn()
     path = tmp_path_factory.mktemp("ser") / "convbn.lrc.safetensors"
-    manifest = save(model, path, arch="conftest:ConvBNNet", arch_kwargs={}, input_shape=[2, 3, 16, 16])
+    manifest = save(model, path, arch="models:ConvBNNet", arch_kwargs={}, input_shape=[2, 3, 16, 16])
     return model, x, path, manifest
 
 
@@ -56,7 +56,7 @@ def test_manifest_records_how_to_rebuild(saved):
     on_disk = read_manifest(path)
     assert on_disk == json.loads(json.dumps(manifest))
     assert on_disk["format_version"] == FORMAT_VERSION
-    assert on_disk["arch"] == "conftest:ConvBNNet" and on_disk["arch_kwargs"] == {}
+    assert on_disk["arch"] == "models:ConvBNNet" and on_disk["arch_kwargs"] == {}
     assert on_disk["input_shape"] == [2, 3, 16, 16]
     assert on_disk["method"] == "nkp" and on_disk["dtype"] == "float32"
     assert on_disk["layers"] == {
@@ -82,7 +82,7 @@ def test_read_manifest_does_not_need_the_architecture(saved, tmp_path):
     assert read_manifest(crafted)["arch"] == "nowhere_pkg.models:Gone"
 
 
-@pytest.mark.parametrize("spec", ["os:system", "builtins:exec", "subprocess:Popen", "conftest:make_mlp"])
+@pytest.mark.parametrize("spec", ["os:system", "builtins:exec", "subprocess:Popen", "models:make_mlp"])
 def test_a_crafted_manifest_cannot_name_an_arbitrary_function(saved, tmp_path, spec, monkeypatch):
     calls = []
     monkeypatch.setattr(os, "system", lambda *a, **k: calls.append(a) or 0)
@@ -99,10 +99,10 @@ def test_a_factory_function_arch_loads_when_the_caller_names_it(tmp_path):
     x = torch.randn(3, 48)
     compress(model, CompressConfig(rank_ratio=0.25), x)
     path = tmp_path / "mlp.lrc.safetensors"
-    save(model, path, arch="conftest:make_mlp", arch_kwargs={"hidden": 40}, input_shape=[3, 48])
+    save(model, path, arch="models:make_mlp", arch_kwargs={"hidden": 40}, input_shape=[3, 48])
     with pytest.raises(UsageError, match="not an nn.Module class"):
         load(path)
-    loaded = load(path, arch="conftest:make_mlp")  # kwargs come from the manifest
+    loaded = load(path, arch="models:make_mlp")  # kwargs come from the manifest
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
 
@@ -116,7 +116,7 @@ def test_tied_modules_are_saved_once_and_still_tied_after_load(tmp_path):
     assert [layer.name for layer in report.layers].count("shared") == 1  # factorized once
     assert "alias" not in [layer.name for layer in report.layers]
     path = tmp_path / "tied.lrc.safetensors"
-    manifest = save(model, path, arch="conftest:TiedNet")
+    manifest = save(model, path, arch="models:TiedNet")
     assert manifest["layers"]["alias"] == {"kind": "LowRankLinear", "rank": 8, "bias": True, "tied_to": "shared"}
     loaded = load(path)
     assert loaded.shared is loaded.alias
@@ -133,7 +133,7 @@ def test_half_precision_model_round_trips_in_its_dtype(tmp_path):
     model, _ = compressed_convbn()
     model.half()
     path = tmp_path / "half.lrc.safetensors"
-    assert save(model, path, arch="conftest:ConvBNNet")["dtype"] == "float16"
+    assert save(model, path, arch="models:ConvBNNet")["dtype"] == "float16"
     loaded = load(path)
     assert {p.dtype for p in loaded.parameters()} == {torch.float16}
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
@@ -142,7 +142,7 @@ def test_half_precision_model_round_trips_in_its_dtype(tmp_path):
 def test_compress_records_method_policy_and_input_shape_for_save(tmp_path):
     model = MLP().eval()
     compress(model, CompressConfig(param_ratio=0.5, method="spectral"), torch.randn(5, 48))
-    manifest = save(model, tmp_path / "m.lrc.safetensors", arch="conftest:MLP")
+    manifest = save(model, tmp_path / "m.lrc.safetensors", arch="models:MLP")
     assert manifest["method"] == "spectral" and manifest["policy"] == {"param_ratio": 0.5}
     assert manifest["input_shape"] == [5, 48]
 
@@ -161,7 +161,7 @@ def test_save_without_an_arch_is_refused_and_writes_nothing(tmp_path):
 def test_save_into_a_missing_directory_is_refused(tmp_path):
     model, _ = compressed_convbn()
     with pytest.raises(UsageError, match="does not exist"):
-        save(model, tmp_path / "nope" / "x.lrc.safetensors", arch="conftest:ConvBNNet")
+        save(model, tmp_path / "nope" / "x.lrc.safetensors", arch="models:ConvBNNet")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -176,7 +176,7 @@ def test_a_failure_while_writing_leaves_no_file(tmp_path, monkeypatch):
     model, _ = compressed_convbn()
     monkeypatch.setattr(safetensors.torch, "save_model", crash)
     with pytest.raises(KeyboardInterrupt):
-        save(model, tmp_path / "x.lrc.safetensors", arch="conftest:ConvBNNet")
+        save(model, tmp_path / "x.lrc.safetensors", arch="models:ConvBNNet")
     assert list(tmp_path.iterdir()) == []
 
 

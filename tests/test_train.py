@@ -20,7 +20,6 @@ from torch import nn
 from lowrank_compress import digits
 from lowrank_compress.io import format as lrc_format
 from lowrank_compress.io.opening import open_model
-from lowrank_compress.cli import main
 from lowrank_compress.errors import LrcError, UsageError
 from lowrank_compress.evaluate import evaluate_folder
 from lowrank_compress.layers import LOW_RANK_TYPES, from_dense
@@ -86,18 +85,10 @@ def _config(**overrides) -> TrainConfig:
     return TrainConfig(**{**values, **overrides})
 
 
-def _run_cli(argv: list[str]) -> int:
-    try:
-        main(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
-
-
 # ---------------------------------------------------------------- end to end
 
 
-def test_distillation_recovers_a_compressed_models_accuracy(digits_dir: Path, compressed_teacher: Path, tmp_path: Path) -> None:
+def test_distillation_recovers_a_compressed_models_accuracy(digits_dir: Path, compressed_teacher: Path, tmp_path: Path, run_cli) -> None:
     before = evaluate_folder(lrc_format.load_compressed(compressed_teacher), digits_dir, workers=0)["top1"]
     out = tmp_path / "tuned.lrc.safetensors"
     log = tmp_path / "log.jsonl"
@@ -105,7 +96,7 @@ def test_distillation_recovers_a_compressed_models_accuracy(digits_dir: Path, co
             "--data", str(digits_dir), "--epochs", "1", "--batch-size", "32", "--lr", "0.02", "--warmup-steps", "5",
             "--kd-temperature", "2", "--label-smoothing", "0.1", "--workers", "0", "--min-crop-scale", "0.5",
             "--hflip", "0", "--log", str(log), "--quiet", "-o", str(out)]
-    assert _run_cli(argv) == 0
+    assert run_cli(*argv).code == 0
     after = evaluate_folder(lrc_format.load_compressed(out), digits_dir, workers=0)["top1"]
     assert after >= before + 0.3, (before, after)
     records = [json.loads(line) for line in log.read_text().splitlines()]
@@ -123,13 +114,13 @@ def test_the_output_keeps_the_factorized_structure_and_input_size(small_dir: Pat
     assert loaded.data_config["mean"] == [digits.DIGITS_MEAN]
 
 
-def test_an_original_checkpoint_with_arch_is_written_with_its_arch(small_dir: Path, tmp_path: Path) -> None:
+def test_an_original_checkpoint_with_arch_is_written_with_its_arch(small_dir: Path, tmp_path: Path, run_cli) -> None:
     dense = tmp_path / "dense.pt"
     torch.save(digits.DigitsCNN().state_dict(), dense)
     out = tmp_path / "out.lrc.safetensors"
     argv = ["finetune", str(dense), "--arch", digits.ARCH_SPEC, "--input-shape", "1,1,32,32", "--no-teacher",
             "--data", str(small_dir), "--batch-size", "32", "--max-steps", "1", "--workers", "0", "--quiet", "-o", str(out)]
-    assert _run_cli(argv) == 0
+    assert run_cli(*argv).code == 0
     manifest = lrc_format.read_manifest(out)
     assert manifest["arch"] == digits.ARCH_SPEC and manifest["input_shape"] == [1, 1, 32, 32]
 
@@ -142,10 +133,10 @@ def test_an_original_checkpoint_with_arch_is_written_with_its_arch(small_dir: Pa
         (["--no-teacher", "--rank-ratio", "0.1"], "only apply with --from-scratch"),
     ],
 )
-def test_teacher_options_are_checked(small_dir: Path, compressed_teacher: Path, tmp_path: Path, capsys, extra, message) -> None:
+def test_teacher_options_are_checked(small_dir: Path, compressed_teacher: Path, tmp_path: Path, extra, message, run_cli) -> None:
     argv = ["finetune", str(compressed_teacher), "--data", str(small_dir), "-o", str(tmp_path / "o.lrc.safetensors"), *extra]
-    assert _run_cli(argv) == 2
-    assert message in capsys.readouterr().err
+    result = run_cli(*argv)
+    assert result.code == 2 and message in result.err
 
 
 def test_a_nan_loss_stops_the_run_naming_the_step(small_dir: Path, compressed_teacher: Path, tmp_path: Path) -> None:
@@ -200,14 +191,14 @@ def test_a_run_stopped_mid_epoch_and_resumed_matches_an_uninterrupted_run(
     _assert_same_weights(full, resumed)
 
 
-def test_a_killed_run_resumes_to_the_same_weights(small_dir: Path, compressed_teacher: Path, tmp_path: Path) -> None:
+def test_a_killed_run_resumes_to_the_same_weights(small_dir: Path, compressed_teacher: Path, tmp_path: Path, run_cli) -> None:
     def argv(name: str) -> list[str]:
         return ["finetune", str(compressed_teacher), "--no-teacher", "--data", str(small_dir), "--epochs", "4", "--device", "cpu",
                 "--batch-size", "32", "--lr", "0.02", "--workers", "0", "--min-crop-scale", "0.5",
                 "--checkpoint-dir", str(tmp_path / name), "--checkpoint-every", "2", "--log-file", str(tmp_path / f"{name}.jsonl"),
                 "--quiet", "-o", str(tmp_path / f"{name}.lrc.safetensors")]
 
-    assert _run_cli(argv("full")) == 0
+    assert run_cli(*argv("full")).code == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "lowrank_compress", *argv("killed")]
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -265,11 +256,11 @@ def test_two_torchrun_processes_end_with_identical_weights_and_resume_exactly(
     _assert_same_weights(tmp_path / "full.lrc.safetensors", tmp_path / "split.lrc.safetensors")
 
 
-def test_from_scratch_factorizes_a_random_model_and_trains_it(small_dir: Path, tmp_path: Path) -> None:
+def test_from_scratch_factorizes_a_random_model_and_trains_it(small_dir: Path, tmp_path: Path, run_cli) -> None:
     out = tmp_path / "scratch.lrc.safetensors"
     argv = ["finetune", "--from-scratch", "--arch", digits.ARCH_SPEC, "--input-shape", "1,1,32,32", "--rank-ratio", "0.25",
             "--data", str(small_dir), "--batch-size", "32", "--max-steps", "2", "--workers", "0", "--quiet", "-o", str(out)]
-    assert _run_cli(argv) == 0
+    assert run_cli(*argv).code == 0
     manifest = lrc_format.read_manifest(out)
     assert manifest["arch"] == digits.ARCH_SPEC and manifest["method"] == "nkp"
     assert manifest["policy"] == {"rank_ratio": 0.25} and manifest["layers"]
@@ -277,15 +268,15 @@ def test_from_scratch_factorizes_a_random_model_and_trains_it(small_dir: Path, t
     assert any(isinstance(m, LOW_RANK_TYPES) for m in model.modules())
 
 
-def test_from_scratch_needs_exactly_one_rank_policy(small_dir: Path, tmp_path: Path, capsys) -> None:
+def test_from_scratch_needs_exactly_one_rank_policy(small_dir: Path, tmp_path: Path, run_cli) -> None:
     argv = ["finetune", "--from-scratch", "--arch", digits.ARCH_SPEC, "--input-shape", "1,1,32,32", "--rank", "4",
             "--rank-ratio", "0.1", "--data", str(small_dir), "-o", str(tmp_path / "o.lrc.safetensors")]
-    assert _run_cli(argv) == 2
-    assert "exactly one of --rank, --rank-ratio, --param-ratio" in capsys.readouterr().err
+    result = run_cli(*argv)
+    assert result.code == 2 and "exactly one of --rank, --rank-ratio, --param-ratio" in result.err
 
 
 @pytest.mark.slow
-def test_from_scratch_timm_resnet50_at_rank_ratio_0_1(tmp_path: Path) -> None:
+def test_from_scratch_timm_resnet50_at_rank_ratio_0_1(tmp_path: Path, run_cli) -> None:
     for label in ("a", "b"):
         for i in range(2):
             (tmp_path / "data" / "train" / label).mkdir(parents=True, exist_ok=True)
@@ -294,7 +285,7 @@ def test_from_scratch_timm_resnet50_at_rank_ratio_0_1(tmp_path: Path) -> None:
     argv = ["finetune", "--from-scratch", "--arch", "timm:resnet50", "--arch-kwargs", '{"num_classes": 2}',
             "--input-shape", "1,3,64,64", "--rank-ratio", "0.1", "--data", str(tmp_path / "data"), "--batch-size", "2",
             "--max-steps", "1", "--workers", "0", "--quiet", "-o", str(out)]
-    assert _run_cli(argv) == 0
+    assert run_cli(*argv).code == 0
     loaded = lrc_format.load_compressed(out)
     assert loaded.input_shape == (1, 3, 64, 64) and loaded.data_config["interpolation"] == "bicubic"
     assert sum(p.numel() for p in loaded.model.parameters()) < 0.2 * 23_500_000
@@ -397,12 +388,12 @@ def test_recipe_values_are_type_checked() -> None:
         validate_recipe({"epochs": 2.5})
 
 
-def test_explicit_flags_override_the_recipe(small_dir: Path, compressed_teacher: Path, tmp_path: Path) -> None:
+def test_explicit_flags_override_the_recipe(small_dir: Path, compressed_teacher: Path, tmp_path: Path, run_cli) -> None:
     recipe = tmp_path / "r.yaml"
     recipe.write_text("epochs: 5\nbatch_size: 64\nbase_batch: 64\nlr: 0.04\nworkers: 0\nmin_crop_scale: 0.5\n")
     log = tmp_path / "log.jsonl"
     argv = ["finetune", str(compressed_teacher), "--no-teacher", "--data", str(small_dir), "--recipe", str(recipe),
             "--batch-size", "32", "--max-steps", "1", "--log", str(log), "--quiet", "-o", str(tmp_path / "o.lrc.safetensors")]
-    assert _run_cli(argv) == 0
+    assert run_cli(*argv).code == 0
     config = json.loads(log.read_text().splitlines()[0])["config"]
     assert (config["epochs"], config["batch_size"], config["lr"], config["workers"]) == (5, 32, 0.02, 0)

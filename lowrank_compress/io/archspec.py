@@ -209,6 +209,18 @@ def _construct(arch: str, kwargs: dict[str, Any], restricted: bool, trusted_only
     return _resolve_callable(arch, restricted, trusted_only)(**kwargs)
 
 
+def _checked_kwargs(arch: Any, arch_kwargs: dict[str, Any] | None, restricted: bool, source: str | Path) -> dict[str, Any]:
+    """The kwargs to build ``arch`` with, after the checks of a spec read from a file (``restricted``)
+    or of a spec the user gave."""
+    kwargs = dict(arch_kwargs or {})
+    if restricted:
+        check_file_spec(arch, source)
+        return file_kwargs(arch, kwargs, source)
+    if not isinstance(arch, str) or ":" not in arch:
+        raise UsageError(f"bad --arch {arch!r}: use torchvision:NAME, timm:NAME or package.module:callable")
+    return kwargs
+
+
 def build_model(
     arch: str, arch_kwargs: dict[str, Any] | None = None, restricted: bool = False, source: str | Path = "the file"
 ) -> nn.Module:
@@ -219,12 +231,7 @@ def build_model(
     anything is imported, see :func:`check_file_spec`), and the kwargs pass :func:`file_kwargs`;
     ``source`` names the file in their messages.
     """
-    kwargs = dict(arch_kwargs or {})
-    if restricted:
-        check_file_spec(arch, source)
-        kwargs = file_kwargs(arch, kwargs, source)
-    elif not isinstance(arch, str) or ":" not in arch:
-        raise UsageError(f"bad --arch {arch!r}: use torchvision:NAME, timm:NAME or package.module:callable")
+    kwargs = _checked_kwargs(arch, arch_kwargs, restricted, source)
     try:
         model = _construct(arch, kwargs, restricted, trusted_only=restricted)
     except UsageError:
@@ -249,12 +256,7 @@ def meta_model(
     that needs real values (a ``.item()`` during init) or rejects its arguments gives None, and the
     real build then reports what is wrong.
     """
-    kwargs = dict(arch_kwargs or {})
-    if restricted:
-        check_file_spec(arch, source)
-        kwargs = file_kwargs(arch, kwargs, source)
-    elif not isinstance(arch, str) or ":" not in arch:
-        raise UsageError(f"bad --arch {arch!r}: use torchvision:NAME, timm:NAME or package.module:callable")
+    kwargs = _checked_kwargs(arch, arch_kwargs, restricted, source)
     try:
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
