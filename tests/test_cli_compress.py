@@ -1,4 +1,4 @@
-"""`lrc compress` / `lrc inspect` (issue 3, points 1, 3, 4): loading, policies, reports, every error path."""
+"""`lrc compress` / `lrc inspect`: loading, policies, reports, every error path."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MLP, ConvBNNet, FunctionalNet, TiedNet, randomize_batchnorm, saved_param_count
+from models import MLP, ConvBNNet, FunctionalNet, TiedNet, randomize_batchnorm, saved_param_count
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -46,7 +46,7 @@ def cnn_ckpt(tmp_path) -> Path:
     return path
 
 
-CNN = ("--arch", "conftest:ConvBNNet", "--arch-kwargs", '{"channels": 32}', "--input-shape", "1,3,16,16")
+CNN = ("--arch", "models:ConvBNNet", "--arch-kwargs", '{"channels": 32}', "--input-shape", "1,3,16,16")
 
 
 def files_in(path: Path) -> list[str]:
@@ -75,11 +75,11 @@ WRAPPINGS = {
 @pytest.mark.parametrize("wrapping", list(WRAPPINGS))
 def test_every_checkpoint_wrapping_compresses_to_the_same_file(tmp_path, mlp, mlp_ckpt, run_cli, wrapping):
     reference = tmp_path / "reference.lrc.safetensors"
-    assert run_cli("compress", mlp_ckpt, "--arch", "conftest:MLP", "--rank", "6", "-o", reference, "-q").code == 0
+    assert run_cli("compress", mlp_ckpt, "--arch", "models:MLP", "--rank", "6", "-o", reference, "-q").code == 0
     suffix, wrap = WRAPPINGS[wrapping]
     ckpt = tmp_path / f"wrapped{suffix}"
     torch.save(wrap(state_of(mlp)), ckpt)
-    result = run_cli("compress", ckpt, "--arch", "conftest:MLP", "--rank", "6", "-q")
+    result = run_cli("compress", ckpt, "--arch", "models:MLP", "--rank", "6", "-q")
     assert result.code == 0, result.err
     out = tmp_path / "wrapped.lrc.safetensors"
     with safe_open(str(out), "pt") as got, safe_open(str(reference), "pt") as ref:
@@ -104,7 +104,7 @@ def test_pickled_module_is_accepted_with_trust_pickle_and_no_arch(tmp_path, mlp,
     torch.save(mlp, ckpt)
     report = compress_json(run_cli, ckpt, "--trust-pickle", "--rank", "4")
     out = tmp_path / "whole.lrc.safetensors"
-    assert read_manifest(out)["arch"] == "conftest:MLP"
+    assert read_manifest(out)["arch"] == "models:MLP"
     loaded = load(out)
     assert report["params_after"] == saved_param_count(out, loaded)
     x = torch.randn(2, 48)
@@ -119,7 +119,7 @@ def test_pickled_module_whose_class_needs_arguments_needs_arch(tmp_path, run_cli
     assert result.code == 2 and len(result.err_lines) == 1
     assert "cannot tell how to rebuild the MLP" in result.err and "--arch" in result.err
     assert files_in(tmp_path) == ["whole.pt"]
-    result = run_cli("compress", ckpt, "--trust-pickle", "--arch", "conftest:MLP", "--arch-kwargs", '{"hidden": 32}',
+    result = run_cli("compress", ckpt, "--trust-pickle", "--arch", "models:MLP", "--arch-kwargs", '{"hidden": 32}',
                      "--rank", "4", "-q")
     assert result.code == 0, result.err
     assert load(tmp_path / "whole.lrc.safetensors").fc1.up.weight.shape == (32, 4)
@@ -178,7 +178,7 @@ def test_tied_modules_are_factorized_once_and_stay_tied(tmp_path, run_cli):
     model = TiedNet().eval()
     ckpt = tmp_path / "tied.pt"
     torch.save(model.state_dict(), ckpt)
-    report = compress_json(run_cli, ckpt, "--arch", "conftest:TiedNet", "--input-shape", "2,24", "--rank", "8")
+    report = compress_json(run_cli, ckpt, "--arch", "models:TiedNet", "--input-shape", "2,24", "--rank", "8")
     names = [layer["name"] for layer in report["layers"]]
     assert names.count("shared") == 1 and "alias" not in names
     assert {item["name"]: item["reason"] for item in report["skipped"]}["c"].startswith("weight is shared with")
@@ -214,7 +214,7 @@ def test_tables_and_totals_are_printed_without_quiet(cnn_ckpt, run_cli):
 
 
 def test_rank_is_capped_at_the_max_useful_rank(tmp_path, mlp_ckpt, run_cli):
-    report = compress_json(run_cli, mlp_ckpt, "--arch", "conftest:MLP", "--rank", "10000", "--method", "spectral")
+    report = compress_json(run_cli, mlp_ckpt, "--arch", "models:MLP", "--rank", "10000", "--method", "spectral")
     sites = {s.name: s for s in find_sites(MLP(), torch.randn(1, 48))}
     for layer in report["layers"]:
         assert layer["rank"] == sites[layer["name"]].max_useful_rank
@@ -243,7 +243,7 @@ def test_skip_reasons_for_too_small_and_non_saving_layers(tmp_path, run_cli):
     model = MLP(d_in=8, hidden=64, classes=1)
     ckpt = tmp_path / "mlp.pt"
     torch.save(model.state_dict(), ckpt)
-    report = compress_json(run_cli, ckpt, "--arch", "conftest:MLP", "--arch-kwargs",
+    report = compress_json(run_cli, ckpt, "--arch", "models:MLP", "--arch-kwargs",
                            '{"d_in": 8, "hidden": 64, "classes": 1}', "--rank-ratio", "1.0")
     skipped = {item["name"]: item["reason"] for item in report["skipped"]}
     assert skipped["fc1"] == "rank 8 would not save parameters (max useful rank 7)"
@@ -265,7 +265,7 @@ def test_budget_keeps_at_most_the_target_fraction(cnn_ckpt, run_cli, flag, key, 
 def test_output_path_and_json_can_be_chosen(tmp_path, mlp_ckpt, run_cli):
     out = tmp_path / "sub" / "custom.lrc.safetensors"
     out.parent.mkdir()
-    result = run_cli("compress", mlp_ckpt, "--arch", "conftest:MLP", "--rank", "4", "-o", out, "-q")
+    result = run_cli("compress", mlp_ckpt, "--arch", "models:MLP", "--rank", "4", "-o", out, "-q")
     assert result.code == 0 and out.is_file()
     assert not mlp_ckpt.with_name("mlp.lrc.safetensors").exists()
     assert read_manifest(out)["layers"]["fc1"]["rank"] == 4
@@ -281,53 +281,53 @@ def _garbage(tmp_path: Path, name: str, data: bytes) -> Path:
 
 
 ERROR_CASES = {
-    "missing-file": (lambda t, c: [t / "nope.pt", "--arch", "conftest:MLP", "--rank", "4"], "no such file"),
-    "directory": (lambda t, c: [t, "--arch", "conftest:MLP", "--rank", "4"], "is a directory"),
-    "empty-file": (lambda t, c: [_garbage(t, "e.pt", b""), "--arch", "conftest:MLP", "--rank", "4"], "is empty"),
-    "garbage-pt": (lambda t, c: [_garbage(t, "g.pt", b"junk junk"), "--arch", "conftest:MLP", "--rank", "4"],
+    "missing-file": (lambda t, c: [t / "nope.pt", "--arch", "models:MLP", "--rank", "4"], "no such file"),
+    "directory": (lambda t, c: [t, "--arch", "models:MLP", "--rank", "4"], "is a directory"),
+    "empty-file": (lambda t, c: [_garbage(t, "e.pt", b""), "--arch", "models:MLP", "--rank", "4"], "is empty"),
+    "garbage-pt": (lambda t, c: [_garbage(t, "g.pt", b"junk junk"), "--arch", "models:MLP", "--rank", "4"],
                    "cannot read"),
     "garbage-safetensors": (lambda t, c: [_garbage(t, "g.safetensors", b"\x08\x00\x00\x00\x00\x00\x00\x00{{{{{{{{"),
-                                          "--arch", "conftest:MLP", "--rank", "4"], "not a valid safetensors file"),
+                                          "--arch", "models:MLP", "--rank", "4"], "not a valid safetensors file"),
     "no-arch": (lambda t, c: [c, "--rank", "4"], "pass --arch"),
     "arch-no-colon": (lambda t, c: [c, "--arch", "MLP", "--rank", "4"], "bad --arch 'MLP'"),
     "arch-unknown-torchvision": (lambda t, c: [c, "--arch", "torchvision:nonet", "--rank", "4"],
                                  "unknown torchvision model 'nonet'"),
     "arch-unknown-timm": (lambda t, c: [c, "--arch", "timm:nonet", "--rank", "4"], "unknown timm model 'nonet'"),
     "arch-no-module": (lambda t, c: [c, "--arch", "no_such_pkg_q.m:Net", "--rank", "4"], "cannot import"),
-    "arch-kwargs-not-json": (lambda t, c: [c, "--arch", "conftest:MLP", "--arch-kwargs", "{x}", "--rank", "4"],
+    "arch-kwargs-not-json": (lambda t, c: [c, "--arch", "models:MLP", "--arch-kwargs", "{x}", "--rank", "4"],
                              "not valid JSON"),
-    "arch-kwargs-not-object": (lambda t, c: [c, "--arch", "conftest:MLP", "--arch-kwargs", "[1]", "--rank", "4"],
+    "arch-kwargs-not-object": (lambda t, c: [c, "--arch", "models:MLP", "--arch-kwargs", "[1]", "--rank", "4"],
                                "must be a JSON object"),
-    "arch-kwargs-unknown": (lambda t, c: [c, "--arch", "conftest:MLP", "--arch-kwargs", '{"depth": 3}', "--rank", "4"],
-                            "cannot build conftest:MLP"),
-    "missing-keys": (lambda t, c: [c, "--arch", "conftest:ConvBNNet", "--rank", "4"], "missing keys: conv1.weight"),
-    "shape-mismatch": (lambda t, c: [c, "--arch", "conftest:MLP", "--arch-kwargs", '{"hidden": 32}', "--rank", "4"],
+    "arch-kwargs-unknown": (lambda t, c: [c, "--arch", "models:MLP", "--arch-kwargs", '{"depth": 3}', "--rank", "4"],
+                            "cannot build models:MLP"),
+    "missing-keys": (lambda t, c: [c, "--arch", "models:ConvBNNet", "--rank", "4"], "missing keys: conv1.weight"),
+    "shape-mismatch": (lambda t, c: [c, "--arch", "models:MLP", "--arch-kwargs", '{"hidden": 32}', "--rank", "4"],
                        "shape mismatches: fc1.weight (96, 48) vs (32, 48)"),
-    "two-policies": (lambda t, c: [c, "--arch", "conftest:MLP", "--rank", "4", "--rank-ratio", "0.5"],
+    "two-policies": (lambda t, c: [c, "--arch", "models:MLP", "--rank", "4", "--rank-ratio", "0.5"],
                      "got --rank and --rank-ratio"),
-    "no-policy": (lambda t, c: [c, "--arch", "conftest:MLP"], "give exactly one rank policy"),
-    "rank-ratio-zero": (lambda t, c: [c, "--arch", "conftest:MLP", "--rank-ratio", "0"], r"must be in (0, 1]"),
-    "param-ratio-above-one": (lambda t, c: [c, "--arch", "conftest:MLP", "--param-ratio", "1.5"], "must be in (0, 1]"),
-    "target-params-negative": (lambda t, c: [c, "--arch", "conftest:MLP", "--target-params", "-0.5"],
+    "no-policy": (lambda t, c: [c, "--arch", "models:MLP"], "give exactly one rank policy"),
+    "rank-ratio-zero": (lambda t, c: [c, "--arch", "models:MLP", "--rank-ratio", "0"], r"must be in (0, 1]"),
+    "param-ratio-above-one": (lambda t, c: [c, "--arch", "models:MLP", "--param-ratio", "1.5"], "must be in (0, 1]"),
+    "target-params-negative": (lambda t, c: [c, "--arch", "models:MLP", "--target-params", "-0.5"],
                                "must be in (0, 1]"),
-    "rank-zero": (lambda t, c: [c, "--arch", "conftest:MLP", "--rank", "0"], "--rank must be a positive integer"),
-    "rank-not-int": (lambda t, c: [c, "--arch", "conftest:MLP", "--rank", "four"], "Invalid value for '--rank'"),
-    "unknown-method": (lambda t, c: [c, "--arch", "conftest:MLP", "--rank", "4", "--method", "svd"],
+    "rank-zero": (lambda t, c: [c, "--arch", "models:MLP", "--rank", "0"], "--rank must be a positive integer"),
+    "rank-not-int": (lambda t, c: [c, "--arch", "models:MLP", "--rank", "four"], "Invalid value for '--rank'"),
+    "unknown-method": (lambda t, c: [c, "--arch", "models:MLP", "--rank", "4", "--method", "svd"],
                        "unknown method 'svd'"),
-    "bad-include": (lambda t, c: [c, "--arch", "conftest:MLP", "--rank", "4", "--include", "("], "bad --include regex"),
-    "round-to-zero": (lambda t, c: [c, "--arch", "conftest:MLP", "--rank", "4", "--round-to", "0"],
+    "bad-include": (lambda t, c: [c, "--arch", "models:MLP", "--rank", "4", "--include", "("], "bad --include regex"),
+    "round-to-zero": (lambda t, c: [c, "--arch", "models:MLP", "--rank", "4", "--round-to", "0"],
                       "--round-to must be a positive integer"),
-    "bad-input-shape": (lambda t, c: [c, "--arch", "conftest:MLP", "--rank", "4", "--input-shape", "1,a"],
+    "bad-input-shape": (lambda t, c: [c, "--arch", "models:MLP", "--rank", "4", "--input-shape", "1,a"],
                         "bad --input-shape"),
-    "wrong-input-shape": (lambda t, c: [c, "--arch", "conftest:MLP", "--rank", "4", "--input-shape", "1,3,8,8"],
+    "wrong-input-shape": (lambda t, c: [c, "--arch", "models:MLP", "--rank", "4", "--input-shape", "1,3,8,8"],
                           "the model does not run on an input of shape (1, 3, 8, 8)"),
-    "output-dir-missing": (lambda t, c: [c, "--arch", "conftest:MLP", "--rank", "4", "-o", t / "no" / "x.safetensors"],
+    "output-dir-missing": (lambda t, c: [c, "--arch", "models:MLP", "--rank", "4", "-o", t / "no" / "x.safetensors"],
                            "does not exist"),
-    "output-is-directory": (lambda t, c: [c, "--arch", "conftest:MLP", "--rank", "4", "-o", t], "is a directory"),
-    "json-dir-missing": (lambda t, c: [c, "--arch", "conftest:MLP", "--rank", "4", "--json", t / "no" / "r.json"],
+    "output-is-directory": (lambda t, c: [c, "--arch", "models:MLP", "--rank", "4", "-o", t], "is a directory"),
+    "json-dir-missing": (lambda t, c: [c, "--arch", "models:MLP", "--rank", "4", "--json", t / "no" / "r.json"],
                          "does not exist"),
-    "unknown-option": (lambda t, c: [c, "--arch", "conftest:MLP", "--rank", "4", "--frobnicate"], "--frobnicate"),
-    "calib-batch-size": (lambda t, c: [c, "--arch", "conftest:MLP", "--rank", "4", "--calib-batch-size", "0"],
+    "unknown-option": (lambda t, c: [c, "--arch", "models:MLP", "--rank", "4", "--frobnicate"], "--frobnicate"),
+    "calib-batch-size": (lambda t, c: [c, "--arch", "models:MLP", "--rank", "4", "--calib-batch-size", "0"],
                          "--calib-batch-size must be ≥ 1"),
 }
 
@@ -359,7 +359,7 @@ def test_console_script_refusal_is_one_line_in_a_real_process(tmp_path, mlp):
 
 
 def test_debug_shows_the_traceback(tmp_path, run_cli):
-    result = run_cli("--debug", "compress", tmp_path / "nope.pt", "--arch", "conftest:MLP", "--rank", "4")
+    result = run_cli("--debug", "compress", tmp_path / "nope.pt", "--arch", "models:MLP", "--rank", "4")
     assert result.code == 2
     assert "Traceback" in result.err and "no such file" in result.err
 
@@ -383,12 +383,12 @@ def test_inspect_lists_every_candidate_layer_with_json(tmp_path, run_cli):
     ckpt = tmp_path / "functional.pt"
     torch.save(randomize_batchnorm(FunctionalNet()).state_dict(), ckpt)
     json_path = tmp_path / "inspect.json"
-    result = run_cli("inspect", ckpt, "--arch", "conftest:FunctionalNet", "--input-shape", "1,3,32,32", "--json", json_path)
+    result = run_cli("inspect", ckpt, "--arch", "models:FunctionalNet", "--input-shape", "1,3,32,32", "--json", json_path)
     assert result.code == 0, result.err
     for text in ("conv1", "conv2", "fc1", "fc2", "relu (affine after)", "gelu", "eligible", "max rank"):
         assert text in result.out, text
     data = json.loads(json_path.read_text())
-    assert data["arch"] == "conftest:FunctionalNet" and data["input_shape"] == [1, 3, 32, 32]
+    assert data["arch"] == "models:FunctionalNet" and data["input_shape"] == [1, 3, 32, 32]
     layers = {layer["name"]: layer for layer in data["layers"]}
     assert layers["conv1"] == {
         "name": "conv1", "kind": "Conv2d", "shape": [16, 27], "activation": "relu", "bn_before": None,
@@ -415,7 +415,7 @@ def test_inspect_shows_skip_reasons(tmp_path, run_cli):
 
 
 def test_inspect_on_a_compressed_file_reads_only_the_manifest(tmp_path, mlp_ckpt, run_cli, monkeypatch):
-    assert run_cli("compress", mlp_ckpt, "--arch", "conftest:MLP", "--rank", "4", "-q").code == 0
+    assert run_cli("compress", mlp_ckpt, "--arch", "models:MLP", "--rank", "4", "-q").code == 0
     compressed = tmp_path / "mlp.lrc.safetensors"
     # A file whose architecture cannot even be built: inspect must not try.
     manifest = read_manifest(compressed)
@@ -448,10 +448,10 @@ def test_inspect_on_a_compressed_file_reads_only_the_manifest(tmp_path, mlp_ckpt
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["nope.pt", "--arch", "conftest:MLP"], "no such file"),
+        (["nope.pt", "--arch", "models:MLP"], "no such file"),
         (["{ckpt}"], "pass --arch"),
-        (["{ckpt}", "--arch", "conftest:MLP", "--input-shape", "0,4"], "bad --input-shape"),
-        (["{ckpt}", "--arch", "conftest:MLP", "--json", "missing/x.json"], "does not exist"),
+        (["{ckpt}", "--arch", "models:MLP", "--input-shape", "0,4"], "bad --input-shape"),
+        (["{ckpt}", "--arch", "models:MLP", "--json", "missing/x.json"], "does not exist"),
     ],
     ids=["missing", "no-arch", "bad-shape", "json-dir"],
 )
