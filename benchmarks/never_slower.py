@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/never_slower.py --models tv_resnet18,mlp --repeats 5
     .venv/bin/python benchmarks/never_slower.py --no-latency-aware    # the same, planned by FLOPs alone
 
-For each model of the graph walker's test list (``tests/conftest.py`` MODEL_CASES: torchvision
+For each model of the graph walker's test list (``tests/models.py`` MODEL_CASES: torchvision
 resnet18/resnet50/mobilenet_v3_small/vgg11_bn, timm resnet50/efficientnet_b0/vit_tiny/convnext_atto
 at 64×64, two small test networks; random init, BatchNorm statistics randomized): compress
 data-free with ``--target-flops 0.5`` and otherwise default flags (target onnxruntime-cpu: ranks in
@@ -31,14 +31,14 @@ from lowrank_compress.bench import count_flops, measure_latency
 from lowrank_compress.compress import CompressConfig, compress
 from lowrank_compress.export import export_onnx
 
-_CONFTEST = Path(__file__).parents[1] / "tests" / "conftest.py"
+_MODELS = Path(__file__).parents[1] / "tests" / "models.py"
 
 
 def model_cases() -> dict:
-    """The walker's test models, from tests/conftest.py (also importable as ``conftest:NAME``)."""
-    sys.path.insert(0, str(_CONFTEST.parent))
-    spec = importlib.util.spec_from_file_location("conftest", _CONFTEST)
-    module = sys.modules["conftest"] = importlib.util.module_from_spec(spec)
+    """The walker's test models, from tests/models.py (whose networks are named ``models:NAME``)."""
+    sys.path.insert(0, str(_MODELS.parent))
+    spec = importlib.util.spec_from_file_location("models", _MODELS)
+    module = sys.modules["models"] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.MODEL_CASES
 
