@@ -32,12 +32,11 @@ out = Console()
 if not out.is_terminal:
     out = Console(width=160)  # CI logs: wide enough that layer names are not cut
 
-_DEBUG = {"on": False}
-
 
 @app.callback()
 def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
-    _DEBUG["on"] = debug
+    # main() reads --debug from argv before the app parses it, so that it also covers parse errors.
+    del debug
 
 
 def _fail(message: str, code: int) -> None:
