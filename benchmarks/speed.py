@@ -1,26 +1,24 @@
-"""How much of the FLOP saving becomes onnxruntime CPU time.
+"""How much of the FLOP saving becomes onnxruntime CPU time, with lrc's default flags.
 
-    .venv/bin/python benchmarks/speed.py                                  # resnet50 + efficientnet_b0, batch 1 and 32
-    .venv/bin/python benchmarks/speed.py --models resnet50 --batch-sizes 32 --repeats 20 --json speed.json
+    .venv/bin/python benchmarks/speed.py                                  # resnet50 + efficientnet_b0, batch 1 and 16
+    .venv/bin/python benchmarks/speed.py --models resnet50 --target-latency 0.6 --json speed.json
+    .venv/bin/python benchmarks/speed.py --no-latency-aware --round-to 16  # the FLOPs-only plan
     .venv/bin/python benchmarks/speed.py --models resnet50 --image-size 64 --batch-sizes 1 --repeats 2  # smoke run
 
 What is measured: torchvision resnet50 and timm efficientnet_b0 (random init, 1000 classes,
 224×224) and each compressed data-free by ``lowrank_compress.compress`` under ``--target-flops``
-(default 0.5: at most half the FLOPs, ranks allocated from per-layer error curves, docs/design.md §4)
-with ranks rounded to multiples of ``--round-to`` (default 16). Both are exported to ONNX (the
-parity check must pass) and timed in one onnxruntime CPU process, runs interleaved dense,
-compressed, dense, … (lowrank_compress.bench.measure_latency); the figure is the median.
+(default 0.5) or ``--target-latency``, otherwise as ``lrc compress`` does by default: target
+onnxruntime-cpu (ranks in multiples of 16, the NCHWc block of onnxruntime's CPU convolutions) and
+latency-aware planning (every layer timed dense vs factorized in onnxruntime at its input shape,
+batch ``--latency-batch-size``; the budget spent by error per second of measured time). Both
+models are exported to ONNX (the parity check must pass) and timed in one onnxruntime CPU process
+with ``--threads`` threads (default 2), runs interleaved dense, compressed, dense, …
+(lowrank_compress.bench.measure_latency); the figure is the median.
 
 Columns: FLOP ratio = compressed / dense FLOPs (torch.utils.flop_counter, batch 1); latency ratio
 = compressed / dense median latency; quotient = latency ratio / FLOP ratio (1.0: time fell as much
 as FLOPs; above 1: less); realized = (1 − latency ratio) / (1 − FLOP ratio), the share of the FLOP
-saving that became time. Prints a markdown table with the CPU and thread count.
-
-Why ``--round-to 16``: onnxruntime's fastest CPU convolutions (the NCHWc kernels its
-ORT_ENABLE_ALL graph optimization switches to) work on blocks of 16 channels with AVX-512 (8 with
-AVX2). A rank that is not a multiple of the block cuts the factorized conv out of the blocked
-layout: reorders appear around it and fusions break, and resnet50 at half its FLOPs then runs at
-~0.95× the dense latency instead of ~0.6×.
+saving that became time. Prints a markdown table with the CPU, thread count and machine load.
 """
 
 from __future__ import annotations
@@ -28,6 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import tempfile
 from pathlib import Path
@@ -155,6 +154,7 @@ def main() -> None:
 
     import onnxruntime
 
+    load_before = f"{os.getloadavg()[0]:.2f}"
     rows = []
     with tempfile.TemporaryDirectory(prefix="lrc-speed-") as tmp:
         for name in names:
@@ -164,7 +164,7 @@ def main() -> None:
         f"onnxruntime {onnxruntime.__version__} CPU on {cpu_name()} ({torch.get_num_threads()} cores visible), "
         f"{threads}, {args.image_size}×{args.image_size}, median of {args.repeats} interleaved runs"
     )
-    print(f"policy: {rows[0]['policy']}\n")
+    print(f"policy: {rows[0]['policy']}; load average before / after: {load_before} / {os.getloadavg()[0]:.2f}\n")
     print(markdown(rows))
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
