@@ -142,7 +142,7 @@ def markdown(result: dict[str, Any]) -> str:
         for row in entry["throughput"]:
             lines.append(
                 f"| {name} | `{entry['policy']}` | {entry['flop_ratio']:.3f} | {entry['param_ratio']:.3f} | "
-                f"{row['batch_size']} | {row['mode']} | {row['dense']:,.0f} | {row['compressed']:,.0f} | "
+                f"{row['batch_size']} | {row['mode']} | {row['dense']:,.1f} | {row['compressed']:,.1f} | "
                 f"**{row['speedup']:.2f}×** |"
             )
     if result.get("profile"):

@@ -322,8 +322,12 @@ class LayerTimer:
         return {r: self.cache[(site.name, r)] for r in [None, *ranks]}
 
     def model_ratio(self, model: nn.Module, sites: list[LayerSite], ranks: dict[str, int], example_inputs: Any) -> float:
-        """Measured latency of ``model`` with ``ranks`` applied (random factors) / the dense model's."""
-        from .bench import measure_latency
+        """Measured latency of ``model`` with ``ranks`` applied (random factors) / the dense model's.
+
+        Both whole models are timed interleaved and, like the layers, by their fastest run, so
+        that layer and model times are comparable on a loaded machine.
+        """
+        from .bench import layer_latencies
 
         if not isinstance(example_inputs, torch.Tensor):
             raise UsageError("--target-latency times the whole model; it needs a single tensor input")
@@ -336,11 +340,14 @@ class LayerTimer:
                 r = ranks[site.name]
                 factors = Factorization(torch.randn(m, r, generator=gen), torch.randn(r, d, generator=gen))
                 replace_module(probe, old, from_dense(old, factors.to(old.weight.dtype)))
-        shape = (self.batch, *example_inputs.shape[1:])
-        report = measure_latency({"dense": model, "compressed": probe}, shape, batch_sizes=[self.batch],
-                                 runtime=self.target.runtime, device=self.target.device, warmup=2, repeats=MODEL_REPEATS,
-                                 baseline="dense")
-        return report.ratio("compressed", self.batch)
+        times = layer_latencies({"dense": model, "compressed": probe}, self.model_input(example_inputs),
+                                self.target.runtime, self.target.device, repeats=MODEL_REPEATS)
+        return times["compressed"] / times["dense"]
+
+    def model_input(self, example_inputs: torch.Tensor) -> torch.Tensor:
+        """The example input at the timing batch size."""
+        x = example_inputs.detach()[:1]
+        return x.expand(self.batch, *x.shape[1:]).contiguous()
 
 
 MODEL_REPEATS = 10
@@ -454,14 +461,14 @@ def _timed_budget_plan(
 
 
 def _dense_model_time(model: nn.Module, example_inputs: Any, timer: LayerTimer) -> float:
-    from .bench import measure_latency
+    """The whole dense model's time on the target, its fastest run (as layers are timed)."""
+    from .bench import layer_latencies
 
     if not isinstance(example_inputs, torch.Tensor):
         raise UsageError("--target-latency times the whole model; it needs a single tensor input")
-    shape = (timer.batch, *example_inputs.shape[1:])
-    report = measure_latency({"dense": model}, shape, batch_sizes=[timer.batch], runtime=timer.target.runtime,
-                             device=timer.target.device, warmup=2, repeats=MODEL_REPEATS)
-    return report.results[0].median_s
+    times = layer_latencies({"dense": model}, timer.model_input(example_inputs), timer.target.runtime,
+                            timer.target.device, repeats=MODEL_REPEATS)
+    return times["dense"]
 
 
 def _plan_once(

@@ -41,7 +41,7 @@ def cost_model(monkeypatch):
     slow: set[tuple[int, int]] = set()
 
     def layer_latencies(layers, x, runtime="torch", device="cpu", **_):
-        return {name: modelled_seconds(layer, x, slow) for name, layer in layers.items()}
+        return {name: model_seconds(layer, x, slow) for name, layer in layers.items()}
 
     def measure_latency(models, input_shape, batch_sizes=(1,), baseline=None, **_):
         report = bench.LatencyReport("modelled", "cpu", None, list(input_shape), baseline or next(iter(models)))
