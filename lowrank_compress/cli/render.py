@@ -55,8 +55,11 @@ def report_table(report: CompressReport) -> Table:
     columns = ["layer", "act", "shape", "rank", "params", "gauss err spectral", "gauss err nkp"]
     if calibrated:
         columns += ["held-out spectral", "kept", "held-out kept"]
+    noted = any(layer.note for layer in report.layers)  # e.g. latency-aware planning's measured times
+    if noted:
+        columns.append("note")
     for col in columns:
-        table.add_column(col, justify="left" if col in ("layer", "act", "kept") else "right", overflow="fold")
+        table.add_column(col, justify="left" if col in ("layer", "act", "kept", "note") else "right", overflow="fold")
     for layer in report.layers:
         row = [
             layer.name, layer.activation, "×".join(map(str, layer.shape)), str(layer.rank),
@@ -65,6 +68,8 @@ def report_table(report: CompressReport) -> Table:
         ]
         if calibrated:
             row += [_fmt_err(layer.candidates.get("spectral")), layer.method, _fmt_err(layer.candidates.get(layer.method))]
+        if noted:
+            row.append(layer.note or "")
         table.add_row(*row)
     return table
 
