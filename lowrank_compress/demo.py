@@ -20,7 +20,6 @@ shared machine, and a rerun gives the same figures.
 from __future__ import annotations
 
 import copy
-import json
 import platform
 import tempfile
 import time
@@ -35,7 +34,7 @@ from torch import nn
 from . import digits
 from .compress import CompressConfig, CompressReport, compress, count_flops, count_params
 from .errors import LrcError, UsageError
-from .io.files import atomic_output
+from .io.files import atomic_output, write_json
 
 BUDGETS = (0.5, 0.25, 0.1, 0.05)
 FAST_BUDGETS = (0.1,)
@@ -222,11 +221,6 @@ def _finetune(
     return result, asdict(config)
 
 
-def _write_json(data: dict[str, Any], path: Path) -> None:
-    with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
 def summary_markdown(result: DemoResult) -> str:
     """``summary.md``: the tables ``lrc demo`` printed, and how to redo one run with the CLI."""
     o, ft, onnx = result.original, result.finetune, result.onnx
@@ -382,7 +376,7 @@ def run_demo(
         layers=[asdict(layer) for layer in student_report.layers],
     )
     result.seconds = time.perf_counter() - start
-    _write_json(result.to_dict(), out / REPORT_JSON)
+    write_json(result.to_dict(), out / REPORT_JSON, sort_keys=True)
     with atomic_output(out / SUMMARY_MD) as tmp:
         tmp.write_text(summary_markdown(result))
     if not parity.passed:

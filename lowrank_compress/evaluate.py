@@ -7,7 +7,6 @@ convention of timm's and torchvision's reference scripts. Ties are broken by ``t
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from torch.utils.data import DataLoader
 from .io.records import LoadedModel
 from .data import eval_loader, resolve_data_config, split_dir
 from .errors import BudgetExceeded, UsageError
-from .io.files import atomic_output, check_writable
+from .io.files import check_writable
 
 
 @torch.no_grad()
@@ -96,12 +95,6 @@ def evaluate_folder(
         model = model.to(memory_format=torch.channels_last)
     result = evaluate(model, loader, device, channels_last)
     return {**result, "input_size": list(config["input_size"]), "split": str(folder)}
-
-
-def write_json(result: dict[str, Any], path: str | Path) -> None:
-    """Write the result as indented JSON, atomically."""
-    with atomic_output(path) as tmp:
-        Path(tmp).write_text(json.dumps(result, indent=2) + "\n")
 
 
 def check_budget(result: dict[str, Any], min_top1: float | None) -> None:

@@ -63,8 +63,7 @@ def bench_command(
     from ..bench import RUNTIMES, count_flops, count_onnx_params, count_params, measure_latency, measure_throughput
     from ..io.checks import parse_arch_kwargs, parse_input_shape
     from ..errors import BudgetExceeded
-    from ..evaluate import write_json
-    from ..io.files import check_distinct_paths, check_writable
+    from ..io.files import check_distinct_paths, check_writable, write_json
 
     check_distinct_paths({"MODEL": model, "--vs": vs}, {"--json": json_path})
     shape = parse_input_shape(input_shape)

@@ -30,8 +30,8 @@ def eval_command(
 
     from ..io.checks import parse_arch_kwargs, parse_input_shape
     from ..io.opening import open_model
-    from ..evaluate import check_budget, evaluate_folder, resolve_device, validate_outputs, write_json
-    from ..io.files import check_distinct_paths
+    from ..evaluate import check_budget, evaluate_folder, resolve_device, validate_outputs
+    from ..io.files import check_distinct_paths, write_json
 
     check_distinct_paths({"MODEL": model, "--data": data}, {"--json": json_path})
     validate_outputs(json_path, min_top1)

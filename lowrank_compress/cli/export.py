@@ -32,9 +32,8 @@ def export_command(
 
     from ..io.checks import parse_arch_kwargs, parse_input_shape
     from ..io.opening import open_model
-    from ..evaluate import write_json
     from ..export import export_onnx
-    from ..io.files import check_distinct_paths, check_writable
+    from ..io.files import check_distinct_paths, check_writable, write_json
 
     check_distinct_paths({"MODEL": model, "--calib": calib if calib != "gaussian" else None}, {"--onnx": onnx, "--json": json_path})
     shape = parse_input_shape(input_shape)

@@ -21,12 +21,10 @@ def inspect_command(
     json_path: Path | None = typer.Option(None, "--json", help="Also write the table as JSON here."),
 ) -> None:
     """List every candidate layer: kind, shape, activation found, params, max useful rank, eligibility."""
-    import json as _json
-
     from ..io.checks import parse_arch_kwargs, parse_input_shape
     from ..io.opening import open_model
     from ..io.reading import read_safetensors_metadata
-    from ..io.files import atomic_output, check_distinct_paths, check_writable
+    from ..io.files import check_distinct_paths, check_writable, write_json
     from ..io.format import MANIFEST_KEY, read_manifest
     from .render import manifest_table, sites_table
 
@@ -53,5 +51,4 @@ def inspect_command(
             console.print(loaded.arch_note, highlight=False, soft_wrap=True, markup=False)
         data = {"arch": loaded.arch, "input_shape": list(loaded.input_shape), "layers": [s.describe() for s in sites]}
     if json_path is not None:
-        with atomic_output(json_path) as tmp:
-            tmp.write_text(_json.dumps(data, indent=2, sort_keys=True))
+        write_json(data, json_path, sort_keys=True, final_newline=False)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import sys
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 from ..errors import LrcError, UsageError
 
@@ -124,3 +126,9 @@ def quiet_output() -> Iterator[None]:
             os.dup2(saved[1], 2)
             for fd in saved:
                 os.close(fd)
+
+
+def write_json(data: Any, path: str | os.PathLike, *, sort_keys: bool = False, final_newline: bool = True) -> None:
+    """Write ``data`` as JSON indented by 2, atomically."""
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=sort_keys) + ("\n" if final_newline else ""))
