@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from lowrank_compress import factorize
-from lowrank_compress.projection import function_error
+from lowrank_compress.gaussian import function_error
 from lowrank_compress.io.files import atomic_output
 
 DIMS = (64, 256, 1024)

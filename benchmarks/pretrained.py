@@ -71,13 +71,16 @@ def network_aware_available() -> bool:
     return "allocation" in CompressConfig.__dataclass_fields__
 
 
+NETWORK_OVERRIDES: dict[str, Any] = {}  # --set KEY=VALUE: CompressConfig fields of the network-aware column
+
+
 def make_config(variant: str, policy: dict[str, float], seed: int) -> CompressConfig:
     """The config of one column: data-free spectral / nkp, calibrated today, network-aware."""
     if variant in ("spectral", "nkp"):
         return CompressConfig(method=variant, seed=seed, **policy)
     if variant == "calibrated" and network_aware_available():
         return CompressConfig(allocation="layer", block_steps=0, distill_steps=0, seed=seed, **policy)
-    return CompressConfig(seed=seed, **policy)
+    return CompressConfig(seed=seed, **policy, **NETWORK_OVERRIDES)
 
 
 def run_variant(original: nn.Module, variant: str, policy: dict[str, float], example_inputs: Any,
@@ -97,6 +100,9 @@ def run_variant(original: nn.Module, variant: str, policy: dict[str, float], exa
         "layers": {layer.name: {"rank": layer.rank, "shape": layer.shape, "method": layer.method}
                    for layer in report.layers},
         "config": {k: v for k, v in config.to_dict()["_data"].items() if v is not None},
+        "stages": getattr(report, "seconds", {}),
+        "measured_output_cost": getattr(report, "measured_output_cost", None),
+        "distillation": getattr(report, "distillation", None),
     }
 
 
@@ -255,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="calibrate the CNN on other crops of the evaluation photos instead of other photos")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a CompressConfig field of the network-aware column, e.g. --set distill_steps=500")
     parser.add_argument("--out", type=Path, help="write the results as JSON here (also after each variant)")
     args = parser.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -262,6 +270,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
     budgets = tuple(float(b) for b in args.cnn_budgets.split(",") if b.strip())
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if key not in CompressConfig.__dataclass_fields__:
+            parser.error(f"--set {item}: CompressConfig has no field {key!r}")
+        NETWORK_OVERRIDES[key] = json.loads(value) if value[:1] in "0123456789-[{tfn" else value
     if "network" in variants and not network_aware_available():
         print("note: CompressConfig has no 'allocation' field yet; skipping the network-aware column", file=sys.stderr)
         variants.remove("network")

@@ -1,7 +1,7 @@
 """lowrank_compress: low-rank compression of pretrained PyTorch models by nonlinear kernel projection.
 
 The public API is the ten names in ``__all__``; everything else is importable from its module
-(``lowrank_compress.io.opening.open_model``, ``lowrank_compress.projection.function_error``, …)
+(``lowrank_compress.io.opening.open_model``, ``lowrank_compress.gaussian.function_error``, …)
 but not re-exported::
 
     import lowrank_compress as lrc

@@ -23,6 +23,7 @@ distillation finish the job (:mod:`lowrank_compress.distill`).
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -30,114 +31,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from .activations import activation_fn, canonical_activation
+from .activations import activation_fn
 from .blocks import Block, find_blocks, first_tensor, reconstruct_block
 from .config import CompressConfig, LayerReport, ProgressFn
 from .distill import distill
 from .errors import UsageError
 from .graph import LayerSite
 from .layers import from_dense
-from .methods import FitProblem, factor_params, get_method, method_names, unfold_batchnorm
+from .methods import factor_params, unfold_batchnorm
 from .modelrun import (batch_size, call_model, float_batch, forward_with_hooks, model_dtype, output_tensors, padding_mask,
                        replace_module, slice_batch)
 from .outputcost import output_cost_curves, row_weights, site_sensitivities
 from .plan import Plan, plan_ranks
-from .projection import Factorization, factorize_all, function_error, refine
 from .responses import ResponseStats, patches, real_rows, responses, stats_error_curve
+from .candidates import candidates, choose_candidate
+from .layerinputs import LayerInputs, called_once, modules_called_once
 from .sensitivity import channel_sensitivities, detect_output_metric, output_metric
 
 RESERVOIR = 2048  # (input patch, target) pairs kept per layer: 3/4 for refinement, 1/4 held out
-
-
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass once the layer of interest has run."""
-
-
-def _clone(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.clone()
-    if isinstance(value, (list, tuple)):
-        return type(value)(_clone(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _clone(v) for k, v in value.items()}
-    return value
-
-
-def _ancestors(name: str) -> list[str]:
-    """Enclosing module names, outermost first, without the root and the layer itself."""
-    parts = name.split(".")
-    return [".".join(parts[:i]) for i in range(1, len(parts))]
-
-
-class _LayerInputs:
-    """Runs the model up to one layer per batch, re-entering at the innermost cached block.
-
-    Compressing layers inside a block never changes that block's inputs, so once a pass has
-    recorded the (args, kwargs) a block received, the next layers inside it are reached by calling
-    the block alone instead of the whole model. Only blocks called exactly once per forward are
-    cached; a cache is dropped as soon as the walk leaves its block.
-    """
-
-    def __init__(self, model: nn.Module, batches: list[Any], once: set[str]):
-        self.model, self.batches, self.once = model, batches, once
-        self.cache: dict[str, list[tuple[tuple, dict]]] = {}
-
-    def run(self, site_name: str, module: nn.Module, capture) -> None:
-        """Call ``capture(batch_index, layer_input, layer_output)`` for every batch."""
-        ancestors = [a for a in _ancestors(site_name) if a in self.once]
-        self.cache = {k: v for k, v in self.cache.items() if k in ancestors}
-        start = next((a for a in reversed(ancestors) if a in self.cache), None)
-        deeper = ancestors[ancestors.index(start) + 1:] if start is not None else ancestors
-        recorded: dict[str, list[tuple[tuple, dict]]] = {a: [] for a in deeper}
-        for b, batch in enumerate(self.batches):
-            handles = []
-            for name in deeper:
-                def pre(_m, args, kwargs, name=name):
-                    recorded[name].append((_clone(args), _clone(kwargs)))
-
-                handles.append(self.model.get_submodule(name).register_forward_pre_hook(pre, with_kwargs=True))
-
-            def stop(_m, inputs, output, b=b):
-                capture(b, inputs[0], output)
-                raise _Stop
-
-            handles.append(module.register_forward_hook(stop))
-            try:
-                with torch.no_grad():
-                    if start is None:
-                        call_model(self.model, batch)
-                    else:
-                        args, kwargs = self.cache[start][b]
-                        self.model.get_submodule(start)(*_clone(args), **_clone(kwargs))
-            except _Stop:
-                pass
-            finally:
-                for h in handles:
-                    h.remove()
-        self.cache.update({k: v for k, v in recorded.items() if len(v) == len(self.batches)})
-
-
-def _called_once(model: nn.Module, sites: list[LayerSite], batch: Any) -> set[str]:
-    """Enclosing blocks of the sites that run exactly once in a forward pass."""
-    return modules_called_once(model, {a for s in sites for a in _ancestors(s.name)}, batch)
-
-
-def modules_called_once(model: nn.Module, names: set[str], batch: Any) -> set[str]:
-    """The modules among ``names`` that run exactly once in a forward pass."""
-    counts = dict.fromkeys(names, 0)
-    handles = []
-    for name in names:
-        def pre(_m, _args, name=name):
-            counts[name] += 1
-
-        handles.append(model.get_submodule(name).register_forward_pre_hook(pre))
-    try:
-        with torch.no_grad():
-            call_model(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
-    return {n for n, c in counts.items() if c == 1}
 
 
 # ---------------------------------------------------------------- original-model pass
@@ -192,84 +103,6 @@ def _original_pass(
     return {name: _Targets(p, torch.cat(t), st) for name, (p, t, st) in acc.items()}
 
 
-# ---------------------------------------------------------------- candidates
-
-
-def _post_error(site: LayerSite, factors: Factorization, x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor | None) -> float:
-    """Mean α-weighted squared post-activation error on (x, y) rows, relative to Σ α y²."""
-    f = activation_fn(site.activation)
-    with torch.no_grad():
-        A, B = factors.A.to(torch.float32), factors.B.to(torch.float32)
-        z = (x @ B.T) @ A.T
-        if factors.bias is not None:
-            z = z + factors.bias.to(torch.float32)
-        diff = (f(z) - y) ** 2
-        energy = y**2
-        if alpha is not None:
-            diff, energy = diff * alpha, energy * alpha
-        total = float(energy.sum())
-    return float(diff.sum()) / total if total > 0 else float(diff.sum())
-
-
-def _candidates(
-    site: LayerSite,
-    rank: int,
-    stats: ResponseStats,
-    x_train: torch.Tensor,
-    y_train: torch.Tensor,
-    x_held: torch.Tensor,
-    y_held: torch.Tensor,
-    refine_steps: int,
-    seed: int,
-    alpha: torch.Tensor | None = None,
-) -> tuple[dict[str, Factorization], dict[str, float], dict[str, float]]:
-    """Every candidate (in BN-folded space) with its relative held-out post-activation error, and
-    the Gaussian (data-free) relative function errors of spectral and nkp. ``alpha``: per-row
-    weights of the errors (default: the site's own, from an affine after its activation)."""
-    w, b = site.effective_weight()
-    alpha = site.row_weights() if alpha is None else alpha
-    act = canonical_activation(site.activation)
-    base = factorize_all(w, rank, act, b, alpha)
-    gaussian = {k: function_error(w, b, f, act, alpha, relative=True) for k, f in base.items()}
-    problem = FitProblem(site, rank, w, b, act, alpha, stats)
-    cands: dict[str, Factorization] = {k: base[k] if k in base else get_method(k).fit(problem)
-                                       for k in method_names()}
-    # A factorization without a bias cannot move the mean; give every candidate an explicit one.
-    zeros = torch.zeros(w.shape[0], dtype=torch.float64)
-    cands = {
-        k: Factorization(f.A.to(torch.float64), f.B.to(torch.float64),
-                         f.bias.to(torch.float64) if f.bias is not None else (zeros if b is None else b))
-        for k, f in cands.items()
-    }
-    a32 = None if alpha is None else alpha.to(torch.float32)
-    errors = {k: _post_error(site, f, x_held, y_held, a32) for k, f in cands.items()}
-    if refine_steps > 0:
-        # Refine the SVD anchor and the best other start: refined candidates tend to converge to
-        # similar optima, so refining every start costs time without changing the pick.
-        others = [k for k in cands if k != "spectral" and math.isfinite(errors[k])]
-        starts = ["spectral"] + ([min(others, key=errors.__getitem__)] if others else [])
-        for k in starts:
-            if not math.isfinite(errors[k]):
-                continue
-            refined, _, _ = refine(
-                w, None, cands[k], act, inputs=x_train, targets=y_train, held_out=(x_held, y_held),
-                row_weights=alpha, steps=refine_steps, batch_size=256, eval_every=20, seed=seed, patience=4,
-            )
-            name = f"{k}+refine"
-            cands[name] = refined
-            errors[name] = _post_error(site, refined, x_held, y_held, a32)
-    return cands, errors, gaussian
-
-
-def choose_candidate(errors: dict[str, float], method: str) -> str:
-    """The lowest held-out error; spectral wins ties; ``--method spectral`` only picks spectral ones."""
-    allowed = {k: v for k, v in errors.items() if math.isfinite(v) and (method != "spectral" or k.startswith("spectral"))}
-    return min(allowed, key=lambda k: (allowed[k], not k.startswith("spectral")))
-
-
-# ---------------------------------------------------------------- rank curves from statistics
-
-
 # ---------------------------------------------------------------- the calibrated job
 
 
@@ -305,6 +138,20 @@ class CalibrationState:
     sensitivities: dict[str, torch.Tensor]
     costs: dict[str, torch.Tensor]  # per site, predicted output cost at rank r = 0..m
     plan: Plan
+    seconds: dict[str, float]  # wall time of each planning stage
+
+
+class _Clock:
+    """Wall time per named stage (stages that repeat add up)."""
+
+    def __init__(self, seconds: dict[str, float] | None = None) -> None:
+        self.seconds = {} if seconds is None else seconds
+        self.last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = round(self.seconds.get(stage, 0.0) + now - self.last, 2)
+        self.last = now
 
 
 def prepare_calibrated(model: nn.Module, sites: list[LayerSite], config: CompressConfig, example_inputs: Any,
@@ -314,8 +161,10 @@ def prepare_calibrated(model: nn.Module, sites: list[LayerSite], config: Compres
 
     if not batches:
         raise UsageError("the calibration data is empty")
+    clock = _Clock()
     original = copy.deepcopy(model).eval()
     targets = _original_pass(original, sites, batches, config.seed)
+    clock.lap("statistics")
     metric = config.output_metric
     if metric == "auto":
         metric = detect_output_metric(original, batches[0])
@@ -330,9 +179,11 @@ def prepare_calibrated(model: nn.Module, sites: list[LayerSite], config: Compres
             prober = copy.deepcopy(original).float()
             probe = [float_batch(b, torch.float32) for b in probe]
         sens = site_sensitivities(prober, sites, probe, metric, config.seed)
+        clock.lap("sensitivities")
         alphas = {s.name: row_weights(s, sens.get(s.name)) for s in sites}
         costs = output_cost_curves(prober, sites, probe, metric, {n: t.stats for n, t in targets.items()},
                                    alphas, config.seed)
+        clock.lap("cost_curves")
         del prober
 
     def curve(site: LayerSite, ranks: list[int]) -> list[float]:
@@ -344,7 +195,8 @@ def prepare_calibrated(model: nn.Module, sites: list[LayerSite], config: Compres
     predicted = {n: float(costs[n][min(r, len(costs[n]) - 1)]) for n, r in ranks.items() if n in costs}
     the_plan = Plan.from_ranks(sites, ranks, notes, reasons, config.method, predicted,
                                metric if config.allocation != "layer" else None)
-    return CalibrationState(original, batches, targets, metric, sens, costs, the_plan), the_plan
+    clock.lap("plan")
+    return CalibrationState(original, batches, targets, metric, sens, costs, the_plan, clock.seconds), the_plan
 
 
 def calibrated_compress(
@@ -367,6 +219,7 @@ def calibrated_compress(
     Returns the layer reports, the skipped layers and the run-level report fields.
     """
     state, the_plan = prepare_calibrated(model, sites, config, example_inputs, list(calibration))
+    clock = _Clock(dict(state.seconds))
     original, batches, targets, metric, sens = state.original, state.batches, state.targets, state.metric, \
         state.sensitivities
     by_name = {s.name: s for s in sites}
@@ -376,8 +229,8 @@ def calibrated_compress(
     todo = [s for s in sites if s.name in ranks]
     reports: list[LayerReport] = []
     source = model if asymmetric else original
-    once = _called_once(source, todo, batches[0])
-    runner = _LayerInputs(source, batches, once)
+    once = called_once(source, todo, batches[0])
+    runner = LayerInputs(source, batches, once)
     # Joint training runs in float32 models only: Adam steps in half precision drift.
     trainable = asymmetric and next((p.dtype for p in model.parameters()), torch.float32) == torch.float32
     blocks = _blocks(model, todo, batches[0], once, config) if config.block_steps > 0 and trainable else []
@@ -386,6 +239,7 @@ def calibrated_compress(
                   if blocks else {})
     micro = _micro_batches(batches) if blocks else []
     block_reports = []
+    clock.lap("blocks")
     for i, site in enumerate(todo):
         if progress is not None:
             progress(site.name, i, len(todo))
@@ -410,9 +264,9 @@ def calibrated_compress(
         held = max(1, x_all.shape[0] // 4)
         h_idx, t_idx = perm[:held], perm[held:] if x_all.shape[0] > 1 else perm
         alpha = row_weights(by_name[site.name], sens.get(site.name))
-        cands, errors, gaussian = _candidates(
+        cands, errors, gaussian = candidates(
             by_name[site.name], ranks[site.name], stats, x_all[t_idx], y_all[t_idx], x_all[h_idx], y_all[h_idx],
-            config.refine_steps, config.seed + i, alpha=alpha,
+            config.refine_steps, config.seed + i, alpha=alpha, method=config.method,
         )
         best = choose_candidate(errors, config.method)
         module_factors = unfold_batchnorm(site, cands[best]).to(site.module.weight.dtype)
@@ -431,12 +285,14 @@ def calibrated_compress(
             predicted_cost=entries[site.name].predicted_cost,
             curves=_cost_curve(state.costs.get(site.name), ranks[site.name]),
         ))
+        clock.lap("fits")
         block = block_of_last.get(site.name)
         if block is not None:
             if progress is not None:
                 progress(f"block {block.name}", i, len(todo))
             block_reports.append(reconstruct_block(
                 model, original, block, micro, block_sens[block.name], config.block_steps, seed=config.seed + i))
+            clock.lap("blocks")
     distilled = None
     if config.distill_steps > 0 and todo and trainable:
         if progress is not None:
@@ -447,6 +303,7 @@ def calibrated_compress(
             features = {b.name: b.channels_last for b in found}
         distilled = distill(model, original, _micro_batches(batches, 16), metric, config.distill_steps,
                             seed=config.seed, features=features, feature_weight=config.distill_features)
+        clock.lap("distillation")
     if progress is not None:
         progress("done", len(todo), len(todo))
     extra = {
@@ -456,6 +313,8 @@ def calibrated_compress(
         "blocks": [asdict(b) for b in block_reports],
         "distillation": None if distilled is None else asdict(distilled),
     }
+    clock.lap("measure")
+    extra["seconds"] = clock.seconds
     return reports, skipped, extra
 
 

@@ -22,7 +22,9 @@ from .layers import from_dense
 from .methods import FitProblem, factor_params, get_method, unfold_batchnorm
 from .modelrun import count_flops, count_params, replace_module
 from .plan import Plan, PlanEntry, plan_ranks
-from .projection import Factorization, error_curve, factorize_all, function_error
+from .factors import Factorization, check_finite
+from .gaussian import function_error
+from .projection import error_curve, factorize_all
 
 __all__ = ["CompressConfig", "CompressReport", "LayerReport", "ModuleSwaps", "compress", "count_flops",
            "count_params", "plan"]
@@ -118,10 +120,11 @@ def plan(model: nn.Module, config: CompressConfig, example_inputs: Any,
 
 def _check_finite(sites: list[LayerSite]) -> None:
     for site in sites:
-        if not bool(torch.isfinite(site.module.weight).all()):
-            raise UsageError(f"layer {site.name} has NaN or Inf weights; nothing was changed")
-        if site.module.bias is not None and not bool(torch.isfinite(site.module.bias).all()):
-            raise UsageError(f"layer {site.name} has a NaN or Inf bias; nothing was changed")
+        for what, tensor in (("weights", site.module.weight), ("bias", site.module.bias)):
+            try:
+                check_finite(what, None if tensor is None else tensor.detach())
+            except ValueError:
+                raise UsageError(f"layer {site.name} has NaN or Inf {what}; nothing was changed") from None
 
 
 def compress(

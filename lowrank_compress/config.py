@@ -175,6 +175,7 @@ class CompressReport:
     measured_output_cost: float | None = None
     blocks: list[dict[str, Any]] = field(default_factory=list)
     distillation: dict[str, Any] | None = None
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time per stage of the calibrated job
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -192,6 +193,7 @@ class CompressReport:
             "measured_output_cost": self.measured_output_cost,
             "blocks": list(self.blocks),
             "distillation": self.distillation,
+            "seconds": dict(self.seconds),
         }
 
 

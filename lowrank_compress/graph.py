@@ -30,7 +30,7 @@ from torch import nn
 from .activations import canonical_activation
 from .io.files import quiet_output
 from .layers import DENSE_TYPES, LOW_RANK_TYPES, unsupported_reason
-from .projection import LARGE_WEIGHT
+from .factors import LARGE_WEIGHT
 
 
 @dataclass

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .projection import Factorization, flatten_weight
+from .factors import Factorization, flatten_weight
 
 DENSE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
 # Subclasses that override forward yet compute what their base class does: timm's Linear only casts

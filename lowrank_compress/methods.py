@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .projection import Factorization, factorize_all
+from .factors import Factorization
+from .projection import factorize_all
 
 if TYPE_CHECKING:
     from .graph import LayerSite

@@ -76,7 +76,8 @@ def output_cost_curves(original: nn.Module, sites: list[LayerSite], batches: lis
         a = alphas.get(site.name)
         a = torch.ones(m, dtype=torch.float64) if a is None else a.clamp_min(float(a.max()) * 1e-8 + 1e-30)
         root = a.sqrt()
-        evals, evecs = torch.linalg.eigh(root[:, None] * st.covariance * root[None, :])
+        cov = st.shrunk_covariance(site.effective_weight()[0])
+        evals, evecs = torch.linalg.eigh(root[:, None] * cov * root[None, :])
         u = evecs[:, torch.argsort(evals, descending=True)]
         bases[site.name] = (st.mean.to(torch.float32), root.to(torch.float32), u.to(torch.float32))
     by_name = {s.name: s for s in sites}

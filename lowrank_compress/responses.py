@@ -15,7 +15,9 @@ from torch import nn
 
 from .activations import canonical_activation
 from .graph import LayerSite
-from .projection import Factorization, fit_rows, gaussian_row_error, second_moment
+from .factors import Factorization
+from .gaussian import gaussian_row_error, second_moment
+from .projection import fit_rows
 
 
 def patches(site: LayerSite, x: torch.Tensor) -> torch.Tensor:
@@ -94,6 +96,31 @@ class ResponseStats:
     def covariance(self) -> torch.Tensor:
         return self.scatter / max(self.count - 1, 1)
 
+    def shrunk_covariance(self, weight: torch.Tensor) -> torch.Tensor:
+        """Σ shrunk toward the data-free response covariance s²·W Wᵀ by λ = m / (m + n).
+
+        n rows span at most n of the m response directions: a classifier calibrated on 64 images
+        sees only the logits of what those images show, and a projection onto that span drops
+        every other class. The prior is the response covariance of isotropic inputs with the same
+        total response variance (s² = tr Σ / ‖W‖²_F), what the data-free projection assumes; it
+        keeps the directions the weight itself carries. λ falls as rows accumulate (a conv layer
+        sees thousands of positions per image) and the statistics speak for themselves.
+        """
+        cov = self.covariance
+        m = cov.shape[0]
+        lam = m / (m + max(self.count, 1))
+        if lam < 1e-3 or weight.shape[0] != m:
+            return cov
+        w = weight.reshape(m, -1)
+        gram = torch.zeros(m, m, dtype=torch.float64)
+        for lo in range(0, w.shape[1], 4096):  # column blocks: no float64 copy of a large weight
+            part = w[:, lo:lo + 4096].to(torch.float64)
+            gram += part @ part.T
+        norm = float(torch.trace(gram))
+        if norm <= 0:
+            return cov
+        return (1 - lam) * cov + lam * (float(torch.trace(cov)) / norm) * gram
+
 
 def response_projection(
     w: torch.Tensor,
@@ -111,7 +138,7 @@ def response_projection(
     A = diag(D) diag(α^-½) U_r, B = U_rᵀ diag(α^½) W.
     """
     m = w.shape[0]
-    cov, mu = stats.covariance, stats.mean
+    cov, mu = stats.shrunk_covariance(w), stats.mean
     a = torch.ones(m, dtype=torch.float64) if alpha is None else alpha
     a = a.clamp_min(float(a.max()) * 1e-8 + 1e-30)
     root = a.sqrt()
@@ -145,7 +172,7 @@ def stats_error_curve(site: LayerSite, stats: ResponseStats, ranks: list[int],
     instead of its ratio to Σ α_i E[σ(z_i)²] (with output sensitivities as α: the predicted
     output-metric cost).
     """
-    cov, mu = stats.covariance, stats.mean
+    cov, mu = stats.shrunk_covariance(site.effective_weight()[0]), stats.mean
     m = cov.shape[0]
     alpha = site.row_weights() if alpha is None else alpha
     a = torch.ones(m, dtype=torch.float64) if alpha is None else alpha

@@ -86,13 +86,13 @@ def _token_weights(mask: torch.Tensor | None, tensor: torch.Tensor) -> torch.Ten
 
 def _channel_sum(grad: torch.Tensor, channels_last: bool, mask: torch.Tensor | None) -> torch.Tensor:
     """Σ over batch and positions of g², per channel (channel axis 1, or last for Linear)."""
-    g2 = grad.detach().double() ** 2
+    g2 = grad.detach().float().square()  # float32 squares, float64 sums: no float64 copy of a large map
     weights = _token_weights(mask, g2)
     if weights is not None:
-        g2 = g2 * weights.double()
+        g2 = g2 * weights.float()
     if channels_last:
-        return g2.reshape(-1, g2.shape[-1]).sum(0)
-    return g2.movedim(1, -1).reshape(-1, g2.shape[1]).sum(0)
+        return g2.reshape(-1, g2.shape[-1]).sum(0, dtype=torch.float64)
+    return g2.sum([d for d in range(g2.dim()) if d != 1], dtype=torch.float64)
 
 
 Visitor = Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor | None], None]

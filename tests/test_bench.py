@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from lowrank_compress.layers import from_dense
-from lowrank_compress.projection import Factorization
+from lowrank_compress.factors import Factorization
 from lowrank_compress.bench import (
     count_flops,
     count_onnx_params,

@@ -17,7 +17,7 @@ from PIL import Image
 from torch import nn
 
 from lowrank_compress.layers import from_dense
-from lowrank_compress.projection import Factorization
+from lowrank_compress.factors import Factorization
 from lowrank_compress.cli import main
 from lowrank_compress.errors import LrcError, UsageError
 from lowrank_compress.export import export_onnx, verify_onnx

@@ -9,7 +9,7 @@ from torch import nn
 
 from lowrank_compress import LowRankConv1d, LowRankConv2d, LowRankLinear, factorize
 from lowrank_compress.layers import from_dense
-from lowrank_compress.projection import Factorization
+from lowrank_compress.factors import Factorization
 from lowrank_compress.layers import low_rank_class, overrides_forward, unsupported_reason
 
 

@@ -11,19 +11,10 @@ from hypothesis import strategies as st
 
 from lowrank_compress import factorize
 from lowrank_compress.activations import ACTIVATIONS, activation_fn, canonical_activation
-from lowrank_compress.projection import (
-    Factorization,
-    arccos_kernel,
-    error_curve,
-    factorize_all,
-    fit_rows,
-    function_error,
-    function_error_mc,
-    kernel_projection,
-    output_energy,
-    refine,
-    spectral_factors,
-)
+from lowrank_compress.factors import Factorization
+from lowrank_compress.gaussian import arccos_kernel, function_error, function_error_mc, output_energy
+from lowrank_compress.projection import error_curve, factorize_all, fit_rows, kernel_projection, spectral_factors
+from lowrank_compress.refine import refine
 
 ALL_ACTIVATIONS = (*ACTIVATIONS, "leaky_relu(0.2)")
 NONLINEAR_FOR_SEARCH = ("gelu", "silu", "tanh", "sigmoid", "hardswish", "leaky_relu", "elu")

@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lowrank_compress import digits, projection
+from lowrank_compress import digits, factors, gaussian, projection
 from lowrank_compress.compress import CompressConfig, compress
 from lowrank_compress.graph import find_sites
 from lowrank_compress.layers import LOW_RANK_TYPES
@@ -270,11 +270,12 @@ def test_row_blocked_float64_math_matches_whole_matrix_math(monkeypatch):
     w = torch.randn(300, 200) / 15
     b = 0.1 * torch.randn(300, dtype=torch.float64)
     whole = projection.factorize_all(w, 12, "gelu", b)
-    whole_errors = {k: projection.function_error(w, b, f, "gelu", relative=True) for k, f in whole.items()}
-    monkeypatch.setattr(projection, "LARGE_WEIGHT", 1000)
-    monkeypatch.setattr(projection, "_BLOCK_ELEMENTS", 4000)  # blocks of 20 rows
+    whole_errors = {k: gaussian.function_error(w, b, f, "gelu", relative=True) for k, f in whole.items()}
+    for module in (factors, projection):
+        monkeypatch.setattr(module, "LARGE_WEIGHT", 1000)
+    monkeypatch.setattr(factors, "BLOCK_ELEMENTS", 4000)  # blocks of 20 rows
     blocked = projection.factorize_all(w, 12, "gelu", b)
-    blocked_errors = {k: projection.function_error(w, b, f, "gelu", relative=True) for k, f in blocked.items()}
+    blocked_errors = {k: gaussian.function_error(w, b, f, "gelu", relative=True) for k, f in blocked.items()}
     for method in projection.METHODS:
         assert torch.allclose(blocked[method].A, whole[method].A, rtol=1e-5, atol=1e-7)
         assert torch.allclose(blocked[method].B, whole[method].B, rtol=1e-5, atol=1e-7)
@@ -298,7 +299,7 @@ LARGE_LAYER_SCRIPT = textwrap.dedent("""
     import json, sys, torch
     from torch import nn
     from lowrank_compress.compress import CompressConfig, compress
-    from lowrank_compress.projection import LARGE_WEIGHT
+    from lowrank_compress.factors import LARGE_WEIGHT
     torch.set_num_threads(1)
     m, d, rank = 1024, 49152, 8
     assert m * d >= LARGE_WEIGHT
