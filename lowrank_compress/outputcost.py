@@ -68,8 +68,15 @@ def output_cost_curves(original: nn.Module, sites: list[LayerSite], batches: lis
     t_j(x) = Σ_positions c_j h_j, the cost at rank r is κ E_x[(Σ_{j≥r} t_j(x))²]. Unlike a per-channel
     estimate this keeps the correlation of errors across positions (a layer before global pooling).
     Returns a (m + 1,) float64 tensor per site, index r.
+
+    With few response rows for many outputs (a classifier calibrated on 64 images) the sample
+    c_j describe only the calibration inputs, and the curve would price a rank that keeps their
+    classes as cheap. Like the statistics (:meth:`ResponseStats.shrunk_covariance`), the curve is
+    then blended, with the same λ = m / (m + n), toward its value under the shrunk covariance with
+    c independent of h: κ Σ_{j≥r} λ̃_j Σ_{x, positions} h_j², λ̃ the eigenvalues of √α Σ̃ √α.
     """
     bases: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    spectra: dict[str, tuple[torch.Tensor, float]] = {}
     for site in sites:
         st = stats[site.name]
         m = st.mean.shape[0]
@@ -78,10 +85,13 @@ def output_cost_curves(original: nn.Module, sites: list[LayerSite], batches: lis
         root = a.sqrt()
         cov = st.shrunk_covariance(site.effective_weight()[0])
         evals, evecs = torch.linalg.eigh(root[:, None] * cov * root[None, :])
-        u = evecs[:, torch.argsort(evals, descending=True)]
+        order = torch.argsort(evals, descending=True)
+        u = evecs[:, order]
         bases[site.name] = (st.mean.to(torch.float32), root.to(torch.float32), u.to(torch.float32))
+        spectra[site.name] = (evals[order].clamp_min(0.0), m / (m + max(st.count, 1)))
     by_name = {s.name: s for s in sites}
     totals = {s.name: torch.zeros(s.shape[0] + 1, dtype=torch.float64) for s in sites}
+    energies = {s.name: torch.zeros(s.shape[0], dtype=torch.float64) for s in sites}  # Σ h_j²
 
     def visit(name: str, z: torch.Tensor, g: torch.Tensor, mask: torch.Tensor | None) -> None:
         site = by_name[name]
@@ -99,10 +109,19 @@ def output_cost_curves(original: nn.Module, sites: list[LayerSite], batches: lis
         t = (c * h).reshape(n, -1, c.shape[1]).sum(1).to(torch.float64)  # (N, m)
         tail = torch.cat([t.flip(1).cumsum(1).flip(1), torch.zeros(n, 1, dtype=torch.float64)], dim=1)
         totals[name] += (tail**2).sum(0)
+        energies[name] += h.pow(2).sum(0, dtype=torch.float64)
 
     targets = {s.name: original.get_submodule(s.name) for s in sites}
     factor = probe_gradients(original, targets, batches, metric, visit, seed=seed)
-    return {name: total * factor for name, total in totals.items()}
+    out = {}
+    for name, total in totals.items():
+        lam_j, shrink = spectra[name]
+        if shrink >= 1e-3:
+            terms = lam_j * energies[name]
+            prior = torch.cat([terms.flip(0).cumsum(0).flip(0), torch.zeros(1, dtype=torch.float64)])
+            total = (1 - shrink) * total + shrink * prior
+        out[name] = total * factor
+    return out
 
 
 def _rows(site: LayerSite, t: torch.Tensor) -> torch.Tensor:

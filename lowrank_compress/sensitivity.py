@@ -160,10 +160,12 @@ def channel_sensitivities(
     slopes = slopes or {}
     totals: dict[str, torch.Tensor] = {}
     slope_sums: dict[str, torch.Tensor] = {}
+    rows: dict[str, float] = {}
 
     def visit(name: str, tensor: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor | None) -> None:
         last = channels_last(name)
         totals[name] = _channel_sum(grad, last, mask) + totals.get(name, 0.0)
+        rows[name] = rows.get(name, 0.0) + _positions(tensor, last, mask)
         if name in slopes:
             slope = _channel_sum(slopes[name](tensor), last, mask)
             count = torch.full_like(slope, _positions(tensor, last, mask))
@@ -174,6 +176,13 @@ def channel_sensitivities(
     for name, (slope, count) in slope_sums.items():
         mean = slope / count.clamp_min(1.0)  # E[slope²] per position
         out[name] = out[name] / mean.clamp_min(float(mean.max()) * 1e-3 + 1e-300)
+    for name, value in out.items():
+        # Few probe rows for many channels (a classifier probed on 64 images) see only the classes
+        # those images show: every other logit would get no weight and be dropped by the fit.
+        # Shrink toward the channels' mean by λ = m / (m + rows), as the response statistics are.
+        m = value.shape[0]
+        shrink = m / (m + max(rows.get(name, 0.0) / max(draws, 1), 1.0))
+        out[name] = (1 - shrink) * value + shrink * value.mean()
     return out
 
 
