@@ -77,12 +77,14 @@ def test_every_target_named_in_the_config_has_a_spec():
     assert TARGETS["onnxruntime-cpu"].rank_multiple == 16 and TARGETS["torch-cuda"].rank_multiple == 8
 
 
-def test_budget_ranks_are_multiples_of_the_targets_multiple():
+def test_speed_budget_ranks_are_multiples_of_the_targets_multiple_and_size_budgets_are_not_rounded():
     x = torch.randn(1, 256)
     for target, multiple in (("onnxruntime-cpu", 16), ("torch-cuda", 8)):
-        config = CompressConfig(target_params=0.5, target=target, method="spectral")
+        config = CompressConfig(target_flops=0.5, target=target, method="spectral", latency_aware=False)
         ranks = plan(mlp(), config, x).ranks
         assert ranks and all(r % multiple == 0 for r in ranks.values()), (target, ranks)
+    ranks = plan(mlp(), CompressConfig(target_params=0.5, method="spectral"), x).ranks
+    assert ranks and any(r % 8 for r in ranks.values()), ranks
 
 
 def test_an_explicit_rank_is_not_rounded_and_round_to_overrides_the_target():
