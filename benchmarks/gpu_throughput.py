@@ -160,10 +160,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (a smoke run)")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated: " + ", ".join(MODELS))
-    parser.add_argument("--batch-sizes", default="256", help="comma-separated batch sizes")
+    parser.add_argument("--batch-sizes", "--batch-size", default="256", help="comma-separated batch sizes")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--target-flops", type=float, default=0.5, help="resnet50's FLOPs budget")
-    parser.add_argument("--target", default="torch-cuda", help="deployment target the plans are made for")
+    parser.add_argument("--target", default=None, help="deployment target the plans are made for [default: torch-cuda, torch-cpu with --device cpu]")
     parser.add_argument("--no-latency-aware", action="store_true", help="plan without timing layers")
     parser.add_argument("--latency-batch-size", type=int, default=256, help="batch size layers are timed at")
     parser.add_argument("--no-compile", action="store_true", help="eager PyTorch instead of torch.compile")
@@ -180,6 +180,8 @@ def main() -> None:
         if not torch.cuda.is_available():
             parser.error("no CUDA device; use --device cpu --no-compile for a smoke run")
         torch.backends.cudnn.benchmark = True
+    if args.target is None:
+        args.target = "torch-cuda" if args.device == "cuda" else "torch-cpu"
     names = args.models.split(",")
     if any(n not in MODELS for n in names):
         parser.error(f"--models: choose from {', '.join(MODELS)}")
