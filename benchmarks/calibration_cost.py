@@ -65,8 +65,6 @@ def main() -> None:
     print(f"| {os.cpu_count()} CPU cores (load average {load:.1f}) | {wall / 60:.0f} min {wall % 60:.0f} s | "
           f"{usage.ru_utime / 60:.0f} min {usage.ru_utime % 60:.0f} s | {peak_gb:.2f} GB | "
           f"{data['params_after'] / data['params_before']:.3f} | {data['flops_after'] / data['flops_before']:.3f} |")
-    if data.get("seconds"):
-        print("- wall time per stage: " + ", ".join(f"{k} {v:.0f} s" for k, v in data["seconds"].items()))
     if wall > 300 or peak_gb > 8:
         print(f"- FAIL: {wall:.0f} s, {peak_gb:.2f} GB (target ≤ 300 s and ≤ 8 GB)")
         sys.exit(1)

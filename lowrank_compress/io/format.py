@@ -235,6 +235,9 @@ def apply_structure(model: nn.Module, layers: dict[str, dict[str, Any]], source:
             raise UsageError(f"{prefix}the manifest names {fqn!r}, which is not a plain Linear or Conv layer")
         rank = entry["rank"]
         # Bounded by the layer: a crafted rank must not make loading allocate more than the dense layer.
+        if w.numel() == 0:
+            raise UsageError(f"{prefix}the manifest names {fqn!r}, which has an empty weight {tuple(w.shape)} here "
+                             "(check arch_kwargs)")
         if not 1 <= rank <= min(w.shape[0], w[0].numel()):
             raise UsageError(f"{prefix}the manifest entry for {fqn!r} has a bad rank {rank!r}")
         plans[fqn] = (cls, dense, rank, bool(entry.get("bias")))
