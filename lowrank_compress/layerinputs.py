@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .graph import LayerSite
-from .modelrun import call_model
+from .modelrun import call_model, forward_with_hooks
 
 
 class _Stop(Exception):
@@ -91,16 +91,12 @@ def called_once(model: nn.Module, sites: list[LayerSite], batch: Any) -> set[str
 def modules_called_once(model: nn.Module, names: set[str], batch: Any) -> set[str]:
     """The modules among ``names`` that run exactly once in a forward pass."""
     counts = dict.fromkeys(names, 0)
-    handles = []
-    for name in names:
-        def pre(_m, _args, name=name):
+
+    def count(name: str):
+        def hook(_m, _args, _output):
             counts[name] += 1
 
-        handles.append(model.get_submodule(name).register_forward_pre_hook(pre))
-    try:
-        with torch.no_grad():
-            call_model(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
+        return hook
+
+    forward_with_hooks(model, [(model.get_submodule(n), count(n)) for n in names], batch)
     return {n for n, c in counts.items() if c == 1}
