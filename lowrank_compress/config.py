@@ -16,7 +16,7 @@ CONFIG_VERSION = 1
 ALLOCATIONS = ("auto", "output", "layer")
 _POLICIES = ("rank", "rank_ratio", "param_ratio", "target_params", "target_flops", "target_latency")
 # Where the compressed model will run: sets the rank rounding and the runtime latency-aware planning
-# times layers on (see plan.TARGETS).
+# times layers on (see ranks.TARGETS).
 TARGETS = ("onnxruntime-cpu", "torch-cpu", "torch-cuda", "onnxruntime-cuda")
 DEFAULT_TARGET = "onnxruntime-cpu"
 

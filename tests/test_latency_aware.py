@@ -18,7 +18,7 @@ from lowrank_compress.config import TARGETS as TARGET_NAMES
 from lowrank_compress.errors import UsageError
 from lowrank_compress.layers import LowRankLinear
 from lowrank_compress.modelrun import count_flops
-from lowrank_compress.plan import TARGETS, _site_multiple
+from lowrank_compress.ranks import TARGETS, _site_multiple
 
 KERNEL_S = 1e-4  # fixed cost of one kernel launch in the cost model
 MAC_S = 1e-9  # seconds per multiply-add

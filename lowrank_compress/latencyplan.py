@@ -1,0 +1,223 @@
+"""Latency-aware planning: layers timed dense and factorized on the target, budgets in measured time.
+
+Every planned layer is timed alone on the target at its real input shape (batch
+``latency_batch_size``); a layer where factorizing does not pay stays dense. Under a FLOPs or
+latency budget, ranks are allocated by error reduction per second of measured layer time
+(:func:`timed_budget_plan`); a latency budget is checked by timing the whole model.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .allocation import ErrorCurve, allocate
+from .config import CompressConfig
+from .errors import UsageError
+from .factors import Factorization
+from .graph import LayerSite
+from .layers import from_dense
+from .modelrun import count_flops, forward_with_hooks, replace_module
+from .ranks import TARGETS, output_positions, site_ranks
+
+
+# A factorized layer must take less than this share of the dense layer's time to be kept. Below
+# 1.0: a layer that saves a few percent is within the timing noise, and under a FLOPs budget the
+# FLOPs it would save are better spent on layers where they become time.
+PAYS = 0.9
+
+
+class LayerTimer:
+    """Times sites dense and factorized on the config's target at their real inputs, with a cache.
+
+    Each layer is run alone at its input captured from one forward pass of ``example_inputs``,
+    batch expanded to ``config.latency_batch_size``. The factorized versions use random factors
+    (time does not depend on the values). Dense and factorized runs of one layer are interleaved.
+    """
+
+    def __init__(self, model: nn.Module, sites: list[LayerSite], example_inputs: Any, config: CompressConfig):
+        self.target = TARGETS[config.target]
+        self.batch = config.latency_batch_size
+        self.seed = config.seed
+        self.inputs = _layer_inputs(model, sites, example_inputs)
+        self.cache: dict[tuple[str, int | None], float] = {}
+
+    def describe(self, dense_s: float, factor_s: float) -> str:
+        return (f"{self.target.name} batch {self.batch}: dense {dense_s * 1e3:.3f} ms, "
+                f"factorized {factor_s * 1e3:.3f} ms ({factor_s / dense_s:.2f}×)")
+
+    def times(self, site: LayerSite, ranks: list[int]) -> dict[int | None, float]:
+        """Median seconds per call, dense (key None) and at each rank; cached per (site, rank)."""
+        from .bench import layer_latencies
+
+        todo = [r for r in ranks if (site.name, r) not in self.cache]
+        if todo or (site.name, None) not in self.cache:
+            x = self.inputs.get(site.name)
+            if x is None:
+                raise UsageError(f"layer {site.name} did not run on the example inputs; it cannot be timed")
+            x = x[:1].expand(self.batch, *x.shape[1:]).contiguous()
+            gen = torch.Generator().manual_seed(self.seed)
+            m, d = site.shape
+            w = site.module.weight
+            layers: dict[str, nn.Module] = {"dense": site.module}
+            for r in todo:
+                probe = Factorization(torch.randn(m, r, generator=gen).to(w.dtype), torch.randn(r, d, generator=gen).to(w.dtype))
+                layers[str(r)] = from_dense(site.module, probe)
+            measured = layer_latencies(layers, x, self.target.runtime, self.target.device)
+            self.cache[(site.name, None)] = measured["dense"]
+            for r in todo:
+                self.cache[(site.name, r)] = measured[str(r)]
+        return {r: self.cache[(site.name, r)] for r in [None, *ranks]}
+
+    def model_ratio(self, model: nn.Module, sites: list[LayerSite], ranks: dict[str, int], example_inputs: Any) -> float:
+        """Measured latency of ``model`` with ``ranks`` applied (random factors) / the dense model's.
+
+        Both whole models are timed interleaved and, like the layers, by their fastest run, so
+        that layer and model times are comparable on a loaded machine.
+        """
+        from .bench import layer_latencies
+
+        if not isinstance(example_inputs, torch.Tensor):
+            raise UsageError("--target-latency times the whole model; it needs a single tensor input")
+        probe = copy.deepcopy(model)
+        gen = torch.Generator().manual_seed(self.seed)
+        for site in sites:
+            if site.name in ranks:
+                m, d = site.shape
+                old = probe.get_submodule(site.name)
+                r = ranks[site.name]
+                factors = Factorization(torch.randn(m, r, generator=gen), torch.randn(r, d, generator=gen))
+                replace_module(probe, old, from_dense(old, factors.to(old.weight.dtype)))
+        times = layer_latencies({"dense": model, "compressed": probe}, self.model_input(example_inputs),
+                                self.target.runtime, self.target.device, repeats=MODEL_REPEATS)
+        return times["compressed"] / times["dense"]
+
+    def model_input(self, example_inputs: torch.Tensor) -> torch.Tensor:
+        """The example input at the timing batch size."""
+        x = example_inputs.detach()[:1]
+        return x.expand(self.batch, *x.shape[1:]).contiguous()
+
+
+MODEL_REPEATS = 10
+# --target-latency: whole-model checks at most, and how far under the budget a plan may land.
+LATENCY_CHECKS = 4
+LATENCY_SLACK = 0.05
+
+
+def _layer_inputs(model: nn.Module, sites: list[LayerSite], example_inputs: Any) -> dict[str, torch.Tensor]:
+    captured: dict[str, torch.Tensor] = {}
+
+    def hook(name: str):
+        def record(_module, inputs, _output):
+            captured.setdefault(name, inputs[0].detach())
+
+        return record
+
+    forward_with_hooks(model, [(s.module, hook(s.name)) for s in sites], example_inputs)
+    return captured
+
+
+def _probe_ranks(ranks: list[int], points: int = 4) -> list[int]:
+    """Up to ``points`` ranks spread over ``ranks`` (sorted), the smallest and largest included."""
+    if len(ranks) <= points:
+        return list(ranks)
+    return sorted({ranks[round(i * (len(ranks) - 1) / (points - 1))] for i in range(points)})
+
+
+def timed_budget_plan(
+    model: nn.Module,
+    sites: list[LayerSite],
+    config: CompressConfig,
+    example_inputs: Any,
+    curve_fn: Callable[[LayerSite, list[int]], list[float]],
+) -> tuple[dict[str, int], dict[str, str], dict[str, str]]:
+    """A FLOPs or latency budget, allocated by error reduction per second of measured layer time.
+
+    Each layer is timed dense and factorized at a few ranks of its grid (times in between are
+    interpolated linearly in the rank); ranks whose time is not below ``PAYS`` × dense are dropped.
+    Layer times measured alone include what the runtime adds around a lone layer (layout
+    reorders), the same for dense and factorized, so the plan is judged by their differences.
+
+    ``target_flops`` F: the largest time budget whose allocation keeps at most F of the FLOPs (the
+    FLOPs are spent where they buy the most time). ``target_latency`` F: the layers' time budget is
+    g × their dense time, g starting at F; each plan is checked by timing the whole model with its
+    ranks against the dense model, and g is scaled by F / measured ratio until the ratio lands in
+    [F − LATENCY_SLACK, F]; the plan kept is the slowest one within F (else the fastest tried).
+    """
+    timer = LayerTimer(model, sites, example_inputs, config)
+    positions = output_positions(model, sites, example_inputs)
+    curves, reasons, notes = [], {}, {}
+    saved_flops: dict[str, Callable[[int], float]] = {}
+    for site in sites:
+        ranks = site_ranks(site, config)
+        if not ranks:
+            reasons[site.name] = "no rank saves parameters"
+            continue
+        probes = _probe_ranks(ranks)
+        times = timer.times(site, probes)
+        dense_s = times[None]
+        costs = [float(c) for c in np.interp(ranks, probes, [times[r] for r in probes])]
+        paying = [(r, c) for r, c in zip(ranks, costs) if c < PAYS * dense_s]
+        if not paying:
+            reasons[site.name] = f"kept dense by latency-aware planning: {timer.describe(dense_s, min(costs))}"
+            continue
+        kept = [r for r, _ in paying]
+        curves.append(ErrorCurve(site.name, kept, [c for _, c in paying], curve_fn(site, kept), dense_s))
+        m, d = site.shape
+        per = 2.0 * positions.get(site.name, 1)
+        saved_flops[site.name] = lambda r, per=per, m=m, d=d: per * (m * d - r * (m + d))
+    dense_layers = sum(c.dense_cost for c in curves)
+    if config.target_flops is not None:
+        total_flops = float(count_flops(model, example_inputs))
+        limit = config.target_flops * total_flops
+
+        def fits(alloc: dict[str, int | None]) -> bool:
+            return total_flops - sum(saved_flops[n](r) for n, r in alloc.items() if r is not None) <= limit
+
+        lo, hi = 0.0, dense_layers
+        best = allocate(curves, lo)
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            alloc = allocate(curves, mid)
+            if fits(alloc):
+                lo, best = mid, alloc
+            else:
+                hi = mid
+        ranks = {name: r for name, r in best.items() if r is not None}
+        ratio = None
+    else:
+        # Layer times are short runs and the whole model a long one: on a loaded machine they are
+        # not comparable in absolute terms, so the layers' time budget is a fraction g of their
+        # dense time, and g is set from the measured whole-model ratio (a ratio of two long runs,
+        # interleaved), starting at F and scaled by F / measured ratio.
+        fraction, tried = config.target_latency, []
+        for _ in range(LATENCY_CHECKS):
+            allocation = allocate(curves, fraction * dense_layers)
+            candidate = {name: r for name, r in allocation.items() if r is not None}
+            measured = timer.model_ratio(model, sites, candidate, example_inputs)
+            tried.append((measured, candidate))
+            if config.target_latency - LATENCY_SLACK <= measured <= config.target_latency:
+                break
+            fraction = min(1.0, fraction * config.target_latency / measured)
+        meeting = [t for t in tried if t[0] <= config.target_latency]
+        ratio, ranks = max(meeting, key=lambda t: t[0]) if meeting else min(tried, key=lambda t: t[0])
+    for curve in curves:
+        dense_s = curve.dense_cost
+        if curve.name in ranks:
+            factor_s = curve.costs[curve.ranks.index(ranks[curve.name])]
+            note = f"factorized: {timer.describe(dense_s, factor_s)}"
+            if ratio is not None:
+                note += f"; whole model measured at {ratio:.2f}× dense"
+            notes[curve.name] = note
+        else:
+            budget_name = "FLOPs" if config.target_flops is not None else "latency"
+            reasons[curve.name] = (f"kept dense by the {budget_name} budget allocation (timed on "
+                                   f"{timer.target.name}: dense {dense_s * 1e3:.3f} ms, fastest factorized "
+                                   f"{min(curve.costs) * 1e3:.3f} ms)")
+    return ranks, notes, reasons
+
