@@ -37,13 +37,18 @@ from .modelrun import count_flops, count_params
 from .projection import error_curve
 from .ranks import choose_rank, may_add_bias, output_positions, rank_multiple, site_ranks
 
+# A layer's predicted error at each candidate rank.
+CurveFn = Callable[[LayerSite, list[int]], list[float]]
+# Ranks per site name, notes per site, skip reasons per site.
+Planned = tuple[dict[str, int], dict[str, str], dict[str, str]]
+
 
 def _budgeted_ranks(
     model: nn.Module,
     sites: list[LayerSite],
     config: CompressConfig,
     example_inputs: Any,
-    curve_fn: Callable[[LayerSite, list[int]], list[float]],
+    curve_fn: CurveFn,
     calibrated: bool = False,
 ) -> tuple[dict[str, int | None], dict[str, ErrorCurve]]:
     """Allocate ranks under --target-params / --target-flops from per-layer error curves.
@@ -79,7 +84,7 @@ def _budgeted_ranks(
 
 
 
-def _gaussian_curve(method: str) -> Callable[[LayerSite, list[int]], list[float]]:
+def _gaussian_curve(method: str) -> CurveFn:
     def curve(site: LayerSite, ranks: list[int]) -> list[float]:
         w, b = site.effective_weight()
         return error_curve(w, ranks, method, site.activation, b, site.row_weights(), fit=False)
@@ -92,9 +97,9 @@ def plan_ranks(
     sites: list[LayerSite],
     config: CompressConfig,
     example_inputs: Any,
-    curve_fn: Callable[[LayerSite, list[int]], list[float]] | None = None,
+    curve_fn: CurveFn | None = None,
     calibrated: bool = False,
-) -> tuple[dict[str, int], dict[str, str], dict[str, str]]:
+) -> Planned:
     """Ranks per site name, notes per site, and skip reasons per site, for any policy.
 
     With latency-aware planning (``config.times_layers``) each planned layer is timed dense vs
@@ -132,14 +137,9 @@ def plan_ranks(
     return ranks, notes, reasons
 
 
-def _plan_once(
-    model: nn.Module,
-    sites: list[LayerSite],
-    config: CompressConfig,
-    example_inputs: Any,
-    curve_fn: Callable[[LayerSite, list[int]], list[float]] | None = None,
-    calibrated: bool = False,
-) -> tuple[dict[str, int], dict[str, str], dict[str, str]]:
+def _plan_once(model: nn.Module, sites: list[LayerSite], config: CompressConfig, example_inputs: Any,
+               curve_fn: CurveFn | None = None, calibrated: bool = False) -> Planned:
+    """One pass of a policy over ``sites``: ranks, notes and skip reasons, nothing timed."""
     ranks: dict[str, int] = {}
     notes: dict[str, str] = {}
     reasons: dict[str, str] = {}
