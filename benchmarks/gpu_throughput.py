@@ -12,7 +12,7 @@ What is measured (random init, nothing downloaded):
 - timm vit_base_patch16_224, every Linear of its blocks at half its weights (``--param-ratio 0.5
   --target torch-cuda``).
 
-Both models of a pair run the same way (lowrank_compress.bench.measure_throughput): bf16 autocast,
+Both models of a pair run the same way (lowrank_compress.throughput.measure_throughput): bf16 autocast,
 channels_last for the CNN, ``torch.compile`` (``--no-compile``: eager), cudnn.benchmark, warm-up,
 then interleaved rounds of ``--steps`` steps between two ``torch.cuda.synchronize()`` calls; the
 figure is the median round. Inference (no grad) and training (SGD with momentum on the mean squared
@@ -38,7 +38,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowrank_compress.bench import count_flops, count_params, measure_throughput
+from lowrank_compress.bench import flops_at_shape
+from lowrank_compress.modelrun import count_params
+from lowrank_compress.throughput import measure_throughput
 
 MODELS = ("resnet50", "vit_b16")
 # Kernel names by family (CUDA kernel names of cuDNN, cuBLAS, CUTLASS, Triton/Inductor).
@@ -212,7 +214,7 @@ def main() -> None:
                              "compressed": by["compressed"].samples_per_s, "speedup": by["compressed"].ratio})
         result["models"][name] = {
             "policy": policy,
-            "flop_ratio": count_flops(compressed, shape) / count_flops(dense, shape),
+            "flop_ratio": flops_at_shape(compressed, shape) / flops_at_shape(dense, shape),
             "param_ratio": count_params(compressed) / count_params(dense),
             "factorized_layers": len(report["layers"]),
             "kept_dense": [s for s in report["skipped"] if "latency" in s["reason"] or "budget" in s["reason"]],

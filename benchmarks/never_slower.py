@@ -27,9 +27,11 @@ from pathlib import Path
 
 import torch
 
-from lowrank_compress.bench import count_flops, measure_latency
+from lowrank_compress.bench import flops_at_shape
 from lowrank_compress.compress import CompressConfig, compress
-from lowrank_compress.export import export_onnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _onnx_timing import time_onnx_pair  # noqa: E402
 
 _MODELS = Path(__file__).parents[1] / "tests" / "models.py"
 
@@ -50,15 +52,8 @@ def measure(name: str, case, args: argparse.Namespace, workdir: Path) -> list[di
     config = CompressConfig(method="spectral", target_flops=args.target_flops, exclude=case.exclude,
                             latency_aware=False if args.no_latency_aware else None, target=args.target)
     compressed, report = compress(copy.deepcopy(dense), config, example)
-    files = {}
-    for label, model in (("dense", dense), ("compressed", compressed)):
-        files[label] = workdir / f"{name}-{label}.onnx"
-        parity = export_onnx(model, files[label], shape)
-        if not parity.passed:
-            raise SystemExit(f"{name} {label}: ONNX parity failed ({parity.max_rel_error:.2e})")
-    timing = measure_latency(files, shape, batch_sizes=args.batch_sizes, runtime="onnxruntime", threads=args.threads,
-                             warmup=args.warmup, repeats=args.repeats, baseline="dense")
-    flop_ratio = count_flops(compressed, shape) / count_flops(dense, shape)
+    timing = time_onnx_pair(name, dense, compressed, shape, args, workdir)
+    flop_ratio = flops_at_shape(compressed, shape) / flops_at_shape(dense, shape)
     return [{"model": name, "arch": case.arch, "batch_size": b, "flop_ratio": flop_ratio,
              "factorized": len(report.layers), "latency_ratio": timing.ratio("compressed", b),
              "dense_ms": next(r.median_s for r in timing.results if r.model == "dense" and r.batch_size == b) * 1e3}

@@ -28,6 +28,7 @@ import copy
 import json
 import os
 import platform
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -35,8 +36,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowrank_compress.bench import count_flops, count_params, measure_latency
-from lowrank_compress.export import export_onnx
+from lowrank_compress.bench import flops_at_shape
+from lowrank_compress.modelrun import count_params
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _onnx_timing import time_onnx_pair  # noqa: E402
 
 ARCHS = {"resnet50": "torchvision:resnet50", "efficientnet_b0": "timm:efficientnet_b0"}
 
@@ -76,18 +80,9 @@ def measure(name: str, args: argparse.Namespace, workdir: Path) -> list[dict[str
     shape = (1, 3, args.image_size, args.image_size)
     dense = build(ARCHS[name])
     compressed, policy = compress_model(dense, torch.randn(shape), args)
-    flop_ratio = count_flops(compressed, shape) / count_flops(dense, shape)
+    flop_ratio = flops_at_shape(compressed, shape) / flops_at_shape(dense, shape)
     param_ratio = count_params(compressed) / count_params(dense)
-    files = {}
-    for label, model in (("dense", dense), ("compressed", compressed)):
-        files[label] = workdir / f"{name}-{label}.onnx"
-        parity = export_onnx(model, files[label], shape)
-        if not parity.passed:
-            raise SystemExit(f"{name} {label}: ONNX parity failed ({parity.max_rel_error:.2e})")
-    report = measure_latency(
-        files, shape, batch_sizes=args.batch_sizes, runtime="onnxruntime", threads=args.threads,
-        warmup=args.warmup, repeats=args.repeats, baseline="dense",
-    )
+    report = time_onnx_pair(name, dense, compressed, shape, args, workdir)
     rows = []
     for batch in args.batch_sizes:
         by_model = {r.model: r for r in report.results if r.batch_size == batch}

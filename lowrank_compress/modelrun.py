@@ -129,13 +129,17 @@ def frozen_parameters(model: nn.Module) -> Iterator[None]:
             param.requires_grad_(True)
 
 
-def count_flops(model: nn.Module, inputs: Any) -> int:
-    """FLOPs of one forward pass at ``inputs`` (torch.utils.flop_counter)."""
+def count_flops(model: nn.Module, inputs: Any, forward: Callable[[nn.Module, Any], Any] = call_model) -> int:
+    """FLOPs of one ``forward(model, inputs)`` pass, as torch.utils.flop_counter counts them.
+
+    That counter counts matrix products and convolutions only, 2 FLOPs per multiply-add;
+    elementwise ops, norms and pooling are not counted.
+    """
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), frozen_parameters(model), counter:
-        call_model(model, inputs)
+        forward(model, inputs)
     return int(counter.get_total_flops())
 
 

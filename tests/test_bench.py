@@ -13,15 +13,15 @@ from torch import nn
 from lowrank_compress.layers import from_dense
 from lowrank_compress.factors import Factorization
 from lowrank_compress.bench import (
-    count_flops,
     count_onnx_params,
-    count_params,
+    flops_at_shape,
     layer_latencies,
     layer_latency,
     measure_latency,
-    measure_throughput,
     time_interleaved,
 )
+from lowrank_compress.modelrun import count_params
+from lowrank_compress.throughput import measure_throughput
 from lowrank_compress.cli import main
 from lowrank_compress.errors import UsageError
 from lowrank_compress.export import export_onnx
@@ -48,16 +48,16 @@ def test_shared_parameters_count_once() -> None:
 
 def test_flops_are_two_per_multiply_add() -> None:
     dense = nn.Linear(100, 50)
-    assert count_flops(dense, (4, 100)) == 2 * 4 * 100 * 50
-    assert count_flops(low_rank(dense, 10), (4, 100)) == 2 * 4 * 10 * (100 + 50)
+    assert flops_at_shape(dense, (4, 100)) == 2 * 4 * 100 * 50
+    assert flops_at_shape(low_rank(dense, 10), (4, 100)) == 2 * 4 * 10 * (100 + 50)
     conv = nn.Conv2d(8, 16, 3, padding=1)
-    assert count_flops(conv, (1, 8, 10, 10)) == 2 * 10 * 10 * 16 * 8 * 9
-    assert count_flops(low_rank(conv, 4), (1, 8, 10, 10)) == 2 * 10 * 10 * 4 * (8 * 9 + 16)
+    assert flops_at_shape(conv, (1, 8, 10, 10)) == 2 * 10 * 10 * 16 * 8 * 9
+    assert flops_at_shape(low_rank(conv, 4), (1, 8, 10, 10)) == 2 * 10 * 10 * 4 * (8 * 9 + 16)
 
 
 def test_flops_of_a_wrong_shape_is_a_usage_error() -> None:
     with pytest.raises(UsageError, match="does not fit the model"):
-        count_flops(mlp(), (1, 33))
+        flops_at_shape(mlp(), (1, 33))
 
 
 def test_onnx_params_are_the_initializers(tmp_path: Path) -> None:

@@ -9,7 +9,8 @@ import typer
 
 from ..errors import LrcError, UsageError
 from .app import app, out
-from .options import ARCH_HELP, require_input_shape
+from ..io.checks import require_input_shape
+from .options import ARCH_HELP
 
 
 @app.command("export")

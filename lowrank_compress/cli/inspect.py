@@ -8,7 +8,7 @@ import rich.markup
 import typer
 
 from .app import app, console, out
-from .options import require_input_shape
+from ..io.checks import require_input_shape
 
 
 @app.command("inspect")

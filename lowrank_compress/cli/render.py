@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -12,6 +12,9 @@ from rich.table import Table
 
 from ..compress import CompressReport
 from ..graph import LayerSite
+
+if TYPE_CHECKING:
+    from ..benchjob import BenchResult
 
 
 def _fmt_int(n: int | None) -> str:
@@ -124,3 +127,43 @@ def print_compress_result(out: Console, console: Console, result: Any, onnx_path
     if result.loaded.arch_note:
         console.print(result.loaded.arch_note, highlight=False, soft_wrap=True, markup=False)
     console.print(f"wrote {result.output}", highlight=False, soft_wrap=True, markup=False)
+
+
+def bench_tables(result: BenchResult) -> list[Table]:
+    """``lrc bench``: the size table, then the throughput or latency table."""
+    shape, base = result.shape, result.sizes.get("baseline")
+    table = Table(title=f"size (FLOPs per sample at {'×'.join(map(str, shape[1:]))})")
+    for column in ("", "file", "params", "GFLOPs", "params ratio", "FLOPs ratio"):
+        table.add_column(column, justify="right" if column not in ("", "file") else "left")
+    for name, info in result.sizes.items():
+        p_ratio = f"{info['params'] / base['params']:.3f}" if base else ""
+        f_ratio = f"{info['flops'] / base['flops']:.3f}" if base and info["flops"] and base["flops"] else ""
+        gflops = f"{info['flops'] / 1e9:.3f}" if info["flops"] is not None else "–"
+        table.add_row(name, info["path"], f"{info['params']:,}", gflops, p_ratio, f_ratio)
+    timing = _throughput_table(result) if result.throughput else _latency_table(result)
+    return [table, timing]
+
+
+def _throughput_table(result: BenchResult) -> Table:
+    job, report = result.job, result.report
+    how = ", ".join(w for w, on in (("bf16 autocast", report.bf16), ("channels_last", report.channels_last),
+                                     ("torch.compile", report.compiled)) if on) or "eager float32"
+    table = Table(title=f"throughput on {job.device} ({how}), median of {job.repeats} rounds of {job.steps} steps")
+    for column in ("", "mode", "batch", "samples/s", "step ms", "ratio"):
+        table.add_column(column, justify="right" if column not in ("", "mode") else "left")
+    for r in sorted(report.results, key=lambda r: (r.mode, r.batch_size, r.model != "baseline")):
+        ratio = f"{r.ratio:.3f}" if job.vs is not None and r.ratio is not None else ""
+        table.add_row(r.model, r.mode, str(r.batch_size), f"{r.samples_per_s:,.1f}", f"{r.step_s * 1e3:.2f}", ratio)
+    return table
+
+
+def _latency_table(result: BenchResult) -> Table:
+    job, report = result.job, result.report
+    threads_text = "default threads" if job.threads is None else f"{job.threads} thread{'' if job.threads == 1 else 's'}"
+    table = Table(title=f"latency: {job.runtime} on {job.device}, {threads_text}, median of {job.repeats} interleaved runs")
+    for column in ("", "batch", "median ms", "IQR ms", "ratio"):
+        table.add_column(column, justify="right" if column else "left")
+    for r in sorted(report.results, key=lambda r: (r.batch_size, r.model != "baseline")):
+        ratio = f"{r.ratio:.3f}" if job.vs is not None and r.ratio is not None else ""
+        table.add_row(r.model, str(r.batch_size), f"{r.median_s * 1e3:.2f}", f"{r.iqr_s * 1e3:.2f}", ratio)
+    return table

@@ -155,3 +155,11 @@ def parse_arch_kwargs(text: str | None) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise UsageError("--arch-kwargs must be a JSON object")
     return value
+
+
+def require_input_shape(loaded_shape: tuple[int, ...] | None, given: tuple[int, ...] | None, path: Path) -> tuple[int, ...]:
+    """The shape to run ``path``'s model at: the one given, else the one the file records; a usage error without."""
+    shape = given or loaded_shape
+    if shape is None:
+        raise UsageError(f"cannot tell the input shape of {path}; pass --input-shape, e.g. 1,3,224,224")
+    return tuple(shape)
