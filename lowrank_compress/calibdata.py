@@ -41,6 +41,53 @@ def _tensor_file(path: Path) -> torch.Tensor:
     raise UsageError(f"calibration file {path} holds {len(tensors)} float tensors; name the inputs 'x'")
 
 
+_TEXT_SUFFIXES = (".txt", ".jsonl")
+_MAX_LINE_CHARS = 100_000
+
+
+def read_texts(path: str | Path, samples: int | None = None) -> list[str]:
+    """Texts of a ``.txt`` file (one sample per non-empty line) or a ``.jsonl`` file (a ``text`` field
+    per line), the first ``samples`` of them."""
+    path = Path(path)
+    if path.suffix not in _TEXT_SUFFIXES or not path.is_file():
+        raise UsageError(f"text data {path}: expected an existing .txt (one sample per line) or .jsonl file")
+    texts: list[str] = []
+    try:
+        with path.open(encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if samples is not None and len(texts) >= samples:
+                    break
+                if len(line) > _MAX_LINE_CHARS:
+                    raise UsageError(f"{path}:{number}: a line of more than {_MAX_LINE_CHARS:,} characters")
+                if path.suffix == ".jsonl" and line.strip():
+                    line = _jsonl_text(line, path, number)
+                if line.strip():
+                    texts.append(line.strip())
+    except UnicodeDecodeError:
+        raise UsageError(f"{path} is not UTF-8 text") from None
+    if not texts:
+        raise UsageError(f"text data {path} holds no text")
+    return texts
+
+
+def _jsonl_text(line: str, path: Path, number: int) -> str:
+    from .io.checks import parse_json
+
+    record = parse_json(line, f"{path}:{number} is not a JSON line")
+    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        raise UsageError(f"{path}:{number}: each JSON line needs a string field 'text'")
+    return record["text"]
+
+
+def text_batches(spec: str, hf: Any, samples: int, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """Texts tokenized by a Hugging Face model's tokenizer (``io.hf.HFModel``): batches of input ids,
+    attention masks (1 = real token; padding is masked out of every statistic) and token types."""
+    if Path(spec).suffix not in _TEXT_SUFFIXES:
+        raise UsageError(f"calibration data for a Hugging Face model is text: a .txt or .jsonl file, not {spec}")
+    texts = read_texts(spec, samples)
+    return [hf.tokenize(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)]
+
+
 def calibration_batches(
     spec: str,
     input_shape: tuple[int, ...],
@@ -49,15 +96,21 @@ def calibration_batches(
     batch_size: int,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
-) -> list[torch.Tensor]:
+    hf: Any = None,
+) -> list[Any]:
     """Calibration inputs as a list of batches of shape (b, *input_shape[1:]).
 
     ``spec``: ``gaussian``, an image folder (class subfolders or flat, eval-transformed to the input
     shape), or a tensor file (.npy, .pt via weights_only, .safetensors) whose first axis indexes
-    samples.
+    samples. With ``hf`` (a Hugging Face model's ``io.hf.HFModel``) a text file, tokenized: batches
+    are dicts of tensors (:func:`text_batches`).
     """
     if samples < 1 or batch_size < 1:
         raise UsageError("--calib-samples and --calib-batch-size must be ≥ 1")
+    if hf is not None:
+        return text_batches(spec, hf, samples, batch_size)
+    if Path(spec).suffix in _TEXT_SUFFIXES:
+        raise UsageError(f"text calibration ({spec}) needs a Hugging Face folder, whose tokenizer reads it")
     per_sample = tuple(input_shape[1:])
     if spec == "gaussian":
         gen = torch.Generator().manual_seed(seed + 1)

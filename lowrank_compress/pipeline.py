@@ -113,14 +113,15 @@ def run_compress(job: CompressJob, progress: ProgressFn | None = None, raise_on_
         )
     gen = torch.Generator().manual_seed(job.config.seed)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    example = torch.randn(shape, generator=gen).to(dtype)
+    example = loaded.hf.example() if loaded.hf is not None else torch.randn(shape, generator=gen).to(dtype)
     _check_runs(model, example)
     calibration = None
     if job.calib is not None:
         calibration = calibration_batches(
-            job.calib, shape, loaded.data_config, job.config.calib_samples, job.calib_batch_size, job.config.seed, dtype
+            job.calib, shape, loaded.data_config, job.config.calib_samples, job.calib_batch_size, job.config.seed, dtype,
+            hf=loaded.hf,
         )
-    check = calibration[:4] if calibration else [torch.randn((8, *shape[1:]), generator=gen).to(dtype)]
+    check = calibration[:4] if calibration else [example if loaded.hf is not None else torch.randn((8, *shape[1:]), generator=gen).to(dtype)]
     # The original's outputs, not a copy of the original: a copy would double the peak memory.
     references = _model_outputs(model, check)
     model, report = compress(model, job.config, example, calibration=calibration, progress=progress,
@@ -129,16 +130,20 @@ def run_compress(job: CompressJob, progress: ProgressFn | None = None, raise_on_
     del references
 
     save(model, out, arch=loaded.arch, arch_kwargs=loaded.arch_kwargs, input_shape=list(shape),
-         data_config=_jsonable(loaded.data_config))
+         data_config=_jsonable(loaded.data_config), hf=loaded.hf.manifest() if loaded.hf is not None else None)
     if job.json_path is not None:
         with atomic_output(job.json_path) as tmp:
             tmp.write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True))
     parity = None
     if job.onnx_path is not None:
         from .export import export_onnx
+        from .textexport import export_text_onnx
 
-        parity = export_onnx(model, job.onnx_path, input_shape=shape,
-                             calib_inputs=calibration[:2] if calibration else None)
+        if loaded.hf is not None:
+            parity = export_text_onnx(model, job.onnx_path, loaded.hf, calib_inputs=calibration[:2] if calibration else None)
+        else:
+            parity = export_onnx(model, job.onnx_path, input_shape=shape,
+                                 calib_inputs=calibration[:2] if calibration else None)
     if job.plot_path is not None:
         from .plots import plot_compression
 
@@ -156,13 +161,14 @@ def run_compress(job: CompressJob, progress: ProgressFn | None = None, raise_on_
     return result
 
 
-def _check_runs(model: nn.Module, example: torch.Tensor) -> None:
+def _check_runs(model: nn.Module, example: Any) -> None:
     try:
         with torch.no_grad():
-            model(example)
+            call_model(model, example)
     except Exception as exc:
+        shape = tuple(example.shape) if isinstance(example, torch.Tensor) else list(example)
         raise UsageError(
-            f"the model does not run on an input of shape {tuple(example.shape)} "
+            f"the model does not run on an input of shape {shape} "
             f"({type(exc).__name__}: {' '.join(str(exc).split())[:160]}); check --input-shape"
         ) from None
 

@@ -305,7 +305,10 @@ def load_compressed(
     dtype = _DTYPES[manifest.get("dtype", "float32")]
     layers = manifest["layers"]
     file_numel = safetensors_numel(path)
-    meta = meta_model(spec, kwargs, restricted, source=path)
+    hf = spec.startswith("hf:")  # a Hugging Face model: rebuilt from the config the manifest records (io.hf)
+    if hf:
+        from .hf import model_from_manifest
+    meta = model_from_manifest(manifest, path, meta=True)[0] if hf else meta_model(spec, kwargs, restricted, source=path)
     if meta is not None:
         dense = state_numel(meta)
         if restricted and dense > max(MAX_DENSE_NUMEL, 64 * file_numel):
@@ -317,7 +320,7 @@ def load_compressed(
         if (needed := state_numel(meta)) > file_numel:
             raise UsageError(f"{path}: tensors do not fit the manifest's structure (it needs {needed:,} weights, "
                              f"the file holds {file_numel:,})")
-    model = build_model(spec, kwargs, restricted, source=path)
+    model, info = model_from_manifest(manifest, path) if hf else (build_model(spec, kwargs, restricted, source=path), None)
     model.to(dtype)
     apply_structure(model, layers, path)
     try:
@@ -340,6 +343,7 @@ def load_compressed(
         input_shape=shape,
         data_config=manifest.get("data_config") or {},
         manifest=manifest,
+        hf=info,
     )
 
 

@@ -23,7 +23,12 @@ def open_model(
     trust_pickle: bool = False,
     input_shape: tuple[int, ...] | None = None,
 ) -> LoadedModel:
-    """Load a model from a compressed ``.lrc.safetensors`` file or an original checkpoint + arch."""
+    """Load a model from a compressed ``.lrc.safetensors`` file, an original checkpoint + arch, or a
+    Hugging Face / timm Hub folder (``config.json`` + ``model.safetensors``; io.hf)."""
+    if Path(path).is_dir() or (isinstance(arch, str) and arch.startswith("hf:")):
+        from .hf import open_folder
+
+        return open_folder(Path(path), arch, arch_kwargs, input_shape, open_model)
     path = check_file(path)
     metadata: dict[str, str] = {}
     restricted = False

@@ -20,3 +20,4 @@ class LoadedModel:
     manifest: dict[str, Any] | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     arch_note: str | None = None  # how the architecture was found when no spec named it
+    hf: Any = None  # io.hf.HFModel: a Hugging Face model's config, inputs and tokenizer
