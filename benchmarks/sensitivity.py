@@ -18,7 +18,7 @@ import copy
 
 import torch
 
-from lowrank_compress import digits
+from lowrank_compress.examples import digits
 from lowrank_compress.calibration import probe_batches, prepare_calibrated
 from lowrank_compress.compress import CompressConfig, _select
 from lowrank_compress.graph import find_sites

@@ -1,4 +1,4 @@
-"""Train the embedded default model and write the shipped files into lowrank_compress/assets/.
+"""Train the embedded default model and write the shipped files into lowrank_compress/examples/assets/.
 
     .venv/bin/python benchmarks/train_digits.py            # seed 0, the shipped files
     .venv/bin/python benchmarks/train_digits.py --out /tmp/digits --seed 1
@@ -13,7 +13,7 @@ import argparse
 import time
 from pathlib import Path
 
-from lowrank_compress import digits
+from lowrank_compress.examples import digits
 
 
 def main() -> None:

@@ -182,7 +182,7 @@ def test_calibration_tensor_of_the_wrong_shape_is_a_usage_error(tmp_path):
 def test_calibration_folder_with_an_unreadable_image_is_reported_by_name(tmp_path, run_cli):
     from PIL import Image
 
-    from lowrank_compress.digits import bundled_checkpoint_path
+    from lowrank_compress.examples.digits import bundled_checkpoint_path
 
     folder = tmp_path / "calib" / "0"
     folder.mkdir(parents=True)
@@ -198,7 +198,7 @@ def test_calibration_folder_with_an_unreadable_image_is_reported_by_name(tmp_pat
 def test_calibration_folder_error_message_names_the_file(tmp_path, run_cli):
     from PIL import Image
 
-    from lowrank_compress.digits import bundled_checkpoint_path
+    from lowrank_compress.examples.digits import bundled_checkpoint_path
 
     folder = tmp_path / "calib"
     folder.mkdir()
@@ -212,7 +212,7 @@ def test_calibration_folder_error_message_names_the_file(tmp_path, run_cli):
 
 @pytest.mark.slow
 def test_calibrated_nkp_keeps_the_bundled_digits_model_accuracy_at_a_quarter_of_its_params():
-    from lowrank_compress.digits import accuracy, load_bundled, load_digits_split
+    from lowrank_compress.examples.digits import accuracy, load_bundled, load_digits_split
 
     model, x_test, y_test = load_bundled()
     base = accuracy(model, x_test, y_test)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from lowrank_compress import demo, digits
+from lowrank_compress.examples import demo, digits
 from lowrank_compress.io.format import load
 
 pytestmark = pytest.mark.slow

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from lowrank_compress import digits
+from lowrank_compress.examples import digits
 
 ASSET = digits.bundled_checkpoint_path()
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lowrank_compress import digits
+from lowrank_compress.examples import digits
 
 
 
@@ -115,3 +115,22 @@ def test_batchnorm_recalibration_sets_running_stats_to_the_data_average() -> Non
     digits.recalibrate_batchnorm(torch.nn.Sequential(bn), x, batch_size=16)
     assert torch.allclose(bn.running_mean, x.mean(dim=(0, 2, 3)), atol=1e-5)
     assert bn.momentum == 0.1 and not bn.training
+
+
+def test_a_file_naming_the_models_old_module_still_loads(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from lowrank_compress.io.opening import open_model
+
+    model = digits.DigitsCNN().eval()
+    path = tmp_path / "old.safetensors"
+    save_file(model.state_dict(), str(path), metadata={"arch": "lowrank_compress.digits:DigitsCNN",
+                                                       "input_shape": json.dumps(list(digits.INPUT_SHAPE))})
+    loaded = open_model(path, None, {}, False, None)
+    assert isinstance(loaded.model, digits.DigitsCNN)
+    x = torch.randn(digits.INPUT_SHAPE)
+    assert torch.equal(loaded.model.eval()(x), model(x))
+
+
+def test_the_bundled_checkpoint_names_the_models_module() -> None:
+    assert digits.bundled_metadata()["arch"] == digits.ARCH_SPEC == "lowrank_compress.examples.digits:DigitsCNN"

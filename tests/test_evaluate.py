@@ -11,7 +11,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lowrank_compress import digits
+from lowrank_compress.examples import digits
 from lowrank_compress.io import format as lrc_format
 from lowrank_compress.io.records import LoadedModel
 from lowrank_compress.evaluate import evaluate, evaluate_folder

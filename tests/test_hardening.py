@@ -26,7 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from lowrank_compress import digits
+from lowrank_compress.examples import digits
 from lowrank_compress.compress import CompressConfig
 from lowrank_compress.graph import find_sites
 from lowrank_compress.pipeline import CompressJob, run_compress

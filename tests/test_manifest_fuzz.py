@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from lowrank_compress import digits
+from lowrank_compress.examples import digits
 from lowrank_compress.compress import CompressConfig, compress
 from lowrank_compress.io.format import MANIFEST_KEY, read_manifest, save
 
@@ -180,8 +180,8 @@ ARCHS = [
     digits.ARCH_SPEC, "torchvision:resnet18", "torchvision:fasterrcnn_resnet50_fpn", "torchvision:regnet_y_400mf",
     "timm:resnet18", "timm:vit_giant_patch14_224", "timm:hf-hub:timm/resnet18.a1_in1k",
     "timm.task.distillation:DistillationTeacher", "antigravity:X", "this:X", "venv.__main__:X", "os:system",
-    "builtins:eval", "lowrank_compress.digits:load_digits_split", "lowrank_compress.digits:Nope",
-    "lowrank_compress.digits:DigitsCNN.__init__", "torchvision:", ":", "x", "a" * 300,
+    "builtins:eval", "lowrank_compress.examples.digits:load_digits_split", "lowrank_compress.examples.digits:Nope",
+    "lowrank_compress.examples.digits:DigitsCNN.__init__", "torchvision:", ":", "x", "a" * 300,
 ]
 KWARG_NAMES = ["num_classes", "in_chans", "drop_rate", "pretrained", "pretrained_cfg_overlay", "checkpoint_path",
                "weights", "weights_backbone", "model_name_or_module", "img_size", "hidden"]

@@ -104,3 +104,10 @@ def test_no_module_imports_another_modules_private_names(module):
     private = [f"{target}.{n}" for target, names in GRAPH[module] for n in names
                if n.startswith("_") and not n.startswith("__") and target != module]
     assert private == []
+
+
+def test_the_runtime_never_imports_the_examples():
+    # Only the demo command loads the examples (and the old ``digits`` name forwards to them).
+    outside = {m for m in GRAPH if not m.startswith("lowrank_compress.examples")} - {
+        "lowrank_compress.cli.demo", "lowrank_compress.digits"}
+    assert [m for m in sorted(outside) if any(t.startswith("lowrank_compress.examples") for t, _ in GRAPH[m])] == []

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from lowrank_compress import digits
+from lowrank_compress.examples import digits
 from lowrank_compress.cli import main
 from lowrank_compress.compress import CompressConfig, compress
 from lowrank_compress.errors import UsageError

@@ -21,7 +21,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lowrank_compress import digits, factors, gaussian, projection
+from lowrank_compress.examples import digits
+from lowrank_compress import factors, gaussian, projection
 from lowrank_compress.compress import CompressConfig, compress
 from lowrank_compress.graph import find_sites
 from lowrank_compress.layers import LOW_RANK_TYPES

@@ -29,7 +29,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lowrank_compress import digits
+from lowrank_compress.examples import digits
 from lowrank_compress.compress import CompressConfig, compress
 from lowrank_compress.errors import UsageError
 from lowrank_compress.io.format import MANIFEST_KEY, load, read_manifest, save
@@ -42,7 +42,7 @@ DISTILL_KWARGS = {
     "model_name_or_module": "resnet18", "num_classes": 10,
     "pretrained_cfg_overlay": {"hf_hub_id": None, "url": "http://127.0.0.1:9/resnet18-f37072fd.pth"},
 }
-EVILMOD = "open('IMPORTED', 'w').write('evilmod ran')\nfrom lowrank_compress.digits import DigitsCNN as Net\n"
+EVILMOD = "open('IMPORTED', 'w').write('evilmod ran')\nfrom lowrank_compress.examples.digits import DigitsCNN as Net\n"
 
 PROBE = '''
 import atexit, json, os, sys
@@ -638,7 +638,7 @@ def test_a_build_warning_does_not_add_lines(work, capfd):
 
 
 def test_a_class_reached_through_an_allowed_module_must_be_defined_in_one(work, run_cli, offline):
-    # lowrank_compress.digits is allowed, and its attribute ``torch`` leads to every torch.nn class.
-    evil = craft(work / "digits.lrc.safetensors", work / "evil.lrc.safetensors", arch="lowrank_compress.digits:torch.nn.Linear",
+    # lowrank_compress.examples.digits is allowed, and its attribute ``torch`` leads to every torch.nn class.
+    evil = craft(work / "digits.lrc.safetensors", work / "evil.lrc.safetensors", arch="lowrank_compress.examples.digits:torch.nn.Linear",
                  arch_kwargs={"in_features": 4, "out_features": 4})
     assert_refused(run_cli("eval", evil, "--data", work / "data", "--workers", "0"), "a class defined in torch.nn")

@@ -17,7 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
-from lowrank_compress import digits
+from lowrank_compress.examples import digits
 from lowrank_compress.io import format as lrc_format
 from lowrank_compress.io.opening import open_model
 from lowrank_compress.errors import LrcError, UsageError

@@ -17,7 +17,7 @@ def demo_command(
     """Compress the bundled digits CNN (spectral vs nkp, two budgets), fine-tune, export to ONNX, write a report."""
     from rich.table import Table
 
-    from ..demo import percent, run_demo
+    from ..examples.demo import percent, run_demo
 
     result = run_demo(out_dir, fast=fast, log=lambda message: console.print(f"[dim]demo:[/] {message}", highlight=False))
     o = result.original

@@ -30,7 +30,11 @@ from .checks import clip, short_error
 TRUSTED_MODULES_ENV = "LRC_TRUSTED_MODULES"
 
 
-_BUILTIN_TRUSTED = ("lowrank_compress.digits",)  # the bundled model; importing it runs nothing else
+_BUILTIN_TRUSTED = ("lowrank_compress.examples.digits",)  # the bundled model; importing it runs nothing else
+
+
+# Modules that moved, by their old name: files written before the move still name the old one.
+_MOVED_MODULES = {"lowrank_compress.digits": "lowrank_compress.examples.digits"}
 
 
 _DOTTED = r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*"
@@ -76,12 +80,22 @@ def trusted_modules() -> tuple[str, ...]:
     return (*_BUILTIN_TRUSTED, *listed)
 
 
+def current_spec(spec: Any) -> Any:
+    """``spec`` with a module that moved renamed to where it lives now (any other value as it is)."""
+    if isinstance(spec, str):
+        module, sep, attr = spec.partition(":")
+        if sep and module in _MOVED_MODULES:
+            return f"{_MOVED_MODULES[module]}:{attr}"
+    return spec
+
+
 def _is_trusted(module: str) -> bool:
     return any(module == t or module.startswith(t + ".") for t in trusted_modules())
 
 
 def check_file_spec(spec: Any, source: str | Path = "the file") -> None:
     """Refuse an architecture spec read from ``source`` that a file may not name, importing nothing."""
+    spec = current_spec(spec)
     if not isinstance(spec, str) or ":" not in spec or len(spec) > 256:
         raise UsageError(f"{source} names a malformed architecture {clip(spec)}; pass --arch to choose one")
     kind, _, name = spec.partition(":")
@@ -149,6 +163,7 @@ def file_kwargs(arch: str, kwargs: Any, source: str | Path = "the file") -> dict
 
 
 def _resolve_callable(spec: str, restricted: bool, trusted_only: bool = False):
+    spec = current_spec(spec)
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise UsageError(f"bad --arch {spec!r}: use torchvision:NAME, timm:NAME or package.module:callable")

@@ -32,9 +32,9 @@ import torch
 from torch import nn
 
 from . import digits
-from .compress import CompressConfig, CompressReport, compress, count_flops, count_params
-from .errors import LrcError, UsageError
-from .io.files import atomic_output, write_json
+from ..compress import CompressConfig, CompressReport, compress, count_flops, count_params
+from ..errors import LrcError, UsageError
+from ..io.files import atomic_output, write_json
 
 BUDGETS = (0.5, 0.25, 0.1, 0.05)
 FAST_BUDGETS = (0.1,)
@@ -198,9 +198,9 @@ def _finetune(
     settings: DemoSettings,
 ) -> tuple[Any, dict[str, Any]]:
     """Distill ``teacher`` into a copy of ``student`` on a temporary image folder; (result, config)."""
-    from .io.records import LoadedModel
-    from .recipes import TrainConfig
-    from .train import finetune
+    from ..io.records import LoadedModel
+    from ..recipes import TrainConfig
+    from ..train import finetune
 
     # No flips (a mirrored 2 is not a 2) and only mild crops: the digits fill their 8×8 frame.
     config = TrainConfig(
@@ -295,9 +295,9 @@ def run_demo(
     _require_extras()
     from safetensors.torch import save_file
 
-    from .io.opening import open_model
-    from .export import export_onnx
-    from .plots import plot_accuracy_vs_params, plot_compression
+    from ..io.opening import open_model
+    from ..export import export_onnx
+    from ..plots import plot_accuracy_vs_params, plot_compression
 
     out = _prepare_out_dir(Path(out_dir))
     settings = DemoSettings.for_mode(fast)
