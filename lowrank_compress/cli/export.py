@@ -44,14 +44,17 @@ def export_command(
     if json_path is not None:
         check_writable(json_path)
     loaded = open_model(model, arch, parse_arch_kwargs(arch_kwargs), trust_pickle, shape)
-    shape = require_input_shape(loaded.input_shape, shape, model)
-    calib_inputs = None
-    if calib is not None:
-        from ..calibdata import calibration_batches
-        from ..export import CALIB_CHUNK
+    if loaded.hf is not None:  # a Hugging Face text model: token inputs by name, batch and sequence axes
+        report = _export_text(loaded, onnx, calib, calib_samples, opset, rtol, exporter)
+    else:
+        shape = require_input_shape(loaded.input_shape, shape, model)
+        calib_inputs = None
+        if calib is not None:
+            from ..calibdata import calibration_batches
+            from ..export import CALIB_CHUNK
 
-        calib_inputs = calibration_batches(calib, shape, loaded.data_config, calib_samples, CALIB_CHUNK)
-    report = export_onnx(loaded.model, onnx, shape, opset=opset, rtol=rtol, calib_inputs=calib_inputs, exporter=exporter)
+            calib_inputs = calibration_batches(calib, shape, loaded.data_config, calib_samples, CALIB_CHUNK)
+        report = export_onnx(loaded.model, onnx, shape, opset=opset, rtol=rtol, calib_inputs=calib_inputs, exporter=exporter)
     table = Table(title=rich.markup.escape(f"{onnx} ({report.exporter} exporter, opset {report.opset})"))
     for column in ("max abs error", "max rel error", "tolerance", "checked", "parity"):
         table.add_column(column, justify="right")
@@ -70,3 +73,13 @@ def export_command(
             f"ONNX parity failed: max relative error {report.max_rel_error:.2e} > tolerance {rtol:.0e}; "
             f"{onnx} was kept for inspection"
         )
+
+
+def _export_text(loaded, onnx: Path, calib: str | None, calib_samples: int, opset: int, rtol: float, exporter: str):
+    from ..calibdata import text_batches
+    from ..export import CALIB_CHUNK
+    from ..textexport import export_text_onnx
+
+    calib_inputs = text_batches(calib, loaded.hf, calib_samples, CALIB_CHUNK) if calib is not None else None
+    return export_text_onnx(loaded.model, onnx, loaded.hf, opset=opset, rtol=rtol, calib_inputs=calib_inputs,
+                            exporter=exporter)
