@@ -20,10 +20,14 @@ import torch
 from torch import nn
 
 from .errors import LrcError, UsageError
-from .export import DEFAULT_OPSET, TORCHSCRIPT_MAX_OPSET, ParityReport, _load_graph_proto, _one_line, ort_session
+from .export import DEFAULT_OPSET, TORCHSCRIPT_MAX_OPSET, ParityReport, ort_session
 from .io.files import atomic_output, check_writable
 from .io.files import quiet_output as _quiet_output
 from .modelrun import call_model
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).strip().splitlines()[:1])[:200] or type(exc).__name__
 
 
 class _TextGraph(nn.Module):
@@ -131,7 +135,7 @@ def export_text_onnx(model: nn.Module, path: str | os.PathLike, hf: Any, opset: 
         except onnx.checker.ValidationError as exc:
             raise LrcError(f"the exported graph fails onnx.checker ({_one_line(exc)})") from None
         max_abs, max_rel = verify_text_onnx(tmp, model, checks + calib, rtol)
-        proto = _load_graph_proto(tmp)
+        proto = onnx.load(str(tmp), load_external_data=False)
     graph_proto = proto.graph
     return ParityReport(
         path=str(Path(path)), opset=next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0),

@@ -1,0 +1,188 @@
+"""Hugging Face folders end to end, as real CLI processes, offline: a tiny BERT-style encoder and a tiny
+GPT-2 causal LM (random weights, tokenizers built from files the tests write) go through
+``lrc compress DIR --target-params 0.5 --calib texts``, ``lrc eval --texts``, ``lrc export --onnx``
+and ``lowrank_compress.load``; bad folders give one line and exit 2 with nothing written."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from hf_folders import bert_folder, gpt2_folder, write_texts  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.xdist_group("hf")
+
+
+def lrc(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "lowrank_compress", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("hf")
+    bert_folder(root)
+    gpt2_folder(root)
+    write_texts(root / "texts.txt")
+    write_texts(root / "texts.jsonl", jsonl=True)
+    return root
+
+
+def _compress(root: Path, name: str, texts: str) -> Path:
+    done = lrc("compress", name, "--target-params", "0.5", "--calib", texts, "--refine-steps", "20",
+               "--json", f"{name}.json", "-q", cwd=root)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((root / f"{name}.json").read_text())
+    assert report["params_after"] <= 0.5 * report["params_before"] + 1
+    return root / f"{name}.lrc.safetensors"
+
+
+def _export(root: Path, model: Path, name: str) -> dict:
+    done = lrc("export", model, "--onnx", f"{name}.onnx", "--json", f"{name}-onnx.json", cwd=root)
+    assert done.returncode == 0, done.stderr
+    parity = json.loads((root / f"{name}-onnx.json").read_text())
+    assert parity["passed"] and parity["max_rel_error"] < 1e-4
+    import onnx
+
+    graph = onnx.load(str(root / f"{name}.onnx")).graph
+    for value in [*graph.input, *graph.output]:
+        assert [d.dim_param for d in value.type.tensor_type.shape.dim][:2] == ["batch", "sequence"]
+    return parity
+
+
+@pytest.mark.slow
+def test_bert_folder_end_to_end(folders):
+    out = _compress(folders, "tiny-bert", "texts.txt")
+    done = lrc("eval", out, "--texts", "texts.txt", "--reference", "tiny-bert", "--json", "bert-eval.json",
+               "--min-cosine", "0.5", cwd=folders)
+    assert done.returncode == 0, done.stderr
+    result = json.loads((folders / "bert-eval.json").read_text())
+    assert result["task"] == "embedding" and result["samples"] == 12
+    assert 0.5 <= result["cosine_mean"] <= 1.0 + 1e-6 and 0.0 <= result["nn_agreement"] <= 1.0
+    parity = _export(folders, out, "bert")
+    assert parity["input_names"] == ["input_ids", "token_type_ids", "attention_mask"]
+
+    import lowrank_compress
+    from lowrank_compress.layers import LowRankLinear
+
+    model = lowrank_compress.load(out)
+    assert type(model).__name__ == "BertModel" and any(isinstance(m, LowRankLinear) for m in model.modules())
+    ids = torch.tensor([[2, 10, 11, 12, 3]])
+    assert torch.isfinite(model(input_ids=ids).last_hidden_state).all()
+
+
+@pytest.mark.slow
+def test_gpt2_folder_end_to_end(folders):
+    out = _compress(folders, "tiny-gpt2", "texts.jsonl")
+    done = lrc("eval", out, "--texts", "texts.txt", "--reference", "tiny-gpt2", "--json", "gpt-eval.json",
+               "--max-kl", "0", cwd=folders)
+    assert done.returncode == 3, done.stderr  # a gate missed: exit 3, the report still written
+    assert "kl" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    result = json.loads((folders / "gpt-eval.json").read_text())
+    assert result["task"] == "causal-lm" and result["tokens"] > 100
+    assert result["perplexity"] > 1 and result["kl"] >= 0 and 0 <= result["top1_agreement"] <= 1
+    parity = _export(folders, out, "gpt")
+    assert parity["output_names"] == ["logits"]
+
+    import lowrank_compress
+
+    model = lowrank_compress.load(out)
+    assert type(model).__name__ == "GPT2LMHeadModel"
+    assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape[:2] == (1, 3)
+
+
+def test_eval_folder_against_itself_and_inapplicable_gate(folders):
+    done = lrc("eval", "tiny-gpt2", "--texts", "texts.jsonl", "--json", "self.json", "--min-cosine", "0.9", cwd=folders)
+    assert done.returncode == 2 and "does not apply" in done.stderr
+    assert not (folders / "self.json").exists()
+    done = lrc("eval", "tiny-gpt2", "--texts", "texts.jsonl", "--json", "self.json", "--max-perplexity-ratio", "1.0",
+               cwd=folders)
+    assert done.returncode == 0, done.stderr
+    result = json.loads((folders / "self.json").read_text())
+    assert result["kl"] == 0 and result["top1_agreement"] == 1 and result["perplexity_ratio"] == 1
+
+
+def _bad_folder(root: Path, name: str, config: dict, weights_from: Path | None = None) -> Path:
+    folder = root / name
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    if weights_from is not None:
+        (folder / "model.safetensors").write_bytes((weights_from / "model.safetensors").read_bytes())
+    return folder
+
+
+def test_bad_folders_one_line_exit_2(folders, tmp_path):
+    bert_config = json.loads((folders / "tiny-bert" / "config.json").read_text())
+    cases = {
+        "remote": ({**bert_config, "architectures": ["EvilModel"], "auto_map": {"AutoModel": "evil.EvilModel"}}, True),
+        "unknown-type": ({"model_type": "no-such-model", "architectures": ["BertModel"]}, True),
+        "no-weights": (bert_config, False),
+        "wrong-shapes": ({**bert_config, "hidden_size": 64, "intermediate_size": 128}, True),
+    }
+    for name, (config, weights) in cases.items():
+        _bad_folder(tmp_path, name, config, folders / "tiny-bert" if weights else None)
+        done = lrc("compress", name, "--rank", "2", cwd=tmp_path)
+        assert done.returncode == 2, (name, done.stderr)
+        assert len(done.stderr.strip().splitlines()) == 1, (name, done.stderr)
+        assert not (tmp_path / f"{name}.lrc.safetensors").exists()
+    assert "trust_remote_code" in lrc("compress", "remote", "--rank", "2", cwd=tmp_path).stderr
+
+
+def test_text_calibration_needs_a_tokenizer_folder(tmp_path):
+    from lowrank_compress.calibdata import calibration_batches, read_texts
+    from lowrank_compress.errors import UsageError
+
+    texts = write_texts(tmp_path / "t.txt")
+    with pytest.raises(UsageError, match="Hugging Face folder"):
+        calibration_batches(str(texts), (1, 8), {}, 4, 2)
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"body": "no text field"}\n')
+    with pytest.raises(UsageError, match="bad.jsonl:2"):
+        read_texts(tmp_path / "bad.jsonl")
+    assert read_texts(texts, 3) == [line for line in texts.read_text().splitlines()][:3]
+
+
+def test_tokenized_calibration_masks_padding(folders):
+    from lowrank_compress.calibdata import text_batches
+    from lowrank_compress.io.opening import open_model
+
+    loaded = open_model(folders / "tiny-bert")
+    assert loaded.arch == "hf:BertModel" and loaded.hf.task == "encoder"
+    batches = text_batches(str(folders / "texts.txt"), loaded.hf, 5, 4)
+    assert [len(b["input_ids"]) for b in batches] == [4, 1]
+    mask = batches[0]["attention_mask"]
+    assert mask.shape == batches[0]["input_ids"].shape and (mask == 0).any()  # shorter texts are padded
+    assert set(batches[0]) == {"input_ids", "token_type_ids", "attention_mask"}
+
+
+def test_timm_hub_folder_maps_to_the_registry(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    from lowrank_compress.io.opening import open_model
+
+    model = timm.create_model("resnet10t", num_classes=7)
+    save_file(model.state_dict(), str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"architecture": "resnet10t", "num_classes": 7}))
+    loaded = open_model(tmp_path)
+    assert loaded.arch == "timm:resnet10t" and loaded.arch_kwargs["num_classes"] == 7
+    assert loaded.model(torch.zeros(1, 3, 32, 32)).shape == (1, 7)
+
+
+def test_missing_transformers_is_a_one_line_hint(monkeypatch, tmp_path):
+    from lowrank_compress.errors import UsageError
+    from lowrank_compress.io import hf
+
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(UsageError, match=r"pip install 'lowrank-compress\[hf\]'"):
+        hf.require_transformers()
