@@ -36,3 +36,14 @@ def run_cli(request) -> Callable[..., CliResult]:
         return invoke_cli(capture, *args)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def test_resnet_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A state dict of timm's tiny test_resnet (10 classes): ``--arch timm:test_resnet --arch-kwargs '{"num_classes": 10}'``."""
+    import timm
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "test_resnet.pt"
+    torch.save(timm.create_model("test_resnet", pretrained=False, num_classes=10).state_dict(), path)
+    return path

@@ -260,3 +260,10 @@ def invoke_cli(capture: Any, *args: str | Path) -> CliResult:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     out, err = capture.readouterr()
     return CliResult(code, out, err)
+
+
+def one_error_line(err: str) -> str:
+    """The one ``error: …`` line of ``err`` (blank lines aside); fails on anything else."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), err
+    return lines[0]

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import timm
 import torch
 from torch import nn
 
@@ -22,9 +21,9 @@ from lowrank_compress.bench import (
 )
 from lowrank_compress.modelrun import count_params
 from lowrank_compress.throughput import measure_throughput
-from lowrank_compress.cli import main
 from lowrank_compress.errors import UsageError
 from lowrank_compress.export import export_onnx
+from models import invoke_cli, one_error_line
 
 
 
@@ -193,12 +192,9 @@ def test_cuda_throughput_runs_compiled_in_bf16() -> None:
 # ---------------------------------------------------------------- lrc bench
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "test_resnet.pt"
-    torch.save(timm.create_model("test_resnet", pretrained=False, num_classes=10).state_dict(), path)
-    return path
+@pytest.fixture
+def checkpoint(test_resnet_checkpoint: Path) -> Path:
+    return test_resnet_checkpoint
 
 
 ARCH = ["--arch", "timm:test_resnet", "--arch-kwargs", '{"num_classes": 10}']
@@ -206,44 +202,29 @@ QUICK = ["--input-shape", "1,3,32,32", "--batch-sizes", "1,2", "--warmup", "1", 
 
 
 def run_cli(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    result = invoke_cli(capsys, *args)
+    return result.code, result.out, result.err
 
 
-def _one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), err
-    return lines[0]
+def _gated_run(tmp_path: Path, checkpoint: Path, capsys, budget: str) -> tuple[int, str, str, dict]:
+    """``lrc bench`` of a model against itself with --max-latency-ratio ``budget``: exit code, output, the JSON."""
+    out = tmp_path / "bench.json"
+    code, stdout, err = run_cli(["bench", str(checkpoint), "--vs", str(checkpoint), *ARCH, *QUICK, "--device", "cpu",
+                                 "--json", str(out), "--max-latency-ratio", budget], capsys)
+    return code, stdout, err, json.loads(out.read_text())
 
 
 def test_gate_exits_3_when_the_ratio_misses_its_budget(tmp_path: Path, checkpoint: Path, capsys) -> None:
     # A model against itself has a ratio near 1, far above a 0.01 budget.
-    out = tmp_path / "bench.json"
-    code, _, err = run_cli(
-        ["bench", str(checkpoint), "--vs", str(checkpoint), *ARCH, *QUICK, "--device", "cpu",
-         "--json", str(out), "--max-latency-ratio", "0.01"],
-        capsys,
-    )
+    code, _, err, result = _gated_run(tmp_path, checkpoint, capsys, "0.01")
     assert code == 3
-    assert "> budget 0.01" in _one_error_line(err)
-    result = json.loads(out.read_text())
+    assert "> budget 0.01" in one_error_line(err)
     assert result["passed"] is False and result["worst_latency_ratio"] > 0.01
 
 
 def test_gate_exits_0_when_the_ratio_meets_its_budget(tmp_path: Path, checkpoint: Path, capsys) -> None:
-    out = tmp_path / "bench.json"
-    code, stdout, _ = run_cli(
-        ["bench", str(checkpoint), "--vs", str(checkpoint), *ARCH, *QUICK, "--device", "cpu",
-         "--json", str(out), "--max-latency-ratio", "100"],
-        capsys,
-    )
+    code, stdout, _, result = _gated_run(tmp_path, checkpoint, capsys, "100")
     assert code == 0 and "median ms" in stdout
-    result = json.loads(out.read_text())
     assert result["passed"] is True and result["max_latency_ratio"] == 100
     assert result["models"]["model"]["flops"] == result["models"]["baseline"]["flops"] > 0
     assert {(r["model"], r["batch_size"]) for r in result["results"]} == {
@@ -287,29 +268,29 @@ def test_bench_on_onnxruntime_against_an_onnx_baseline(tmp_path: Path, checkpoin
 
 def test_latency_budget_needs_a_baseline(checkpoint: Path, capsys) -> None:
     code, _, err = run_cli(["bench", str(checkpoint), *ARCH, *QUICK, "--max-latency-ratio", "0.5"], capsys)
-    assert code == 2 and "--vs" in _one_error_line(err)
+    assert code == 2 and "--vs" in one_error_line(err)
 
 
 def test_bench_wrong_rank_input_shape_is_one_line(checkpoint: Path, capsys) -> None:
     code, _, err = run_cli(["bench", str(checkpoint), *ARCH, "--input-shape", "1,3,32", "--device", "cpu"], capsys)
-    assert code == 2 and "does not fit the model" in _one_error_line(err)
+    assert code == 2 and "does not fit the model" in one_error_line(err)
 
 
 def test_bench_non_model_file_is_one_line(tmp_path: Path, capsys) -> None:
     bogus = tmp_path / "weights.onnx"
     bogus.write_text("not onnx")
     code, _, err = run_cli(["bench", str(bogus), *QUICK, "--runtime", "onnxruntime"], capsys)
-    assert code == 2 and "not a readable ONNX file" in _one_error_line(err)
+    assert code == 2 and "not a readable ONNX file" in one_error_line(err)
 
 
 @pytest.mark.parametrize("flag,value", [("--batch-sizes", "1,x"), ("--runtime", "tvm"), ("--threads", "0")])
 def test_bench_bad_options_are_usage_errors(checkpoint: Path, capsys, flag: str, value: str) -> None:
     code, _, err = run_cli(["bench", str(checkpoint), *ARCH, "--input-shape", "1,3,32,32", flag, value], capsys)
     assert code == 2
-    _one_error_line(err)
+    one_error_line(err)
 
 
 def test_bench_unwritable_json_fails_before_timing(tmp_path: Path, checkpoint: Path, capsys) -> None:
     code, _, err = run_cli(["bench", str(checkpoint), *ARCH, *QUICK, "--json", str(tmp_path / "no" / "b.json")], capsys)
     assert code == 2
-    _one_error_line(err)
+    one_error_line(err)

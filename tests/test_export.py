@@ -18,10 +18,10 @@ from torch import nn
 
 from lowrank_compress.layers import from_dense
 from lowrank_compress.factors import Factorization
-from lowrank_compress.cli import main
 from lowrank_compress.errors import LrcError, UsageError
 from lowrank_compress.export import export_onnx, verify_onnx
 from lowrank_compress.layers import LOW_RANK_TYPES, unsupported_reason
+from models import invoke_cli, one_error_line
 
 # Every op a factorized torchvision/timm model may export to: all default-domain ONNX ops. The
 # point is what is absent: ATen fallbacks, custom domains, BatchNormalization (folded into Conv).
@@ -233,32 +233,17 @@ def test_unbatched_image_shape_is_a_usage_error(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- lrc export
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A state dict of timm's tiny test_resnet (10 classes)."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "test_resnet.pt"
-    torch.save(timm.create_model("test_resnet", pretrained=False, num_classes=10).state_dict(), path)
-    return path
+@pytest.fixture
+def checkpoint(test_resnet_checkpoint: Path) -> Path:
+    return test_resnet_checkpoint
 
 
 ARCH = ["--arch", "timm:test_resnet", "--arch-kwargs", '{"num_classes": 10}']
 
 
 def run_cli(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def _one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), err
-    return lines[0]
+    result = invoke_cli(capsys, *args)
+    return result.code, result.out, result.err
 
 
 def test_cli_exports_and_reports_parity(tmp_path: Path, checkpoint: Path, capsys) -> None:
@@ -302,7 +287,7 @@ def test_cli_parity_miss_exits_1_and_keeps_the_file(tmp_path: Path, checkpoint: 
         ["export", str(checkpoint), *ARCH, "--onnx", str(out), "--input-shape", "1,3,32,32", "--rtol", "1e-15"], capsys
     )
     assert code == 1
-    assert "kept for inspection" in _one_error_line(err)
+    assert "kept for inspection" in one_error_line(err)
     assert out.is_file()
 
 
@@ -312,7 +297,7 @@ def test_cli_non_model_file_is_one_line_and_no_file(tmp_path: Path, capsys) -> N
     out = tmp_path / "model.onnx"
     code, _, err = run_cli(["export", str(bogus), *ARCH, "--onnx", str(out), "--input-shape", "1,3,32,32"], capsys)
     assert code == 2
-    _one_error_line(err)
+    one_error_line(err)
     assert not out.exists()
 
 
@@ -320,7 +305,7 @@ def test_cli_wrong_rank_input_shape_is_one_line_and_no_file(tmp_path: Path, chec
     out = tmp_path / "model.onnx"
     code, _, err = run_cli(["export", str(checkpoint), *ARCH, "--onnx", str(out), "--input-shape", "1,3,32"], capsys)
     assert code == 2
-    assert "does not fit the model" in _one_error_line(err)
+    assert "does not fit the model" in one_error_line(err)
     assert _leftovers(tmp_path) == []
 
 
@@ -329,7 +314,7 @@ def test_cli_unwritable_output_is_one_line(tmp_path: Path, checkpoint: Path, cap
     out = tmp_path / where
     code, _, err = run_cli(["export", str(checkpoint), *ARCH, "--onnx", str(out), "--input-shape", "1,3,32,32"], capsys)
     assert code == 2
-    _one_error_line(err)
+    one_error_line(err)
     assert _leftovers(tmp_path) == []
 
 
@@ -344,7 +329,7 @@ def test_cli_read_only_directory_is_one_line(tmp_path: Path, checkpoint: Path, c
         )
     finally:
         locked.chmod(0o700)
-    assert code == 2 and "not writable" in _one_error_line(err)
+    assert code == 2 and "not writable" in one_error_line(err)
 
 
 # ---------------------------------------------------------------- export for speed

@@ -166,9 +166,7 @@ class Residual(nn.Module):
 class Concat(nn.Module):
     def __init__(self):
         super().__init__()
-        self.a = nn.Linear(8, 8)
-        self.b = nn.Linear(8, 8)
-        self.head = nn.Linear(16, 2)
+        self.a, self.b, self.head = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(16, 2)
 
     def forward(self, x):
         return self.head(torch.relu(torch.cat([self.a(x), self.b(x)], 1)))
@@ -177,9 +175,7 @@ class Concat(nn.Module):
 class FanOut(nn.Module):
     def __init__(self):
         super().__init__()
-        self.a = nn.Linear(8, 8)
-        self.b = nn.Linear(8, 8)
-        self.c = nn.Linear(8, 8)
+        self.a, self.b, self.c = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
 
     def forward(self, x):
         h = self.a(x)
