@@ -113,11 +113,16 @@ class LowRankLinear(_LowRank):
         self.up = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
 
     @classmethod
+    def empty_like(cls, layer: nn.Linear, rank: int, bias: bool) -> LowRankLinear:
+        """An uninitialized rank-``rank`` replacement of ``layer`` (its shape, device and dtype)."""
+        w = layer.weight
+        return cls(layer.in_features, layer.out_features, rank, bias, w.device, w.dtype)
+
+    @classmethod
     def from_dense(cls, layer: nn.Linear, factors: Factorization) -> LowRankLinear:
         _check_shapes(layer, factors)
         factors = _resolve_bias(layer, factors)
-        w = layer.weight
-        module = cls(layer.in_features, layer.out_features, factors.rank, factors.bias is not None, w.device, w.dtype)
+        module = cls.empty_like(layer, factors.rank, factors.bias is not None)
         module._load_factors(factors)
         return module
 
@@ -160,17 +165,20 @@ class _LowRankConv(_LowRank):
         self.up = self._conv(rank, out_channels, 1, bias=bias, device=device, dtype=dtype)
 
     @classmethod
+    def empty_like(cls, layer: nn.Module, rank: int, bias: bool):
+        """An uninitialized rank-``rank`` replacement of the conv ``layer`` (its geometry, device and dtype)."""
+        w = layer.weight
+        return cls(layer.in_channels, layer.out_channels, rank, layer.kernel_size, layer.stride, layer.padding,
+                   layer.dilation, layer.padding_mode, bias, w.device, w.dtype)
+
+    @classmethod
     def from_dense(cls, layer: nn.Module, factors: Factorization):
         reason = unsupported_reason(layer)
         if reason is not None:
             raise ValueError(f"cannot factorize: {reason}")
         _check_shapes(layer, factors)
         factors = _resolve_bias(layer, factors)
-        w = layer.weight
-        module = cls(
-            layer.in_channels, layer.out_channels, factors.rank, layer.kernel_size, layer.stride, layer.padding,
-            layer.dilation, layer.padding_mode, factors.bias is not None, w.device, w.dtype,
-        )
+        module = cls.empty_like(layer, factors.rank, factors.bias is not None)
         module._load_factors(factors)
         return module
 

@@ -241,16 +241,7 @@ def apply_structure(model: nn.Module, layers: dict[str, dict[str, Any]], source:
         if not 1 <= rank <= min(w.shape[0], w[0].numel()):
             raise UsageError(f"{prefix}the manifest entry for {fqn!r} has a bad rank {rank!r}")
         plans[fqn] = (cls, dense, rank, bool(entry.get("bias")))
-    built: dict[str, nn.Module] = {}
-    for fqn, (cls, dense, rank, bias) in plans.items():
-        w = dense.weight
-        if cls is LowRankLinear:
-            built[fqn] = cls(dense.in_features, dense.out_features, rank, bias, w.device, w.dtype)
-        else:
-            built[fqn] = cls(
-                dense.in_channels, dense.out_channels, rank, dense.kernel_size, dense.stride, dense.padding,
-                dense.dilation, dense.padding_mode, bias, w.device, w.dtype,
-            )
+    built = {fqn: cls.empty_like(dense, rank, bias) for fqn, (cls, dense, rank, bias) in plans.items()}
     for fqn, entry in layers.items():
         replace_module(model, model.get_submodule(fqn), built[entry.get("tied_to", fqn)])
     return model
