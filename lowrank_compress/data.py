@@ -35,7 +35,7 @@ from torch.utils.data.distributed import DistributedSampler
 from torchvision.datasets import DatasetFolder
 
 from .io.dataconfig import IMAGENET_MEAN, IMAGENET_STD
-from .io.records import LoadedModel
+from .io.records import DataConfig, LoadedModel
 from .io.dataconfig import data_config as arch_data_config
 from .errors import UsageError
 
@@ -58,14 +58,14 @@ def resolve_data_config(loaded: LoadedModel, input_shape: Sequence[int] | None =
     is fed 32×32 images). Mean/std default to ImageNet's for 3 channels and to the channel average
     of ImageNet's for any other channel count.
     """
-    config = {**arch_data_config(loaded.arch, loaded.model), **(loaded.data_config or {})}
+    config = arch_data_config(loaded.arch, loaded.model).updated(loaded.data_config)
     return complete_data_config(config, input_shape or loaded.input_shape)
 
 
-def complete_data_config(config: dict[str, Any], shape: Sequence[int] | None = None) -> dict[str, Any]:
+def complete_data_config(config: DataConfig | dict[str, Any], shape: Sequence[int] | None = None) -> dict[str, Any]:
     """``config`` with every key filled in and checked, its input size taken from ``shape`` (N, C, H, W)
-    when given (see :func:`resolve_data_config`)."""
-    config = dict(config)
+    when given (see :func:`resolve_data_config`): the transforms' settings."""
+    config = config.to_dict() if isinstance(config, DataConfig) else dict(config)
     if shape is not None:
         if len(shape) != 4:
             raise UsageError(f"input shape {tuple(shape)} is not an image batch shape N,C,H,W")

@@ -130,7 +130,7 @@ def run_compress(job: CompressJob, progress: ProgressFn | None = None, raise_on_
     del references
 
     save(model, out, arch=loaded.arch, arch_kwargs=loaded.arch_kwargs, input_shape=list(shape),
-         data_config=_jsonable(loaded.data_config), hf=loaded.hf.manifest() if loaded.hf is not None else None)
+         data_config=_jsonable(loaded.data_config.to_dict()), hf=loaded.hf.manifest() if loaded.hf is not None else None)
     if job.json_path is not None:
         with atomic_output(job.json_path) as tmp:
             tmp.write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True))

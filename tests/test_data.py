@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lowrank_compress.io.records import LoadedModel
+from lowrank_compress.io.records import DataConfig, LoadedModel
 from lowrank_compress.data import (
     ImageFolder,
     SeededAugmentFolder,
@@ -72,7 +72,7 @@ def test_timm_archs_get_timm_training_transform() -> None:
 
 
 def test_resolve_data_config_prefers_the_recorded_input_shape() -> None:
-    loaded = LoadedModel(model=torch.nn.Identity(), input_shape=(1, 3, 32, 32), data_config={"input_size": (3, 224, 224), "crop_pct": 0.875})
+    loaded = LoadedModel(model=torch.nn.Identity(), input_shape=(1, 3, 32, 32), data_config=DataConfig(input_size=(3, 224, 224), crop_pct=0.875))
     config = resolve_data_config(loaded)
     assert config["input_size"] == (3, 32, 32)
     assert config["crop_pct"] == 0.875 and config["mean"] == (0.485, 0.456, 0.406)

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lowrank_compress.examples import digits
 from lowrank_compress.io import format as lrc_format
-from lowrank_compress.io.records import LoadedModel
+from lowrank_compress.io.records import DataConfig, LoadedModel
 from lowrank_compress.evaluate import evaluate, evaluate_folder
 
 
@@ -79,7 +79,7 @@ def test_eval_matches_the_in_memory_accuracy(digits_dir: Path) -> None:
     torch.manual_seed(1)
     model = digits.DigitsCNN().eval()
     mean, std = digits.normalization()
-    loaded = LoadedModel(model, digits.ARCH_SPEC, input_shape=(1, 1, 32, 32), data_config={"mean": mean, "std": std})
+    loaded = LoadedModel(model, digits.ARCH_SPEC, input_shape=(1, 1, 32, 32), data_config=DataConfig(mean=mean, std=std))
     _, _, x_test, y_test = digits.load_digits_split(seed=0, size=32)
     expected = digits.accuracy(model, x_test[:150], y_test[:150])
     result = evaluate_folder(loaded, digits_dir, batch_size=64, workers=0)

@@ -111,7 +111,7 @@ def test_the_output_keeps_the_factorized_structure_and_input_size(small_dir: Pat
     loaded = lrc_format.load_compressed(out)
     assert sum(isinstance(m, LOW_RANK_TYPES) for m in loaded.model.modules()) == 6
     assert loaded.input_shape == digits.INPUT_SHAPE
-    assert loaded.data_config["mean"] == [digits.DIGITS_MEAN]
+    assert loaded.data_config.mean == (digits.DIGITS_MEAN,)
 
 
 def test_an_original_checkpoint_with_arch_is_written_with_its_arch(small_dir: Path, tmp_path: Path, run_cli) -> None:
@@ -287,7 +287,7 @@ def test_from_scratch_timm_resnet50_at_rank_ratio_0_1(tmp_path: Path, run_cli) -
             "--max-steps", "1", "--workers", "0", "--quiet", "-o", str(out)]
     assert run_cli(*argv).code == 0
     loaded = lrc_format.load_compressed(out)
-    assert loaded.input_shape == (1, 3, 64, 64) and loaded.data_config["interpolation"] == "bicubic"
+    assert loaded.input_shape == (1, 3, 64, 64) and loaded.data_config.interpolation == "bicubic"
     assert sum(p.numel() for p in loaded.model.parameters()) < 0.2 * 23_500_000
 
 

@@ -198,7 +198,7 @@ def _finetune(
     settings: DemoSettings,
 ) -> tuple[Any, dict[str, Any]]:
     """Distill ``teacher`` into a copy of ``student`` on a temporary image folder; (result, config)."""
-    from ..io.records import LoadedModel
+    from ..io.records import DataConfig, LoadedModel
     from ..recipes import TrainConfig
     from ..train import finetune
 
@@ -211,8 +211,7 @@ def _finetune(
     mean, std = digits.normalization()
     loaded = LoadedModel(
         model=copy.deepcopy(student), arch=digits.ARCH_SPEC, arch_kwargs={}, input_shape=digits.INPUT_SHAPE,
-        data_config={"input_size": digits.INPUT_SHAPE[1:], "mean": mean, "std": std,
-                     "interpolation": "bilinear", "crop_pct": 1.0},
+        data_config=DataConfig(digits.INPUT_SHAPE[1:], mean, std, "bilinear", 1.0),
     )
     with tempfile.TemporaryDirectory(prefix="lrc-demo-") as tmp:
         digits.write_image_folder(tmp, x_train, y_train, "train")

@@ -7,6 +7,7 @@ from typing import Any
 from torch import nn
 
 from .checks import file_metadata
+from .records import DataConfig
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -38,7 +39,7 @@ def _torchvision_config(name: str) -> dict[str, Any]:
     }
 
 
-def data_config(arch: str | None, model: nn.Module, metadata: dict[str, str] | None = None) -> dict[str, Any]:
+def data_config(arch: str | None, model: nn.Module, metadata: dict[str, str] | None = None) -> DataConfig:
     """Eval preprocessing for a model: input_size (C, H, W), mean, std, interpolation, crop_pct."""
     meta = file_metadata(metadata or {}, "the file")
     config: dict[str, Any] = {}
@@ -54,7 +55,7 @@ def data_config(arch: str | None, model: nn.Module, metadata: dict[str, str] | N
             config[key] = meta[key]
     if "input_shape" in meta:
         config["input_size"] = meta["input_shape"][1:]
-    return config
+    return DataConfig.from_dict(config)
 
 
 def default_input_shape(arch: str | None, model: nn.Module, metadata: dict[str, str] | None = None) -> tuple[int, ...] | None:
@@ -66,8 +67,8 @@ def default_input_shape(arch: str | None, model: nn.Module, metadata: dict[str, 
     if shape:
         return tuple(shape)
     cfg = data_config(arch, model, meta)
-    if "input_size" in cfg and (arch or "").split(":")[0] in ("timm", "torchvision"):
-        return (1, *cfg["input_size"])
+    if cfg.input_size is not None and (arch or "").split(":")[0] in ("timm", "torchvision"):
+        return (1, *cfg.input_size)
     first = next((m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))), None)
     if isinstance(first, nn.Linear):
         return (1, first.in_features)

@@ -23,7 +23,7 @@ from .archspec import build_model, file_kwargs, meta_model
 from .checks import MAX_SAMPLE_ELEMENTS, check_input_shape, check_norm_values, clip, is_int, parse_json
 from .files import atomic_output
 from .reading import read_safetensors_metadata, safetensors_numel, state_numel, with_module_versions
-from .records import LoadedModel
+from .records import DataConfig, LoadedModel
 
 
 MANIFEST_KEY = "lrc"
@@ -332,7 +332,7 @@ def load_compressed(
         arch=manifest.get("arch"),
         arch_kwargs=manifest.get("arch_kwargs") or {},
         input_shape=shape,
-        data_config=manifest.get("data_config") or {},
+        data_config=DataConfig.from_dict(manifest.get("data_config")),
         manifest=manifest,
         hf=info,
     )
