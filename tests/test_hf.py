@@ -63,6 +63,9 @@ def _export(root: Path, model: Path, name: str) -> dict:
 
 @pytest.mark.slow
 def test_bert_folder_end_to_end(folders):
+    done = lrc("inspect", "tiny-bert", "--json", "bert-layers.json", cwd=folders)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((folders / "bert-layers.json").read_text())["arch"] == "hf:BertModel"
     out = _compress(folders, "tiny-bert", "texts.txt")
     done = lrc("eval", out, "--texts", "texts.txt", "--reference", "tiny-bert", "--json", "bert-eval.json",
                "--min-cosine", "0.5", cwd=folders)

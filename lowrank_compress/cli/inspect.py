@@ -45,7 +45,8 @@ def inspect_command(
         loaded = open_model(checkpoint, arch, parse_arch_kwargs(arch_kwargs), trust_pickle, shape)
         require_input_shape(loaded.input_shape, None, checkpoint)
         dtype = next((p.dtype for p in loaded.model.parameters() if p.is_floating_point()), torch.float32)
-        sites = find_sites(loaded.model, torch.randn(loaded.input_shape).to(dtype))
+        example = loaded.hf.example() if loaded.hf is not None else torch.randn(loaded.input_shape).to(dtype)
+        sites = find_sites(loaded.model, example)
         out.print(sites_table(sites, rich.markup.escape(f"{checkpoint.name} ({loaded.arch}) at input {tuple(loaded.input_shape)}")))
         if loaded.arch_note:
             console.print(loaded.arch_note, highlight=False, soft_wrap=True, markup=False)
