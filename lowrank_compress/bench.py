@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from .errors import UsageError
-from .export import DEFAULT_OPSET, model_device, model_dtype, ort_session, reference_forward, write_graph
-from .modelrun import count_flops
+from .export import DEFAULT_OPSET, ort_session, reference_forward, write_graph
+from .modelrun import count_flops, model_device, model_dtype
 
 RUNTIMES = ("torch", "onnxruntime")
 ModelLike = nn.Module | str | os.PathLike

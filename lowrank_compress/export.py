@@ -37,6 +37,7 @@ from torch import nn
 from .errors import LrcError, UsageError
 from .io.files import atomic_output, check_writable
 from .io.files import quiet_output as _quiet_output
+from .modelrun import model_device, model_dtype
 
 DEFAULT_OPSET = 17
 # Opset ranges on torch 2.14 (torch.onnx._constants); the dynamo exporter starts at 18.
@@ -103,18 +104,6 @@ def _check_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
     if not shape or any(s < 1 for s in shape):
         raise UsageError(f"bad input shape {tuple(input_shape)}: every dimension must be a positive integer")
     return shape
-
-
-def model_dtype(model: nn.Module) -> torch.dtype:
-    """The dtype of the first floating-point parameter (float32 for a model without one)."""
-    param = next((p for p in model.parameters() if p.is_floating_point()), None)
-    return torch.float32 if param is None else param.dtype
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the first parameter (CPU for a model without parameters)."""
-    param = next(iter(model.parameters()), None)
-    return torch.device("cpu") if param is None else param.device
 
 
 def _output_names(outputs: torch.Tensor | tuple | list) -> list[str]:

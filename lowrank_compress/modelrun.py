@@ -148,6 +148,12 @@ def model_dtype(model: nn.Module) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the first parameter (CPU for a model without parameters)."""
+    param = next(iter(model.parameters()), None)
+    return torch.device("cpu") if param is None else param.device
+
+
 def replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> list[str]:
     """Replace every occurrence of ``old`` (shared modules included) by ``new``; returns the names."""
     names = [n for n, m in model.named_modules(remove_duplicate=False) if m is old and n]

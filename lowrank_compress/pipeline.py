@@ -14,7 +14,7 @@ from .io.opening import open_model
 from .io.records import LoadedModel
 from .compress import compress
 from .config import CompressConfig, CompressReport, ProgressFn
-from .modelrun import call_model
+from .modelrun import call_model, model_dtype
 from .errors import BudgetExceeded, LrcError, UsageError
 from .io.files import atomic_output, check_writable
 from .io.format import save
@@ -112,7 +112,7 @@ def run_compress(job: CompressJob, progress: ProgressFn | None = None, raise_on_
             "pass --arch (and --arch-kwargs) that builds it, to record in the output's manifest"
         )
     gen = torch.Generator().manual_seed(job.config.seed)
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    dtype = model_dtype(model)
     example = loaded.hf.example() if loaded.hf is not None else torch.randn(shape, generator=gen).to(dtype)
     _check_runs(model, example)
     calibration = None
