@@ -132,6 +132,7 @@ def test_bad_folders_one_line_exit_2(folders, tmp_path):
         "unknown-type": ({"model_type": "no-such-model", "architectures": ["BertModel"]}, True),
         "no-weights": (bert_config, False),
         "wrong-shapes": ({**bert_config, "hidden_size": 64, "intermediate_size": 128}, True),
+        "huge": ({**bert_config, "hidden_size": 65536, "intermediate_size": 262144}, True),  # refused before allocating
     }
     for name, (config, weights) in cases.items():
         _bad_folder(tmp_path, name, config, folders / "tiny-bert" if weights else None)

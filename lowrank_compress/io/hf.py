@@ -246,12 +246,26 @@ def _max_length(folder: Path, config: dict[str, Any], tokenizer) -> int:
     return min(v for v in limits if isinstance(v, int) and not isinstance(v, bool) and v > 0)
 
 
+def _check_fits(config: dict[str, Any], files: list[Path], source: Path) -> None:
+    """Refuse, before allocating it, a config that builds more weights than the files hold (built on
+    the meta device): a strict load could never fill it."""
+    from .reading import read_safetensors_metadata, safetensors_numel, state_numel
+
+    for path in files:
+        read_safetensors_metadata(path)
+    have = sum(safetensors_numel(p) for p in files)
+    if (needed := state_numel(build_hf(config, None, source, meta=True)[0])) > have:
+        raise UsageError(f"{source} builds {needed:,} weights but the safetensors files hold {have:,}")
+
+
 def open_hf(folder: Path, weights: list[Path] | None, source: Any) -> tuple[nn.Module, HFModel]:
     """The model of a Hugging Face folder with its weights (``weights``: the folder's own by default)."""
     transformers = require_transformers()
     config = _clean_config(read_json_file(folder / "config.json", "model config"), folder / "config.json")
+    files = weights or _weight_files(folder)
+    _check_fits(config, files, folder / "config.json")
     model, name, task = build_hf(config, None, folder / "config.json")
-    load_hf_weights(model, weights or _weight_files(folder), source)
+    load_hf_weights(model, files, source)
     tokenizer = _tokenizer(transformers, folder, task)
     names = list(getattr(tokenizer, "model_input_names", None) or ["input_ids", "attention_mask"])
     info = HFModel(config=config, class_name=name, input_names=names, task=task, tokenizer=tokenizer,
