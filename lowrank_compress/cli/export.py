@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import rich.markup
 import typer
 
 from ..errors import LrcError, UsageError
@@ -29,12 +28,11 @@ def export_command(
     json_path: Path | None = typer.Option(None, "--json", help="Write the parity report here as JSON."),
 ) -> None:
     """Export to ONNX (input "input", output "output", dynamic batch), check it, compare with PyTorch in onnxruntime."""
-    from rich.table import Table
-
     from ..io.checks import parse_arch_kwargs, parse_input_shape
     from ..io.opening import open_model
     from ..export import export_onnx
     from ..io.files import check_distinct_paths, check_writable, write_json
+    from .render import parity_table
 
     check_distinct_paths({"MODEL": model, "--calib": calib if calib != "gaussian" else None}, {"--onnx": onnx, "--json": json_path})
     shape = parse_input_shape(input_shape)
@@ -55,15 +53,7 @@ def export_command(
 
             calib_inputs = calibration_batches(calib, shape, loaded.data_config, calib_samples, CALIB_CHUNK)
         report = export_onnx(loaded.model, onnx, shape, opset=opset, rtol=rtol, calib_inputs=calib_inputs, exporter=exporter)
-    table = Table(title=rich.markup.escape(f"{onnx} ({report.exporter} exporter, opset {report.opset})"))
-    for column in ("max abs error", "max rel error", "tolerance", "checked", "parity"):
-        table.add_column(column, justify="right")
-    checked = f"batches {','.join(map(str, report.batch_sizes))}" + (f" + {report.calib_samples} calib" if report.calib_samples else "")
-    table.add_row(
-        f"{report.max_abs_error:.2e}", f"{report.max_rel_error:.2e}", f"{rtol:.0e}", checked,
-        "[green]pass[/]" if report.passed else "[red]FAIL[/]",
-    )
-    out.print(table)
+    out.print(parity_table(report, onnx, rtol))
     ops = ", ".join(report.op_types)
     out.print(f"ops: {ops}" + (f"; non-standard: {', '.join(report.nonstandard_ops)}" if report.nonstandard_ops else ""), highlight=False)
     if json_path is not None:

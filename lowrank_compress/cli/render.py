@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -15,6 +16,7 @@ from ..graph import LayerSite
 
 if TYPE_CHECKING:
     from ..benchjob import BenchResult
+    from ..export import ParityReport
 
 
 def _fmt_int(n: int | None) -> str:
@@ -166,4 +168,17 @@ def _latency_table(result: BenchResult) -> Table:
     for r in sorted(report.results, key=lambda r: (r.batch_size, r.model != "baseline")):
         ratio = f"{r.ratio:.3f}" if job.vs is not None and r.ratio is not None else ""
         table.add_row(r.model, str(r.batch_size), f"{r.median_s * 1e3:.2f}", f"{r.iqr_s * 1e3:.2f}", ratio)
+    return table
+
+
+def parity_table(report: ParityReport, onnx: Path, rtol: float) -> Table:
+    """``lrc export``: the ONNX parity check of ``report`` (an ``export.ParityReport``)."""
+    table = Table(title=escape(f"{onnx} ({report.exporter} exporter, opset {report.opset})"))
+    for column in ("max abs error", "max rel error", "tolerance", "checked", "parity"):
+        table.add_column(column, justify="right")
+    checked = f"batches {','.join(map(str, report.batch_sizes))}" + (f" + {report.calib_samples} calib" if report.calib_samples else "")
+    table.add_row(
+        f"{report.max_abs_error:.2e}", f"{report.max_rel_error:.2e}", f"{rtol:.0e}", checked,
+        "[green]pass[/]" if report.passed else "[red]FAIL[/]",
+    )
     return table
