@@ -81,16 +81,6 @@ class Result:
     error: str | None = None
 
 
-def _outputs(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _outputs(v)]
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _outputs(v)]
-    return []
-
-
 def _runs(model: nn.Module, shape: tuple[int, ...]) -> bool:
     try:
         with torch.no_grad():
@@ -136,6 +126,7 @@ def check(arch: str, workdir: Path, arch_kwargs: dict[str, Any] | None = None, m
 
     import lowrank_compress
     from lowrank_compress.io.format import read_manifest
+    from lowrank_compress.modelrun import output_tensors
     from lowrank_compress.cli import main
 
     start = time.perf_counter()
@@ -146,7 +137,7 @@ def check(arch: str, workdir: Path, arch_kwargs: dict[str, Any] | None = None, m
         result.input_shape, result.arch_kwargs = list(shape), kwargs
         x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
-            expected = [t.shape for t in _outputs(model(x))]
+            expected = [t.shape for t in output_tensors(model(x), floating_only=False)]
         stem = arch.replace(":", "_").replace(".", "_")
         checkpoint, output = workdir / f"{stem}.safetensors", workdir / f"{stem}.lrc.safetensors"
         save_model(model, str(checkpoint))
@@ -163,7 +154,7 @@ def check(arch: str, workdir: Path, arch_kwargs: dict[str, Any] | None = None, m
         result.factorized = sorted(read_manifest(output)["layers"])
         loaded = lowrank_compress.load(output, arch, kwargs) if load_with_arch else lowrank_compress.load(output)
         with torch.no_grad():
-            got = _outputs(loaded(x))
+            got = output_tensors(loaded(x), floating_only=False)
         if [t.shape for t in got] != expected:
             shapes = [tuple(t.shape) for t in got]
             raise RuntimeError(f"output shapes {shapes}, expected {[tuple(s) for s in expected]}")

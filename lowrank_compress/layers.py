@@ -60,6 +60,15 @@ class _LowRank(nn.Module):
     def rank(self) -> int:
         return self.up.weight.shape[1]
 
+    @classmethod
+    def from_dense(cls, layer: nn.Module, factors: Factorization):
+        """The factorized replacement of ``layer`` holding ``factors`` (see :func:`empty_like`)."""
+        _check_shapes(layer, factors)
+        factors = _resolve_bias(layer, factors)
+        module = cls.empty_like(layer, factors.rank, factors.bias is not None)
+        module._load_factors(factors)
+        return module
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(self.down(x))
 
@@ -118,14 +127,6 @@ class LowRankLinear(_LowRank):
         w = layer.weight
         return cls(layer.in_features, layer.out_features, rank, bias, w.device, w.dtype)
 
-    @classmethod
-    def from_dense(cls, layer: nn.Linear, factors: Factorization) -> LowRankLinear:
-        _check_shapes(layer, factors)
-        factors = _resolve_bias(layer, factors)
-        module = cls.empty_like(layer, factors.rank, factors.bias is not None)
-        module._load_factors(factors)
-        return module
-
     def to_dense(self) -> nn.Linear:
         w = self.up.weight
         dense = nn.Linear(self.in_features, self.out_features, self.up.bias is not None, w.device, w.dtype)
@@ -176,11 +177,7 @@ class _LowRankConv(_LowRank):
         reason = unsupported_reason(layer)
         if reason is not None:
             raise ValueError(f"cannot factorize: {reason}")
-        _check_shapes(layer, factors)
-        factors = _resolve_bias(layer, factors)
-        module = cls.empty_like(layer, factors.rank, factors.bias is not None)
-        module._load_factors(factors)
-        return module
+        return super().from_dense(layer, factors)
 
     def to_dense(self) -> nn.Module:
         d, w = self.down, self.up.weight

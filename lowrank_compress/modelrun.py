@@ -19,14 +19,15 @@ def call_model(model: nn.Module, inputs: Any) -> Any:
     return model(inputs)
 
 
-def output_tensors(result: Any) -> list[torch.Tensor]:
-    """The floating-point tensors of a model's result (tensors, dicts, tuples, HF model outputs)."""
+def output_tensors(result: Any, floating_only: bool = True) -> list[torch.Tensor]:
+    """The floating-point tensors (every tensor with ``floating_only`` False) of a model's result
+    (tensors, dicts, tuples, HF model outputs)."""
     if isinstance(result, torch.Tensor):
-        return [result] if result.is_floating_point() else []
+        return [result] if result.is_floating_point() or not floating_only else []
     if isinstance(result, dict):
-        return [t for v in result.values() for t in output_tensors(v)]
+        return [t for v in result.values() for t in output_tensors(v, floating_only)]
     if isinstance(result, (tuple, list)):
-        return [t for v in result for t in output_tensors(v)]
+        return [t for v in result for t in output_tensors(v, floating_only)]
     return []
 
 

@@ -14,7 +14,7 @@ from .io.opening import open_model
 from .io.records import LoadedModel
 from .compress import compress
 from .config import CompressConfig, CompressReport, ProgressFn
-from .modelrun import call_model, model_dtype
+from .modelrun import call_model, model_dtype, output_tensors
 from .errors import BudgetExceeded, LrcError, UsageError
 from .io.files import atomic_output, check_writable
 from .io.format import save
@@ -59,16 +59,6 @@ def default_output(checkpoint: Path) -> Path:
     return checkpoint.with_name(name + ".lrc.safetensors")
 
 
-def _outputs(result: Any) -> list[torch.Tensor]:
-    if isinstance(result, torch.Tensor):
-        return [result]
-    if isinstance(result, dict):
-        return [t for v in result.values() for t in _outputs(v)]
-    if isinstance(result, (tuple, list)):
-        return [t for v in result for t in _outputs(v)]
-    return []
-
-
 def output_error(original: nn.Module, compressed: nn.Module, batches: list[Any]) -> float:
     """‖f(x) − f̃(x)‖ / ‖f(x)‖ over all outputs of all batches (Frobenius norms)."""
     return _error_against(_model_outputs(original, batches), compressed, batches)
@@ -76,7 +66,7 @@ def output_error(original: nn.Module, compressed: nn.Module, batches: list[Any])
 
 def _model_outputs(model: nn.Module, batches: list[Any]) -> list[list[torch.Tensor]]:
     with torch.no_grad():
-        return [_outputs(call_model(model, batch)) for batch in batches]
+        return [output_tensors(call_model(model, batch), floating_only=False) for batch in batches]
 
 
 def _error_against(references: list[list[torch.Tensor]], compressed: nn.Module, batches: list[Any]) -> float:
