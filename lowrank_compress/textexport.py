@@ -23,7 +23,7 @@ from .errors import LrcError, UsageError
 from .export import DEFAULT_OPSET, TORCHSCRIPT_MAX_OPSET, ParityReport, ort_session
 from .io.files import atomic_output, check_writable
 from .io.files import quiet_output as _quiet_output
-from .modelrun import call_model
+from .modelrun import batch_size, call_model
 
 
 def _one_line(exc: BaseException) -> str:
@@ -141,8 +141,9 @@ def export_text_onnx(model: nn.Module, path: str | os.PathLike, hf: Any, opset: 
         path=str(Path(path)), opset=next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0),
         input_names=[i.name for i in graph_proto.input], output_names=[o.name for o in graph_proto.output],
         max_abs_error=max_abs, max_rel_error=max_rel, rtol=rtol, passed=max_rel <= rtol,
-        batch_sizes=[len(next(iter(b.values()))) for b in checks], calib_samples=sum(len(next(iter(b.values()))) for b in calib),
+        batch_sizes=[batch_size(b) for b in checks], calib_samples=sum(batch_size(b) for b in calib),
         op_types=sorted({n.op_type for n in graph_proto.node}),
-        nonstandard_ops=sorted({f"{n.domain}::{n.op_type}" for n in graph_proto.node if n.domain not in ("", "ai.onnx")}),
+        nonstandard_ops=sorted({f"{n.domain}::{n.op_type}" for n in graph_proto.node
+                                if n.domain not in ("", "ai.onnx")}),
         exporter=used,
     )

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
-from .checks import clip, parse_json
+from .checks import clip, is_int, parse_json
 
 HINT = "Hugging Face folders need transformers: pip install 'lowrank-compress[hf]'"
 # Config keys that name a path, a Hub repo or code; dropped before the config is built or recorded.
@@ -128,7 +128,8 @@ def _clean_config(config: dict[str, Any], source: Any) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k not in _DROPPED_KEYS}
 
 
-def build_hf(config: dict[str, Any], class_name: str | None, source: Any, meta: bool = False) -> tuple[nn.Module, str, str]:
+def build_hf(config: dict[str, Any], class_name: str | None, source: Any,
+             meta: bool = False) -> tuple[nn.Module, str, str]:
     """(model with random weights, class name, task) from a config dict; only transformers' own classes."""
     transformers = require_transformers()
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -137,7 +138,8 @@ def build_hf(config: dict[str, Any], class_name: str | None, source: Any, meta: 
     config = _clean_config(config, source)
     model_type = config["model_type"]
     if model_type not in CONFIG_MAPPING:
-        raise UsageError(f"{source}: transformers {transformers.__version__} does not know model_type {clip(model_type)} "
+        raise UsageError(f"{source}: transformers {transformers.__version__} does not know model_type "
+                         f"{clip(model_type)} "
                          "(lrc never runs a model's own code: trust_remote_code is off)")
     allowed, causal = _auto_classes(transformers)
     name = class_name or next(iter(config.get("architectures") or []), None) or MODEL_MAPPING_NAMES.get(model_type)
@@ -284,7 +286,7 @@ def model_from_manifest(manifest: dict[str, Any], path: Any, meta: bool = False)
     model, name, task = build_hf(hf.get("config"), hf["class"], path, meta=meta)
     max_length = hf.get("max_length")
     return model, HFModel(config=_clean_config(hf["config"], path), class_name=name, input_names=names, task=task,
-                          max_length=max_length if isinstance(max_length, int) and 0 < max_length <= 2**16 else MAX_TOKENS)
+                          max_length=max_length if is_int(max_length) and 0 < max_length <= 2**16 else MAX_TOKENS)
 
 
 def open_folder(path: Path, arch: str | None, arch_kwargs: dict[str, Any] | None,
@@ -310,5 +312,5 @@ def open_folder(path: Path, arch: str | None, arch_kwargs: dict[str, Any] | None
             raise UsageError(f"{path}: with --arch hf:DIR the weights must be a .safetensors file")
     model, info = open_hf(folder, weights, path)
     example = info.example()
-    return LoadedModel(model=model, arch=f"hf:{info.class_name}", input_shape=input_shape or tuple(example["input_ids"].shape),
-                       hf=info)
+    shape = input_shape or tuple(example["input_ids"].shape)
+    return LoadedModel(model=model, arch=f"hf:{info.class_name}", input_shape=shape, hf=info)
