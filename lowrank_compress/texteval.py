@@ -81,7 +81,8 @@ def text_agreement(reference: nn.Module, candidate: nn.Module, hf: Any, texts: l
     if hf.task not in ("causal-lm", "encoder"):
         raise UsageError(f"lrc eval on texts takes an encoder or a causal language model, not a {hf.class_name}")
     batches = [hf.tokenize(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)]
-    ref, new = _outputs(reference.eval(), batches), _outputs(candidate.eval(), batches)
+    ref = _outputs(reference.eval(), batches)
+    new = ref if candidate is reference else _outputs(candidate.eval(), batches)
     if any(r.shape != n.shape for r, n in zip(ref, new)):
         raise UsageError(f"the models' outputs differ in shape ({tuple(ref[0].shape)} vs {tuple(new[0].shape)}): "
                          "not a compressed form of this reference")
