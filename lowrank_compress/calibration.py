@@ -34,12 +34,12 @@ from torch import nn
 from .activations import activation_fn
 from .blocks import Block, find_blocks, first_tensor, reconstruct_block
 from .config import CompressConfig, LayerReport, ProgressFn
-from .distill import distill
+from .distill import DistillReport, auto_schedule, distill
 from .errors import UsageError
 from .graph import LayerSite
 from .layers import from_dense
 from .methods import factor_params, unfold_batchnorm
-from .modelrun import (batch_size, call_model, float_batch, forward_with_hooks, model_dtype, output_tensors, padding_mask,
+from .modelrun import (batch_size, call_model, count_flops, float_batch, forward_with_hooks, model_dtype, output_tensors, padding_mask,
                        replace_module, slice_batch)
 from .outputcost import output_cost_curves, row_weights, site_sensitivities
 from .plan import Plan, plan_ranks
@@ -294,15 +294,8 @@ def calibrated_compress(
                 model, original, block, micro, block_sens[block.name], config.block_steps, seed=config.seed + i))
             clock.lap("blocks")
     distilled = None
-    if config.distill_steps > 0 and todo and trainable:
-        if progress is not None:
-            progress("distillation", len(todo), len(todo))
-        features = {}
-        if config.distill_features > 0:
-            found = blocks or _blocks(model, todo, batches[0], once, config)
-            features = {b.name: b.channels_last for b in found}
-        distilled = distill(model, original, _micro_batches(batches, 16), metric, config.distill_steps,
-                            seed=config.seed, features=features, feature_weight=config.distill_features)
+    if config.distill_steps != 0 and todo and trainable:
+        distilled = _distill(model, original, batches, blocks, todo, once, metric, config, progress)
         clock.lap("distillation")
     if progress is not None:
         progress("done", len(todo), len(todo))
@@ -316,6 +309,26 @@ def calibrated_compress(
     clock.lap("measure")
     extra["seconds"] = clock.seconds
     return reports, skipped, extra
+
+
+def _distill(model: nn.Module, original: nn.Module, batches: list[Any], blocks: list[Block], todo: list[LayerSite],
+             once: set[str], metric: str, config: CompressConfig, progress: ProgressFn | None) -> DistillReport:
+    """Label-free distillation after the fits, for the requested or the automatic number of steps."""
+    samples = sum(batch_size(b) for b in batches)
+    one = slice_batch(batches[0], slice(0, 1))
+    sample_flops = count_flops(original, one) + 3 * count_flops(model, one)
+    device = next((p.device.type for p in model.parameters()), "cpu")
+    schedule = auto_schedule(samples, sample_flops, device, config.distill_steps)
+    if progress is not None:
+        progress("distillation", len(todo), len(todo))
+    features = {}
+    if config.distill_features > 0:
+        found = blocks or _blocks(model, todo, batches[0], once, config)
+        features = {b.name: b.channels_last for b in found}
+    report = distill(model, original, _micro_batches(batches, schedule.batch_size), metric, schedule.steps,
+                     seed=config.seed, features=features, feature_weight=config.distill_features)
+    report.schedule = schedule.reason
+    return report
 
 
 def _cost_curve(costs: torch.Tensor | None, rank: int, points: int = 12) -> dict[str, dict[str, list]]:

@@ -33,6 +33,8 @@ class CompressConfig:
     budget policies (``round_to`` None) and where latency-aware planning times layers.
     ``latency_aware`` None: on with a ``target_flops`` or ``target_latency`` budget, off otherwise.
     ``target_latency`` F: the compressed model's measured latency on ``target`` is at most F × dense.
+    ``distill_steps`` None: the automatic schedule of :func:`lowrank_compress.distill.auto_schedule`
+    (with calibration only); 0 turns distillation off.
     """
 
     method: str = "nkp"
@@ -54,7 +56,7 @@ class CompressConfig:
     output_metric: str = "auto"
     block_steps: int = 0
     blocks: str | None = None
-    distill_steps: int = 0
+    distill_steps: int | None = None
     distill_features: float = 0.0
     seed: int = 0
     version: int = CONFIG_VERSION
@@ -92,6 +94,8 @@ class CompressConfig:
             raise UsageError(f"--output-metric must be one of {', '.join(OUTPUT_METRICS)}, got {self.output_metric!r}")
         for name in ("block_steps", "distill_steps"):
             value = getattr(self, name)
+            if name == "distill_steps" and value is None:
+                continue  # automatic schedule
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be an integer ≥ 0, got {value!r}")
         if not isinstance(self.distill_features, (int, float)) or not 0 <= self.distill_features < math.inf:

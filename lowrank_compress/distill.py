@@ -9,6 +9,13 @@ the same per-channel standardization. Few inputs
 overfit fast, so image batches are augmented (flips and mixup of pairs: the teacher labels any
 input), one micro-batch in four is held out, and the iterate with the lowest held-out output
 metric is kept: the result is never worse than the start on the held-out inputs.
+
+How long (``distill_steps`` None, the default): :func:`auto_schedule` runs up to
+:data:`MAX_STEPS` steps, at most :data:`MAX_EPOCHS` passes over the calibration inputs, and only
+as many as fit a compute budget (:data:`FLOP_BUDGET`, about a minute on the device the model is
+on). On the bundled digits CNN at a twentieth of its parameters, 1,000 steps of 64 took test
+accuracy from 55% to 98% in under a minute on one CPU thread; a ResNet-50 on a CPU gets no steps
+by default (one step of 64 crops costs more than the budget), and ``distill_steps`` N asks for N.
 """
 
 from __future__ import annotations
@@ -21,20 +28,63 @@ from typing import Any
 import torch
 from torch import nn
 
-from .modelrun import call_model, output_tensors, padding_mask
+from .modelrun import batch_size, call_model, output_tensors, padding_mask
 from .sensitivity import output_metric
 from .layers import low_rank_modules
 from .losses import distillation_loss
 
 
+MAX_STEPS = 1000  # what the automatic schedule runs at most
+MAX_EPOCHS = 100  # nor more passes over the calibration inputs: few inputs overfit fast
+MIN_STEPS = 50  # an automatic schedule shorter than this is skipped: a few steps move nothing
+FLOP_BUDGET = {"cpu": 2e12, "cuda": 1e14}  # automatic schedule, per device type: about a minute
+LEARNING_RATE = 0.1  # Adam, relative to each factor's RMS (measured on digits: 0.03 too slow, 0.3 diverges)
+
+
 @dataclass
 class DistillReport:
-    """Held-out output metric (KL or relative MSE) before and after, and the steps run."""
+    """Held-out output metric (KL or relative MSE) before and after, the steps run, and why that many."""
 
     metric: str
     before: float
     after: float
     steps: int
+    batch_size: int = 0
+    schedule: str = ""
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How many steps of how many samples, and why."""
+
+    steps: int
+    batch_size: int
+    reason: str
+
+
+def batch_size_for(samples: int) -> int:
+    """Distillation batch size: 64, or an eighth of the inputs when they are few (a quarter is held out)."""
+    return max(1, min(64, samples // 8))
+
+
+def auto_schedule(samples: int, sample_flops: float, device_type: str, requested: int | None) -> Schedule:
+    """The steps to run: ``requested`` when given, else the automatic schedule (module docstring).
+
+    ``sample_flops``: one teacher forward plus one student forward and backward, per sample.
+    """
+    batch = batch_size_for(samples)
+    if requested is not None:
+        return Schedule(requested, batch, "requested")
+    per_epoch = max(1, math.ceil(samples * 3 / 4 / batch))
+    budget = FLOP_BUDGET.get(device_type, FLOP_BUDGET["cpu"])
+    by_flops = int(budget // max(batch * sample_flops, 1.0))
+    limits = {"max steps": MAX_STEPS, f"{MAX_EPOCHS} passes over the inputs": MAX_EPOCHS * per_epoch,
+              f"compute budget {budget / 1e12:g} TFLOP": by_flops}
+    bound = min(limits, key=limits.get)
+    steps = limits[bound]
+    if steps < MIN_STEPS:
+        return Schedule(0, batch, f"auto: skipped, only {steps} steps fit the {bound}; pass --distill-steps N")
+    return Schedule(steps, batch, f"auto: {steps} steps, bound by the {bound}")
 
 
 def _augment(batch: Any, gen: torch.Generator) -> Any:
@@ -103,7 +153,7 @@ class _Features:
 
 
 def distill(model: nn.Module, teacher: nn.Module, batches: Sequence[Any], metric: str, steps: int,
-            lr: float = 3e-2, seed: int = 0, eval_every: int = 25, patience: int = 8,
+            lr: float = LEARNING_RATE, seed: int = 0, eval_every: int = 25, patience: int = 8,
             features: dict[str, bool] | None = None, feature_weight: float = 0.0) -> DistillReport:
     """Train the factors of ``model`` in place against ``teacher`` on ``batches`` (see the module docstring).
 
@@ -135,7 +185,7 @@ def distill(model: nn.Module, teacher: nn.Module, batches: Sequence[Any], metric
     start = held_metric()
     params = [p for m in low_rank_modules(model) for p in m.parameters() if p.is_floating_point()]
     if not params or steps <= 0 or not math.isfinite(start):
-        return DistillReport(metric, start, start, 0)
+        return DistillReport(metric, start, start, 0, batch_size(batches[0]))
     frozen = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in params)]
     for p in frozen:
         p.requires_grad_(False)
@@ -184,5 +234,5 @@ def distill(model: nn.Module, teacher: nn.Module, batches: Sequence[Any], metric
         for p in frozen:
             p.requires_grad_(True)
         model.train(was_training)
-    return DistillReport(metric, start, best, done)
+    return DistillReport(metric, start, best, done, batch_size(batches[0]))
 

@@ -96,7 +96,7 @@ def test_asymmetric_calibration_sees_the_compressed_upstream_outputs():
     batches = [torch.randn(64, 16) for _ in range(4)]
     sites = find_sites(model, batches[0][:1])
     seen: dict[str, torch.Tensor] = {}
-    config = CompressConfig(rank=3, refine_steps=0)
+    config = CompressConfig(rank=3, refine_steps=0, distill_steps=0)
     calibrated_compress(model, sites, config, batches[0][:1], batches, observer=lambda n, x, y: seen.setdefault(n, x))
     # Layer "2" was calibrated after layer "0" had been replaced: its inputs are relu(compressed_0(x)).
     with torch.no_grad():
@@ -134,7 +134,7 @@ def test_asymmetric_calibration_beats_calibrating_on_original_inputs(seed):
     for asymmetric in (True, False):
         m = copy.deepcopy(model)
         sites = find_sites(m, batches[0][:1])
-        config = CompressConfig(rank=4, refine_steps=50)
+        config = CompressConfig(rank=4, refine_steps=50, distill_steps=0)
         calibrated_compress(m, sites, config, batches[0][:1], batches, asymmetric=asymmetric)
         with torch.no_grad():
             errors[asymmetric] = float((m(test) - model(test)).norm() / model(test).norm())

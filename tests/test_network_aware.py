@@ -81,7 +81,7 @@ def test_block_reconstruction_beats_per_layer_fits_on_a_two_layer_block():
         reference = model.block(test)
     errors = {}
     for steps in (0, 600):
-        config = CompressConfig(rank=4, refine_steps=50, block_steps=steps, exclude="head", seed=0)
+        config = CompressConfig(rank=4, refine_steps=50, block_steps=steps, exclude="head", seed=0, distill_steps=0)
         compressed, report = compress(copy.deepcopy(model), config, batches[0][:1], calibration=batches)
         with torch.no_grad():
             errors[steps] = _relative_error(reference, compressed.block(test))
@@ -229,3 +229,17 @@ def test_channels_the_probes_barely_see_keep_a_share_of_the_mean_sensitivity():
     shrink = classes / (classes + n)
     assert float(sens[3:].min()) >= 0.99 * shrink * float(sens.mean())
     assert float(sens[:3].max()) > 4 * float(sens[3:].max())  # the classes seen still weigh more
+
+
+def test_the_automatic_distillation_schedule_follows_the_inputs_and_the_compute_budget():
+    from lowrank_compress.distill import FLOP_BUDGET, MAX_EPOCHS, MAX_STEPS, MIN_STEPS, auto_schedule
+
+    assert auto_schedule(2000, 1e6, "cpu", 7) == auto_schedule(2000, 1e9, "cpu", 7)  # asked for: as asked
+    assert auto_schedule(2000, 1e6, "cpu", 7).steps == 7
+    assert auto_schedule(5000, 1e6, "cpu", None).steps == MAX_STEPS  # tiny model, many inputs
+    few = auto_schedule(64, 1e6, "cpu", None)  # 64 inputs: batches of 8, 6 of them trained on
+    assert few.batch_size == 8 and few.steps == MAX_EPOCHS * 6 and "passes" in few.reason
+    big = auto_schedule(5000, 2e10, "cpu", None)  # a ResNet-50-sized step does not fit on a CPU
+    assert big.steps == 0 and "skipped" in big.reason
+    on_gpu = auto_schedule(5000, 2e10, "cuda", None)
+    assert on_gpu.steps == int(FLOP_BUDGET["cuda"] // (64 * 2e10)) >= MIN_STEPS and "compute budget" in on_gpu.reason

@@ -44,7 +44,8 @@ def _compress(model: nn.Module, example: torch.Tensor, mode: str, method: str, r
               calibration: list[torch.Tensor] | None = None):
     if mode == "calibrated" and calibration is None:
         calibration = [torch.randn((32, *example.shape[1:]), generator=torch.Generator().manual_seed(1))]
-    config = CompressConfig(rank=rank, method=method, refine_steps=20)
+    # The fits are under test: no distillation afterwards (its own guard is tested below).
+    config = CompressConfig(rank=rank, method=method, refine_steps=20, distill_steps=0)
     return compress(model, config, example, calibration=calibration if mode == "calibrated" else None)
 
 
@@ -113,6 +114,18 @@ def test_constant_calibration_inputs_singular_covariance_are_reproduced(method, 
         assert relative_error(reference, output) < 1e-5
     else:
         assert torch.isfinite(output).all() and relative_error(reference, output) < 1.0
+
+
+def test_distillation_on_identical_calibration_samples_keeps_the_model_finite_and_no_worse():
+    # Default (automatic) distillation on 64 copies of one input: nothing to learn beyond that input.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
+    constant = torch.full((64, 32), 0.5)
+    model, report = compress(model, CompressConfig(rank=4, refine_steps=20), constant[:1], calibration=[constant])
+    assert finite_model(model) and torch.isfinite(model(torch.randn(8, 32))).all()
+    distilled = report.distillation
+    assert distilled["steps"] > 0 and distilled["schedule"].startswith("auto")
+    assert distilled["after"] <= distilled["before"]
 
 
 def test_a_constant_input_feature_gives_finite_factors():

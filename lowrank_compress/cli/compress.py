@@ -35,7 +35,7 @@ def compress_command(
     output_metric: str = typer.Option("auto", "--output-metric", help="What 'output' means: kl (softmax KL, classifiers), mse (relative squared error) or auto (kl when the model returns a Linear layer's (batch, classes) logits)."),
     block_steps: int = typer.Option(0, "--block-steps", help="Adam steps per block (residual block, transformer layer) fitting all its factors to the original block's output (calibrated; 0 disables)."),
     blocks: str | None = typer.Option(None, "--blocks", help="Regex (full match) of module names to use as blocks instead of the automatic choice."),
-    distill_steps: int = typer.Option(0, "--distill-steps", help="Label-free distillation steps on the calibration inputs after the fits, the original model as teacher (calibrated; 0 disables)."),
+    distill_steps: int | None = typer.Option(None, "--distill-steps", help="Label-free distillation steps on the calibration inputs after the fits, the original model as teacher (calibrated; default: automatic, up to 1000 within a compute budget; 0 disables)."),
     distill_features: float = typer.Option(0.0, "--distill-features", help="Weight of matching the blocks' outputs (standardized per channel) during distillation (0: outputs only)."),
     target: str = typer.Option("onnxruntime-cpu", "--target", help="Where the model will run: onnxruntime-cpu, torch-cpu, torch-cuda or onnxruntime-cuda. Sets the rank rounding and where layers are timed."),
     latency_aware: bool | None = typer.Option(None, "--latency-aware/--no-latency-aware", help="Time each layer dense vs factorized on --target at its real input shape and keep it dense where factorizing does not pay \\[default: on with --target-flops/--target-latency]."),
