@@ -190,3 +190,18 @@ def test_missing_transformers_is_a_one_line_hint(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(UsageError, match=r"pip install 'lowrank-compress\[hf\]'"):
         hf.require_transformers()
+
+
+def test_arch_hf_dir_takes_the_weights_from_the_checkpoint(folders, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from lowrank_compress.errors import UsageError
+    from lowrank_compress.io.opening import open_model
+
+    tensors = load_file(str(folders / "tiny-bert" / "model.safetensors"))
+    tensors["embeddings.word_embeddings.weight"] = torch.zeros_like(tensors["embeddings.word_embeddings.weight"])
+    save_file(tensors, str(tmp_path / "finetuned.safetensors"))
+    loaded = open_model(tmp_path / "finetuned.safetensors", f"hf:{folders / 'tiny-bert'}")
+    assert loaded.arch == "hf:BertModel" and not loaded.model.embeddings.word_embeddings.weight.any()
+    with pytest.raises(UsageError, match="must be a .safetensors"):
+        open_model(folders / "texts.txt", f"hf:{folders / 'tiny-bert'}")

@@ -295,6 +295,8 @@ def open_folder(path: Path, arch: str | None, arch_kwargs: dict[str, Any] | None
     from .archspec import check_file_spec, file_kwargs
     from .records import LoadedModel
 
+    if arch is not None and not arch.startswith("hf:"):  # the user's architecture, the folder's weights
+        return open_model(path / "model.safetensors", arch, arch_kwargs, False, input_shape)
     if arch is None:
         spec, kwargs = folder_spec(path)
         if spec.startswith("timm:"):  # a timm Hub folder: the registry model, its weights from the folder
@@ -307,8 +309,8 @@ def open_folder(path: Path, arch: str | None, arch_kwargs: dict[str, Any] | None
         folder = Path(arch[3:])
         if not folder.is_dir():
             raise UsageError(f"--arch {arch}: {folder} is not a folder holding a Hugging Face config.json")
-        weights = None if path.is_dir() else [path]
-        if weights and path.suffix != ".safetensors":
+        weights = _weight_files(path) if path.is_dir() else [path]
+        if not path.is_dir() and path.suffix != ".safetensors":
             raise UsageError(f"{path}: with --arch hf:DIR the weights must be a .safetensors file")
     model, info = open_hf(folder, weights, path)
     example = info.example()
