@@ -25,7 +25,7 @@ def open_model(
 ) -> LoadedModel:
     """Load a model from a compressed ``.lrc.safetensors`` file, an original checkpoint + arch, or a
     Hugging Face / timm Hub folder (``config.json`` + ``model.safetensors``; io.hf)."""
-    if Path(path).is_dir() or (isinstance(arch, str) and arch.startswith("hf:")):
+    if (Path(path) / "config.json").is_file() or (isinstance(arch, str) and arch.startswith("hf:")):
         from .hf import open_folder
 
         return open_folder(Path(path), arch, arch_kwargs, input_shape, open_model)
