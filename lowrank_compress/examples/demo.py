@@ -3,7 +3,8 @@
 Steps (all on the shipped model ``assets/digits_cnn.safetensors`` and its held-out split):
 1. compress it at ``--target-params`` from 0.5 down to 0.05 four ways — spectral (SVD truncation,
    data-free), nkp data-free (left out in fast mode), nkp calibrated on training images with the
-   per-layer rank allocation, and network-aware (output-aware allocation) — and measure test
+   per-layer rank allocation, and network-aware (output-aware allocation, then the default label-free
+   distillation on the calibration images) — and measure test
    accuracy before any fine-tuning: the budgets where the methods part ways;
 2. fine-tune the network-aware model at the smallest budget, the one calibration alone leaves
    short, briefly by distillation from the original (``train.finetune`` on an image folder of the
@@ -177,8 +178,10 @@ def _compress_variant(
     curves: bool,
 ) -> tuple[nn.Module, CompressReport, float]:
     """A compressed copy of ``original`` made as ``lrc compress`` makes it; (model, report, seconds)."""
+    # The per-layer row is calibration as it was before network-aware compression: no distillation.
     config = CompressConfig(method=method, target_params=target_params, refine_steps=settings.refine_steps,
-                            calib_samples=settings.calib_samples, allocation=allocation, seed=settings.seed)
+                            calib_samples=settings.calib_samples, allocation=allocation, seed=settings.seed,
+                            distill_steps=0 if allocation == "layer" else None)
     # The same seeding and example input as pipeline.run_compress, so the CLI command in
     # summary.md does the same computation (up to rounding differences from the thread count).
     torch.manual_seed(config.seed)
