@@ -62,6 +62,8 @@ class CompressConfig:
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
+        if not 0 <= self.seed < 2**63:  # torch seeds are 64-bit
+            raise UsageError(f"--seed must be an integer in [0, 2^63), got {self.seed}")
         if self.method not in method_names(data_free=True):
             raise UsageError(f"unknown method {self.method!r}; choose one of {', '.join(method_names(data_free=True))}")
         chosen = [p for p in _POLICIES if getattr(self, p) is not None]
@@ -163,6 +165,14 @@ class LayerReport:
     curves: dict[str, dict[str, list]] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Skip:
+    """A layer left dense, and why."""
+
+    name: str
+    reason: str
+
+
 @dataclass
 class CompressReport:
     params_before: int
@@ -170,7 +180,7 @@ class CompressReport:
     flops_before: int
     flops_after: int
     layers: list[LayerReport]
-    skipped: list[dict[str, str]]
+    skipped: list[Skip]
     config: dict[str, Any]
     output_error: float | None = None
     notes: list[str] = field(default_factory=list)
@@ -181,6 +191,10 @@ class CompressReport:
     distillation: dict[str, Any] | None = None
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per stage (not in to_dict)
 
+    def __post_init__(self) -> None:
+        # The pipeline's stages list their skips as {"name", "reason"} dicts; the report holds records.
+        self.skipped = [s if isinstance(s, Skip) else Skip(**s) for s in self.skipped]
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "params_before": self.params_before,
@@ -189,7 +203,7 @@ class CompressReport:
             "flops_after": self.flops_after,
             "output_error": self.output_error,
             "layers": [asdict(layer) for layer in self.layers],
-            "skipped": list(self.skipped),
+            "skipped": [asdict(s) for s in self.skipped],
             "config": self.config,
             "notes": list(self.notes),
             "output_metric": self.output_metric,

@@ -38,6 +38,10 @@ class CompressJob:
     plot_path: Path | None = None
     max_output_error: float | None = None
 
+    def __post_init__(self) -> None:
+        if self.calib_batch_size < 1:
+            raise UsageError(f"--calib-batch-size must be ≥ 1, got {self.calib_batch_size}")
+
 
 @dataclass
 class JobResult:

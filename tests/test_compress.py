@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lowrank_compress.compress import CompressConfig, CompressReport, compress, count_flops, count_params
+from lowrank_compress.config import Skip
 from lowrank_compress.errors import UsageError
 from lowrank_compress.graph import LayerSite, find_sites
 from lowrank_compress.layers import LOW_RANK_TYPES
@@ -193,7 +194,7 @@ def test_uniform_rank_below_the_cap_is_used_as_given():
 def test_layers_that_would_not_save_parameters_are_skipped_with_a_reason():
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2), nn.Linear(2, 2)).eval()
     _, report = compress(model, CompressConfig(rank_ratio=1.0), torch.randn(3, 64))
-    skipped = {item["name"]: item["reason"] for item in report.skipped}
+    skipped = {item.name: item.reason for item in report.skipped}
     assert skipped["0"] == "rank 64 would not save parameters (max useful rank 31)"
     assert skipped["2"] == "rank 2 would not save parameters (max useful rank 1)"
     assert skipped["3"] == "too small: no rank saves parameters"
@@ -215,11 +216,11 @@ def test_include_and_exclude_select_layers_by_regex():
     model, x = small_cnn()
     _, report = compress(model, CompressConfig(rank=4, include=r"^conv"), x)
     assert set(ranks_of(report)) == {"conv1", "conv2"}
-    assert {"name": "head", "reason": "not matched by --include"} in report.skipped
+    assert Skip("head", "not matched by --include") in report.skipped
     model, x = small_cnn()
     _, report = compress(model, CompressConfig(rank=4, exclude=r"conv2|head"), x)
     assert set(ranks_of(report)) == {"conv1"}
-    assert {"name": "conv2", "reason": "matched by --exclude"} in report.skipped
+    assert Skip("conv2", "matched by --exclude") in report.skipped
     assert isinstance(model.conv2, nn.Conv2d) and isinstance(model.head, nn.Linear)
 
 
@@ -302,7 +303,7 @@ def test_target_flops_keeps_at_most_that_fraction(resnet18_small):
     ratio = report.flops_after / report.flops_before
     assert 0.45 <= ratio <= 0.5
     assert report.flops_after == count_flops(model, x)
-    kept = {item["name"] for item in report.skipped if item["reason"] == "kept dense by the budget allocation"}
+    kept = {item.name for item in report.skipped if item.reason == "kept dense by the budget allocation"}
     names = {s.name for s in find_sites(copy.deepcopy(resnet18_small[0]), x)}
     assert kept | {layer.name for layer in report.layers} == names
 

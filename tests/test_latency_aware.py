@@ -126,7 +126,7 @@ def test_a_layer_that_is_slower_factorized_stays_dense_and_the_flops_budget_stil
     cost_model.add((256, 240))  # layer 2's factorized pair runs at 3× its dense time
     x = torch.randn(1, 256)
     model, report = compress(mlp(), CompressConfig(target_flops=0.5, method="spectral", latency_batch_size=64), x)
-    reasons = {s["name"]: s["reason"] for s in report.skipped}
+    reasons = {s.name: s.reason for s in report.skipped}
     assert reasons["2"].startswith("kept dense by latency-aware planning")
     assert "ms" in reasons["2"] and isinstance(model[2], nn.Linear)
     assert report.flops_after / report.flops_before <= 0.5
@@ -177,7 +177,7 @@ def test_latency_aware_keeps_dense_the_layers_onnxruntime_runs_slower_factorized
     config = CompressConfig(rank=31, latency_aware=True, latency_batch_size=64, include="^(0|4)$", refine_steps=0)
     model, report = compress(_small_and_big(), config, torch.randn(1, 2048))
     kept = {layer.name for layer in report.layers}
-    reverted = {s["name"]: s["reason"] for s in report.skipped if "latency-aware" in s["reason"]}
+    reverted = {s.name: s.reason for s in report.skipped if "latency-aware" in s.reason}
     assert "0" in kept and isinstance(model[0], LowRankLinear)
     assert "4" in reverted and isinstance(model[4], nn.Linear)
     assert "onnxruntime-cpu batch 64" in reverted["4"]
@@ -193,4 +193,4 @@ def test_where_no_layer_pays_a_flops_budget_leaves_the_model_dense(cost_model):
     x = torch.randn(1, 256)
     model, report = compress(mlp(), CompressConfig(target_flops=0.5, method="spectral"), x)
     assert not report.layers and report.flops_after == report.flops_before == count_flops(model, x)
-    assert all(s["reason"].startswith("kept dense by latency-aware planning") for s in report.skipped)
+    assert all(s.reason.startswith("kept dense by latency-aware planning") for s in report.skipped)

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import typer
 
-from ..errors import UsageError
 from .app import app, console, out
 
 
@@ -59,8 +58,6 @@ def compress_command(
         {"CHECKPOINT": checkpoint, "--calib": calib if calib not in (None, "gaussian") else None},
         {"-o": output or default_output(checkpoint), "--json": json_path, "--onnx": onnx_path, "--plot": plot},
     )
-    if not 0 <= seed < 2**63:  # torch seeds are 64-bit
-        raise UsageError(f"--seed must be an integer in [0, 2^63), got {seed}")
     config = CompressConfig(
         method=method, rank=rank, rank_ratio=rank_ratio, param_ratio=param_ratio, target_params=target_params,
         target_flops=target_flops, target_latency=target_latency, include=include, exclude=exclude, round_to=round_to, refine_steps=refine_steps,
@@ -69,8 +66,6 @@ def compress_command(
         block_steps=block_steps, blocks=blocks, distill_steps=distill_steps, distill_features=distill_features,
         seed=seed,
     )
-    if calib_batch_size < 1:
-        raise UsageError(f"--calib-batch-size must be ≥ 1, got {calib_batch_size}")
     job = CompressJob(
         checkpoint=checkpoint, config=config, output=output, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs),
         trust_pickle=trust_pickle, input_shape=parse_input_shape(input_shape), calib=calib,

@@ -12,6 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..compress import CompressReport
+from ..config import Skip
 from ..graph import LayerSite
 
 if TYPE_CHECKING:
@@ -93,12 +94,12 @@ def totals_table(report: CompressReport) -> Table:
     return table
 
 
-def skipped_table(skipped: list[dict[str, str]]) -> Table:
+def skipped_table(skipped: list[Skip]) -> Table:
     table = Table(title="left dense", title_justify="left")
     table.add_column("layer")
     table.add_column("reason")
     for item in skipped:
-        table.add_row(item["name"], item["reason"])
+        table.add_row(item.name, item.reason)
     return table
 
 
