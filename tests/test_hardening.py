@@ -388,13 +388,17 @@ def _calibration_case(ws: Path, tmp: Path, case: str) -> tuple[Path | str, str]:
         np.save(tmp / "calib.npy", x)
         return tmp / "calib.npy", "contains NaN or Inf"
     if case == "unknown-suffix":
-        (tmp / "calib.txt").write_text("1 2 3")
-        return tmp / "calib.txt", "expected a folder"
+        (tmp / "calib.xyz").write_text("1 2 3")
+        return tmp / "calib.xyz", "expected a folder"
+    if case == "text-for-an-image-model":  # text calibration needs a tokenizer: a Hugging Face folder
+        (tmp / "calib.txt").write_text("one sample\nanother sample\n")
+        return tmp / "calib.txt", "needs a Hugging Face folder"
     raise AssertionError(case)
 
 
 CALIBRATION_CASES = ["missing", "empty-folder", "folder-without-images", "unreadable-image", "wrong-shape-npy",
-                     "wrong-shape-pt", "unnamed-tensors", "no-samples", "nan-samples", "unknown-suffix"]
+                     "wrong-shape-pt", "unnamed-tensors", "no-samples", "nan-samples", "unknown-suffix",
+                     "text-for-an-image-model"]
 
 
 @pytest.mark.parametrize("command", ["compress", "export"])
