@@ -243,3 +243,30 @@ def test_the_automatic_distillation_schedule_follows_the_inputs_and_the_compute_
     assert big.steps == 0 and "skipped" in big.reason
     on_gpu = auto_schedule(5000, 2e10, "cuda", None)
     assert on_gpu.steps == int(FLOP_BUDGET["cuda"] // (64 * 2e10)) >= MIN_STEPS and "compute budget" in on_gpu.reason
+
+
+@pytest.mark.parametrize("flag", [(), ("--distill-steps", "0"), ("--distill-steps", "30")])
+def test_lrc_compress_distills_by_default_and_says_so(tmp_path, run_cli, flag):
+    import json
+
+    from safetensors.torch import save_file
+
+    from lowrank_compress.examples.digits import bundled_checkpoint_path, load_digits_split
+
+    save_file({"x": load_digits_split()[0][:64].contiguous()}, str(tmp_path / "calib.safetensors"))
+    result = run_cli("compress", bundled_checkpoint_path(), "--rank", "4", "--refine-steps", "5",
+                     "--calib", tmp_path / "calib.safetensors", "-o", tmp_path / "c.lrc.safetensors",
+                     "--json", tmp_path / "r.json", *flag)
+    assert result.code == 0, result.err
+    distilled = json.loads((tmp_path / "r.json").read_text())["distillation"]
+    if flag == ("--distill-steps", "0"):
+        assert distilled is None and "distillation" not in result.out
+        return
+    assert distilled["metric"] == "kl" and distilled["after"] <= distilled["before"]
+    assert "distillation kl" in result.out
+    if flag:
+        assert distilled["schedule"] == "requested" and 0 < distilled["steps"] <= 30
+        assert "30 steps" in result.out or f"{distilled['steps']} steps" in result.out
+    else:  # 64 inputs: batches of 8, 6 trained on per pass, at most 100 passes
+        assert distilled["schedule"].startswith("auto") and distilled["batch_size"] == 8
+        assert 0 < distilled["steps"] <= 600 and "(auto)" in result.out

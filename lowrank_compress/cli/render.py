@@ -90,8 +90,20 @@ def totals_table(report: CompressReport) -> Table:
                   f"{report.flops_after / max(report.flops_before, 1):.3f}")
     if report.output_error is not None:
         table.add_row("output error", "", f"{report.output_error:.4f}", "")
+    distilled = report.distillation
+    if distilled is not None:  # held-out output metric before and after label-free distillation
+        table.add_row(f"distillation {distilled['metric']}", f"{distilled['before']:.4f}", f"{distilled['after']:.4f}",
+                      _distill_steps(distilled))
     table.add_row("layers", "", f"{len(report.layers)} factorized", f"{len(report.skipped)} skipped")
     return table
+
+
+def _distill_steps(distilled: dict) -> str:
+    """'600 steps (auto)', '40 steps' when asked for, 'skipped (auto)' where none fit its budget."""
+    schedule = distilled.get("schedule") or ""
+    if schedule.startswith("auto: skipped"):
+        return "skipped (auto: over budget)"
+    return f"{distilled['steps']} steps" + (" (auto)" if schedule.startswith("auto") else "")
 
 
 def skipped_table(skipped: list[Skip]) -> Table:
