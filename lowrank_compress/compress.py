@@ -15,9 +15,10 @@ from torch import nn
 
 from .activations import canonical_activation
 from .calibration import calibrated_compress, prepare_calibrated
-from .config import CompressConfig, CompressReport, LayerReport, ProgressFn
+from .config import CompressConfig, CompressReport, LayerReport, Manifest, ProgressFn
 from .errors import UsageError
 from .graph import LayerSite, find_sites
+from .io.format import keep_manifest, manifest_of
 from .layers import from_dense
 from .methods import FitProblem, factor_params, get_method, unfold_batchnorm
 from .modelrun import count_flops, count_params, replace_module
@@ -172,14 +173,14 @@ def compress(
     with torch.no_grad():
         params_after = count_params(model)
         flops_after = count_flops(model, example_inputs)
-    manifest = dict(getattr(model, "lrc_manifest", None) or {})
-    manifest.update(method=config.method, policy={config.policy: getattr(config, config.policy)})
+    manifest = (manifest_of(model) or Manifest()).updated(
+        method=config.method, policy={config.policy: getattr(config, config.policy)})
     if _example_shape(example_inputs) is not None:
-        manifest["input_shape"] = _example_shape(example_inputs)
-    model.lrc_manifest = manifest
+        manifest = manifest.updated(input_shape=_example_shape(example_inputs))
+    keep_manifest(model, manifest)  # beside the model, for a later io.format.save(model, path)
     report = CompressReport(
         params_before=params_before, params_after=params_after, flops_before=flops_before, flops_after=flops_after,
-        layers=layer_reports, skipped=skipped, config=config.to_dict(), notes=notes, **extra,
+        layers=layer_reports, skipped=skipped, config=config.to_dict(), notes=notes, manifest=manifest, **extra,
     )
     return model, report
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from .errors import UsageError
@@ -173,6 +173,44 @@ class Skip:
     reason: str
 
 
+@dataclass(frozen=True)
+class Manifest:
+    """The recipe a compressed file records beside its tensors (the ``lrc`` metadata key).
+
+    ``compress`` fills in the method, policy and input shape; ``io.format.save`` adds the arch, the
+    layer table and the versions. A field is None where nothing says; ``extra`` keeps the fields
+    this lrc does not know, as read. ``to_dict`` gives the manifest's JSON object.
+    """
+
+    arch: str | None = None
+    arch_kwargs: dict[str, Any] | None = None
+    input_shape: list[int] | None = None
+    method: str | None = None
+    policy: dict[str, Any] | None = None
+    data_config: dict[str, Any] | None = None
+    hf: dict[str, Any] | None = None
+    dtype: str | None = None
+    layers: dict[str, dict[str, Any]] | None = None
+    format_version: int | None = None
+    lrc_version: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Manifest:
+        return cls().updated(**values)
+
+    def updated(self, **values: Any) -> Manifest:
+        """This manifest with ``values`` set (unknown keys go to ``extra``)."""
+        known = {f.name for f in fields(self)} - {"extra"}
+        extra = {**self.extra, **{k: v for k, v in values.items() if k not in known}}
+        return replace(self, extra=extra, **{k: v for k, v in values.items() if k in known})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields that are set, then ``extra``."""
+        own = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        return {**{k: v for k, v in own.items() if v is not None}, **self.extra}
+
+
 @dataclass
 class CompressReport:
     params_before: int
@@ -190,6 +228,7 @@ class CompressReport:
     blocks: list[dict[str, Any]] = field(default_factory=list)
     distillation: dict[str, Any] | None = None
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per stage (not in to_dict)
+    manifest: Manifest | None = None  # what the compression recorded for the file (not in to_dict)
 
     def __post_init__(self) -> None:
         # The pipeline's stages list their skips as {"name", "reason"} dicts; the report holds records.
@@ -211,7 +250,7 @@ class CompressReport:
             "measured_output_cost": self.measured_output_cost,
             "blocks": list(self.blocks),
             "distillation": self.distillation,
-        }  # without ``seconds``: the same command writes a byte-identical report
+        }  # without ``seconds`` (the same command writes a byte-identical report) and ``manifest``
 
 
 

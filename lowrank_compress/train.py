@@ -42,6 +42,7 @@ from .data import (
 from .errors import UsageError
 from .evaluate import evaluate
 from .io.files import check_writable
+from .io.format import manifest_of, save
 from .layers import low_rank_modules
 from .losses import distillation_loss
 from .recipes import TrainConfig
@@ -96,7 +97,7 @@ def finetune(
     ``config.ema`` is set. Raises LrcError naming the step when the loss becomes NaN or Inf.
     """
     output = check_writable(output)
-    if not (student.arch or (getattr(student.model, "lrc_manifest", None) or {}).get("arch")):
+    if not (student.arch or getattr(manifest_of(student.model), "arch", None)):
         raise UsageError(
             "the model's architecture spec is unknown (a pickled module has none), so the output could not be "
             "rebuilt; save the weights as a state dict and pass --arch"
@@ -315,9 +316,7 @@ def _run(
             input_shape = student.input_shape or (1, *data_config["input_size"])
             fields = {"arch": student.arch, "arch_kwargs": student.arch_kwargs, "input_shape": list(input_shape),
                       "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()}}
-            from .io.format import save
-
-            save(_export(final_model), output, **fields)
+            save(_export(final_model), output, manifest_of(student.model), **fields)
             log.write(event="end", step=pos.global_step, output=str(output), stopped_at_max_steps=stopped)
         barrier(ctx)
     finally:

@@ -147,6 +147,29 @@ def test_compress_records_method_policy_and_input_shape_for_save(tmp_path):
     assert manifest["input_shape"] == [5, 48]
 
 
+def test_the_manifest_travels_beside_the_model_and_in_the_report_not_on_it(tmp_path):
+    model = MLP().eval()
+    _, report = compress(model, CompressConfig(rank=4, method="spectral"), torch.randn(5, 48))
+    assert not hasattr(model, "lrc_manifest")
+    assert report.manifest.method == "spectral" and report.manifest.input_shape == [5, 48]
+    assert "manifest" not in report.to_dict()
+    fresh = MLP().eval()  # a model compress never saw: the report's manifest is passed explicitly
+    compress(fresh, CompressConfig(rank=4), torch.randn(5, 48))
+    assert save(fresh, tmp_path / "r.lrc.safetensors", report, arch="models:MLP")["method"] == "spectral"
+
+
+def test_save_of_a_loaded_model_round_trips_its_file(saved, tmp_path):
+    _, x, path, _ = saved
+    loaded = load(path)
+    assert not hasattr(loaded, "lrc_manifest")
+    again = tmp_path / "again.lrc.safetensors"
+    save(loaded, again)  # no arch given: the loaded file's manifest is kept beside the model
+    assert read_manifest(again) == read_manifest(path)
+    assert load_file(str(again)).keys() == load_file(str(path)).keys()
+    with torch.no_grad():
+        assert torch.equal(load(again)(x), loaded(x))
+
+
 # ---------------------------------------------------------------- refusals
 
 

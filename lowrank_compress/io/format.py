@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import math
 import re
+import weakref
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..config import CompressReport, Manifest
 from ..errors import LrcError, UsageError
 from ..layers import LOW_RANK_TYPES, LowRankConv1d, LowRankConv2d, LowRankLinear, overrides_forward
 from ..modelrun import replace_module
@@ -65,6 +67,20 @@ _MODULE_ATTRIBUTES = frozenset(dir(nn.Module()))
 MAX_DENSE_NUMEL = 2**28
 
 
+# Each model's manifest, beside it rather than on it: filled by ``compress`` and ``load``, read by ``save``.
+_MANIFESTS: weakref.WeakKeyDictionary[nn.Module, Manifest] = weakref.WeakKeyDictionary()
+
+
+def manifest_of(model: nn.Module) -> Manifest | None:
+    """The manifest ``compress`` or ``load`` recorded for ``model`` (None when neither did)."""
+    return _MANIFESTS.get(model)
+
+
+def keep_manifest(model: nn.Module, manifest: Manifest) -> None:
+    """Record ``manifest`` beside ``model`` (for a later :func:`save` of it)."""
+    _MANIFESTS[model] = manifest
+
+
 def _version() -> str:
     from ..version import __version__
 
@@ -87,40 +103,44 @@ def structure_of(model: nn.Module) -> dict[str, dict[str, Any]]:
     return layers
 
 
-def build_manifest(model: nn.Module, **fields: Any) -> dict[str, Any]:
-    """The manifest for ``model``: fields from ``model.lrc_manifest`` updated by ``fields``."""
-    base = dict(getattr(model, "lrc_manifest", None) or {})
-    base.update({k: v for k, v in fields.items() if v is not None})
-    if not base.get("arch"):
+def build_manifest(model: nn.Module, manifest: Manifest | CompressReport | None = None, **fields: Any) -> dict[str, Any]:
+    """The manifest for ``model``: ``manifest`` (or a report's; by default the one recorded beside
+    the model by ``compress`` or ``load``) updated by ``fields``."""
+    if isinstance(manifest, CompressReport):
+        manifest = manifest.manifest
+    base = (manifest or manifest_of(model) or Manifest()).updated(**{k: v for k, v in fields.items() if v is not None})
+    if not base.arch:
         raise UsageError("cannot save: the manifest needs the architecture spec (arch) to rebuild the model")
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
-    base.update(
-        format_version=FORMAT_VERSION,
-        lrc_version=_version(),
-        arch_kwargs=base.get("arch_kwargs") or {},
-        input_shape=list(base["input_shape"]) if base.get("input_shape") else None,
-        dtype=str(dtypes.pop()).replace("torch.", "") if len(dtypes) == 1 else "float32",
-        layers=structure_of(model),
-    )
-    return base
+    return {
+        **base.to_dict(),
+        "format_version": FORMAT_VERSION,
+        "lrc_version": _version(),
+        "arch_kwargs": base.arch_kwargs or {},
+        "input_shape": list(base.input_shape) if base.input_shape else None,
+        "dtype": str(dtypes.pop()).replace("torch.", "") if len(dtypes) == 1 else "float32",
+        "layers": structure_of(model),
+    }
 
 
-def save(model: nn.Module, path: str | Path, **fields: Any) -> dict[str, Any]:
+def save(model: nn.Module, path: str | Path, manifest: Manifest | CompressReport | None = None,
+         **fields: Any) -> dict[str, Any]:
     """Write ``model`` and its manifest to ``path`` atomically; returns the manifest.
 
-    ``fields`` (arch, arch_kwargs, input_shape, method, data_config, …) override what the model
-    carries in ``model.lrc_manifest`` (set by ``compress`` and ``load``).
+    ``manifest`` (a :class:`config.Manifest`, or the :class:`config.CompressReport` that carries
+    one) is the base; by default, the one ``compress`` or ``load`` recorded beside the model.
+    ``fields`` (arch, arch_kwargs, input_shape, method, data_config, …) override it.
     """
     from safetensors import SafetensorError
     from safetensors.torch import save_model
 
-    manifest = build_manifest(model, **fields)
+    written = build_manifest(model, manifest, **fields)
     with atomic_output(path) as tmp:
         try:
-            save_model(model, str(tmp), metadata={MANIFEST_KEY: json.dumps(manifest, sort_keys=True)})
+            save_model(model, str(tmp), metadata={MANIFEST_KEY: json.dumps(written, sort_keys=True)})
         except SafetensorError as exc:  # e.g. a full disk, reported by the Rust writer
             raise LrcError(f"cannot write {path}: {' '.join(str(exc).split())}") from None
-    return manifest
+    return written
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
@@ -326,14 +346,14 @@ def load_compressed(
             parts.append(f"unexpected {', '.join(sorted(unexpected)[:4])}")
         raise UsageError(f"{path}: tensors do not fit the manifest's structure ({'; '.join(parts)})")
     model.eval()
-    model.lrc_manifest = manifest
+    keep_manifest(model, Manifest.from_dict(manifest))
     return LoadedModel(
         model=model,
         arch=manifest.get("arch"),
         arch_kwargs=manifest.get("arch_kwargs") or {},
         input_shape=shape,
         data_config=DataConfig.from_dict(manifest.get("data_config")),
-        manifest=manifest,
+        manifest=manifest_of(model),
         hf=info,
     )
 

@@ -8,6 +8,8 @@ from typing import Any
 
 from torch import nn
 
+from ..config import Manifest
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -48,7 +50,7 @@ class LoadedModel:
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
     input_shape: tuple[int, ...] | None = None
     data_config: DataConfig = field(default_factory=DataConfig)
-    manifest: dict[str, Any] | None = None
+    manifest: Manifest | None = None  # a compressed file's (io.format)
     metadata: dict[str, str] = field(default_factory=dict)
     arch_note: str | None = None  # how the architecture was found when no spec named it
     hf: Any = None  # io.hf.HFModel: a Hugging Face model's config, inputs and tokenizer
