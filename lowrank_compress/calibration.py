@@ -33,7 +33,7 @@ from torch import nn
 
 from .activations import activation_fn
 from .blocks import Block, find_blocks, first_tensor, reconstruct_block
-from .config import CompressConfig, LayerReport, ProgressFn
+from .config import CompressConfig, LayerReport, ProgressFn, Skip
 from .distill import DistillReport, auto_schedule, distill
 from .errors import UsageError
 from .graph import LayerSite
@@ -209,7 +209,7 @@ def calibrated_compress(
     asymmetric: bool = True,
     observer: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None,
     swaps: Any = None,
-) -> tuple[list[LayerReport], list[dict[str, str]], dict[str, Any]]:
+) -> tuple[list[LayerReport], list[Skip], dict[str, Any]]:
     """Compress ``sites`` of ``model`` in place with calibration data (see the module docstring).
 
     ``asymmetric=False`` calibrates every layer on the original model's inputs instead (for
@@ -225,7 +225,7 @@ def calibrated_compress(
     by_name = {s.name: s for s in sites}
     ranks = the_plan.ranks
     entries = {e.name: e for e in the_plan.entries}
-    skipped = [{"name": e.name, "reason": e.reason} for e in the_plan.entries if e.rank is None]
+    skipped = [Skip(e.name, e.reason) for e in the_plan.entries if e.rank is None]
     todo = [s for s in sites if s.name in ranks]
     reports: list[LayerReport] = []
     source = model if asymmetric else original

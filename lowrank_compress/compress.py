@@ -15,7 +15,7 @@ from torch import nn
 
 from .activations import canonical_activation
 from .calibration import calibrated_compress, prepare_calibrated
-from .config import CompressConfig, CompressReport, LayerReport, Manifest, ProgressFn
+from .config import CompressConfig, CompressReport, LayerReport, Manifest, ProgressFn, Skip
 from .errors import UsageError
 from .graph import LayerSite, find_sites
 from .io.format import keep_manifest, manifest_of
@@ -82,15 +82,15 @@ def error_curves(site: LayerSite, rank: int, points: int = 12) -> dict[str, dict
 
 
 
-def _select(sites: list[LayerSite], config: CompressConfig) -> tuple[list[LayerSite], list[dict[str, str]]]:
+def _select(sites: list[LayerSite], config: CompressConfig) -> tuple[list[LayerSite], list[Skip]]:
     chosen, skipped = [], []
     for site in sites:
         if not site.eligible:
-            skipped.append({"name": site.name, "reason": site.skip_reason})
+            skipped.append(Skip(site.name, site.skip_reason))
         elif config.include is not None and not re.search(config.include, site.name):
-            skipped.append({"name": site.name, "reason": "not matched by --include"})
+            skipped.append(Skip(site.name, "not matched by --include"))
         elif config.exclude is not None and re.search(config.exclude, site.name):
-            skipped.append({"name": site.name, "reason": "matched by --exclude"})
+            skipped.append(Skip(site.name, "matched by --exclude"))
         else:
             chosen.append(site)
     return chosen, skipped
@@ -115,7 +115,7 @@ def plan(model: nn.Module, config: CompressConfig, example_inputs: Any,
     else:
         ranks, notes, reasons = plan_ranks(model, chosen, config, example_inputs)
         the_plan = Plan.from_ranks(chosen, ranks, notes, reasons, config.method)
-    the_plan.entries += [PlanEntry(s["name"], None, config.method, reason=s["reason"]) for s in skipped]
+    the_plan.entries += [PlanEntry(s.name, None, config.method, reason=s.reason) for s in skipped]
     return the_plan
 
 
@@ -192,9 +192,9 @@ def _compress_data_free(
     example_inputs: Any,
     progress: ProgressFn | None,
     swaps: ModuleSwaps,
-) -> tuple[list[LayerReport], list[dict[str, str]]]:
+) -> tuple[list[LayerReport], list[Skip]]:
     ranks, notes, reasons = plan_ranks(model, sites, config, example_inputs)
-    skipped = [{"name": n, "reason": r} for n, r in reasons.items()]
+    skipped = [Skip(n, r) for n, r in reasons.items()]
     todo = [s for s in sites if s.name in ranks]
     reports = []
     for i, site in enumerate(todo):

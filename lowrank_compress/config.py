@@ -230,10 +230,6 @@ class CompressReport:
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per stage (not in to_dict)
     manifest: Manifest | None = None  # what the compression recorded for the file (not in to_dict)
 
-    def __post_init__(self) -> None:
-        # The pipeline's stages list their skips as {"name", "reason"} dicts; the report holds records.
-        self.skipped = [s if isinstance(s, Skip) else Skip(**s) for s in self.skipped]
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "params_before": self.params_before,
