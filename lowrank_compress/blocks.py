@@ -26,6 +26,7 @@ from torch import nn
 
 from .errors import UsageError
 from .layers import LOW_RANK_TYPES
+from .losses import BestIterate, rms_adam
 from .modelrun import padding_mask, run_until
 
 MAX_BLOCK_SITES = 6
@@ -201,10 +202,8 @@ def reconstruct_block(
     others = [p for p in module.parameters() if p.requires_grad and all(p is not q for q in params)]
     for p in others:
         p.requires_grad_(False)
-    opt = torch.optim.Adam([{"params": [p], "lr": lr * (float(p.detach().pow(2).mean().sqrt()) or 1.0)}
-                            for p in params])
-    best, best_state = start, [p.detach().clone() for p in params]
-    stale, done = 0, 0
+    opt = rms_adam(params, lr)
+    kept, done = BestIterate(params, start, patience), 0
     gen = torch.Generator().manual_seed(seed)
     try:
         for step in range(steps):
@@ -217,21 +216,10 @@ def reconstruct_block(
                 loss.backward()
             opt.step()
             done = step + 1
-            if done % eval_every == 0 or done == steps:
-                value = held_loss()
-                if math.isfinite(value) and value < best:
-                    best, best_state, stale = value, [p.detach().clone() for p in params], 0
-                else:
-                    stale += 1
-                    if stale >= patience:
-                        break
+            if (done % eval_every == 0 or done == steps) and kept.update(held_loss()):
+                break
     finally:
-        # The best held-out iterate, or the start when nothing beat it.
-        with torch.no_grad():
-            for p, value in zip(params, best_state):
-                p.copy_(value)
-            for p in params:
-                p.grad = None
+        kept.restore()  # the best held-out iterate, or the start when nothing beat it
         for p in others:
             p.requires_grad_(True)
-    return BlockReport(block.name, block.sites, start, best, done)
+    return BlockReport(block.name, block.sites, start, kept.best, done)

@@ -31,7 +31,7 @@ from torch import nn
 from .modelrun import batch_size, call_model, output_tensors, padding_mask
 from .sensitivity import output_metric
 from .layers import low_rank_modules
-from .losses import distillation_loss
+from .losses import BestIterate, distillation_loss, rms_adam
 
 
 MAX_STEPS = 1000  # what the automatic schedule runs at most
@@ -193,11 +193,10 @@ def distill(model: nn.Module, teacher: nn.Module, batches: Sequence[Any], metric
         p.requires_grad_(True)
     from timm.scheduler import CosineLRScheduler  # timm's import costs seconds: only when distilling
 
-    opt = torch.optim.Adam([{"params": [p], "lr": lr * (float(p.detach().pow(2).mean().sqrt()) or 1.0)}
-                            for p in params])
+    opt = rms_adam(params, lr)
     schedule = CosineLRScheduler(opt, t_initial=steps, warmup_t=min(10, steps // 10), warmup_lr_init=0.0, lr_min=0.0)
     gen = torch.Generator().manual_seed(seed)
-    best, best_state, stale, done = start, [p.detach().clone() for p in params], 0, 0
+    kept, done = BestIterate(params, start, patience), 0
     was_training = model.training
     model.eval()  # BatchNorm statistics and dropout stay as in the original
     try:
@@ -218,21 +217,12 @@ def distill(model: nn.Module, teacher: nn.Module, batches: Sequence[Any], metric
             opt.step()
             done = step + 1
             schedule.step(done)
-            if done % eval_every == 0 or done == steps:
-                value = held_metric()
-                if math.isfinite(value) and value < best:
-                    best, best_state, stale = value, [p.detach().clone() for p in params], 0
-                else:
-                    stale += 1
-                    if stale >= patience:
-                        break
+            if (done % eval_every == 0 or done == steps) and kept.update(held_metric()):
+                break
     finally:
-        with torch.no_grad():
-            for p, value in zip(params, best_state):
-                p.copy_(value)
-                p.grad = None
+        kept.restore()
         for p in frozen:
             p.requires_grad_(True)
         model.train(was_training)
-    return DistillReport(metric, start, best, done, batch_size(batches[0]))
+    return DistillReport(metric, start, kept.best, done, batch_size(batches[0]))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -67,39 +68,39 @@ def second_moment(activation: str, mu: torch.Tensor, s: torch.Tensor) -> torch.T
     return (f(mu[:, None] + s[:, None] * u) ** 2 * w).sum(1)
 
 
-def cross_moment(
-    activation: str,
-    a: torch.Tensor,
-    n: torch.Tensor,
-    c: torch.Tensor,
-    e: torch.Tensor,
-    rho: torch.Tensor,
-    nodes: int = _GH_2D,
-) -> torch.Tensor:
+def cross_moment(activation: str, a: torch.Tensor, n: torch.Tensor, c: torch.Tensor, e: torch.Tensor,
+                 rho: torch.Tensor, nodes: int = _GH_2D) -> torch.Tensor:
     """E[σ(a + n u) σ(c + e(ρ u + √(1−ρ²) v))], u, v iid N(0, 1), elementwise over rows."""
     act = canonical_activation(activation)
     rho = rho.clamp(-1.0, 1.0)
     if act == "identity":
         return a * c + n * e * rho
-    f = activation_fn(act)
-    comp = torch.sqrt((1.0 - rho * rho).clamp_min(0.0))
     if act == "relu":
         if not (a.any() or c.any()):
             return n * e * arccos_kernel(rho)
         # The inner expectation over v has a closed form, which leaves a 1-D integral over u.
+        comp = torch.sqrt((1.0 - rho * rho).clamp_min(0.0))
         u, w = _hermite(_GH_1D)
         inner = _relu_mean(c[:, None] + (e * rho)[:, None] * u, (e * comp)[:, None].expand(-1, u.numel()))
         return (torch.relu(a[:, None] + n[:, None] * u) * inner * w).sum(1)
+    f = activation_fn(act)
+    return _pair_expectation(lambda z1, z2: f(z1) * f(z2), a, n, c, e, rho, nodes, ROW_CHUNK)
+
+
+def _pair_expectation(g: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], a: torch.Tensor, n: torch.Tensor,
+                      c: torch.Tensor, e: torch.Tensor, rho: torch.Tensor, nodes: int, step: int) -> torch.Tensor:
+    """Per-row E[g(a + n u, c + e(ρ u + √(1−ρ²) v))] by a 2-D Gauss–Hermite rule, ``step`` rows at a time."""
     u, w = _hermite(nodes)
     ww = w[:, None] * w[None, :]
+    comp = torch.sqrt((1.0 - rho * rho).clamp_min(0.0))
     outs = []
-    for lo in range(0, a.shape[0], ROW_CHUNK):
-        sl = slice(lo, lo + ROW_CHUNK)
+    for lo in range(0, a.shape[0], step):
+        sl = slice(lo, lo + step)
         z1 = a[sl, None, None] + n[sl, None, None] * u[None, :, None]
         z2 = c[sl, None, None] + e[sl, None, None] * (
             rho[sl, None, None] * u[None, :, None] + comp[sl, None, None] * u[None, None, :]
         )
-        outs.append((f(z1) * f(z2) * ww).sum((1, 2)))
+        outs.append((g(z1, z2) * ww).sum((1, 2)))
     return torch.cat(outs) if outs else a.new_zeros(0)
 
 
@@ -133,14 +134,8 @@ def row_errors(
     return gaussian_row_error(activation, a, n, c, e, rho)
 
 
-def gaussian_row_error(
-    activation: str,
-    a: torch.Tensor,
-    n: torch.Tensor,
-    c: torch.Tensor,
-    e: torch.Tensor,
-    rho: torch.Tensor,
-) -> torch.Tensor:
+def gaussian_row_error(activation: str, a: torch.Tensor, n: torch.Tensor, c: torch.Tensor, e: torch.Tensor,
+                       rho: torch.Tensor) -> torch.Tensor:
     """Per-row E[(σ(a + n u) − σ(c + e(ρ u + √(1−ρ²) v)))²]: closed forms for identity and ReLU,
     one 2-D Gauss–Hermite rule on the squared difference otherwise."""
     act = canonical_activation(activation)
@@ -150,15 +145,8 @@ def gaussian_row_error(
     return err.clamp_min(0.0)
 
 
-def direct_error(
-    activation: str,
-    a: torch.Tensor,
-    n: torch.Tensor,
-    c: torch.Tensor,
-    e: torch.Tensor,
-    rho: torch.Tensor,
-    nodes: int = 128,
-) -> torch.Tensor:
+def direct_error(activation: str, a: torch.Tensor, n: torch.Tensor, c: torch.Tensor, e: torch.Tensor,
+                 rho: torch.Tensor, nodes: int = 128) -> torch.Tensor:
     """E[(σ(a + n u) − σ(c + e(ρ u + √(1−ρ²) v)))²] by one 2-D Gauss–Hermite rule.
 
     Integrating the squared difference directly (rather than three moments by different rules)
@@ -166,29 +154,12 @@ def direct_error(
     norm, where the moments are large and nearly cancel.
     """
     f = activation_fn(activation)
-    u, w = _hermite(nodes)
-    ww = w[:, None] * w[None, :]
-    comp = torch.sqrt((1.0 - rho * rho).clamp_min(0.0))
-    outs = []
     step = max(1, ROW_CHUNK * 1024 // (nodes * nodes))
-    for lo in range(0, a.shape[0], step):
-        sl = slice(lo, lo + step)
-        z1 = a[sl, None, None] + n[sl, None, None] * u[None, :, None]
-        z2 = c[sl, None, None] + e[sl, None, None] * (
-            rho[sl, None, None] * u[None, :, None] + comp[sl, None, None] * u[None, None, :]
-        )
-        outs.append(((f(z1) - f(z2)) ** 2 * ww).sum((1, 2)))
-    return torch.cat(outs) if outs else a.new_zeros(0)
+    return _pair_expectation(lambda z1, z2: (f(z1) - f(z2)) ** 2, a, n, c, e, rho, nodes, step)
 
 
-def function_error(
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    factorization: Factorization,
-    activation: str = "relu",
-    row_weights: torch.Tensor | None = None,
-    relative: bool = False,
-) -> float:
+def function_error(weight: torch.Tensor, bias: torch.Tensor | None, factorization: Factorization,
+                   activation: str = "relu", row_weights: torch.Tensor | None = None, relative: bool = False) -> float:
     """Expected Σ_i α_i (σ(w_i·x + b_i) − σ(v_i·x + c_i))² for x ~ N(0, I).
 
     Closed form for ReLU without biases (the arc-cosine kernel) and identity, Gauss–Hermite

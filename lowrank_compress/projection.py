@@ -62,12 +62,8 @@ def _subspace(
     return coords, vt, s
 
 
-def spectral_factors(
-    weight: torch.Tensor,
-    rank: int,
-    bias: torch.Tensor | None = None,
-    row_weights: torch.Tensor | None = None,
-) -> Factorization:
+def spectral_factors(weight: torch.Tensor, rank: int, bias: torch.Tensor | None = None,
+                     row_weights: torch.Tensor | None = None) -> Factorization:
     """Rank-r SVD truncation split as A = U√S, B = √S Vᵀ (Khodak et al. 2021).
 
     With ``row_weights`` α the subspace is that of diag(√α) W, the best α-weighted truncation.
@@ -75,13 +71,8 @@ def spectral_factors(
     return factorize(weight, rank, method="spectral", activation="identity", bias=bias, row_weights=row_weights)
 
 
-def kernel_projection(
-    weight: torch.Tensor,
-    rank: int,
-    activation: str = "relu",
-    bias: torch.Tensor | None = None,
-    row_weights: torch.Tensor | None = None,
-) -> Factorization:
+def kernel_projection(weight: torch.Tensor, rank: int, activation: str = "relu", bias: torch.Tensor | None = None,
+                      row_weights: torch.Tensor | None = None) -> Factorization:
     """Data-free nonlinear kernel projection: SVD subspace, then per-row (scale, bias) fit."""
     return factorize(weight, rank, method="nkp", activation=activation, bias=bias, row_weights=row_weights)
 
