@@ -39,8 +39,8 @@ from .errors import UsageError
 from .graph import LayerSite
 from .layers import from_dense
 from .methods import factor_params, unfold_batchnorm
-from .modelrun import (batch_size, call_model, count_flops, float_batch, forward_with_hooks, model_dtype, output_tensors, padding_mask,
-                       replace_module, slice_batch)
+from .modelrun import (batch_size, call_model, count_flops, float_batch, forward_with_hooks, model_device, model_dtype,
+                       output_tensors, padding_mask, replace_module, slice_batch)
 from .outputcost import output_cost_curves, row_weights, site_sensitivities
 from .plan import Plan, plan_ranks
 from .responses import ResponseStats, patches, real_rows, responses, stats_error_curve
@@ -232,7 +232,7 @@ def calibrated_compress(
     once = called_once(source, todo, batches[0])
     runner = LayerInputs(source, batches, once)
     # Joint training runs in float32 models only: Adam steps in half precision drift.
-    trainable = asymmetric and next((p.dtype for p in model.parameters()), torch.float32) == torch.float32
+    trainable = asymmetric and model_dtype(model) == torch.float32
     blocks = _blocks(model, todo, batches[0], once, config) if config.block_steps > 0 and trainable else []
     block_of_last = {b.sites[-1]: b for b in blocks}
     block_sens = (_block_sensitivities(original, blocks, _micro_batches(probe_batches(batches), 8), metric, config.seed)
@@ -317,7 +317,7 @@ def _distill(model: nn.Module, original: nn.Module, batches: list[Any], blocks: 
     samples = sum(batch_size(b) for b in batches)
     one = slice_batch(batches[0], slice(0, 1))
     sample_flops = count_flops(original, one) + 3 * count_flops(model, one)
-    device = next((p.device.type for p in model.parameters()), "cpu")
+    device = model_device(model).type
     schedule = auto_schedule(samples, sample_flops, device, config.distill_steps)
     if progress is not None:
         progress("distillation", len(todo), len(todo))

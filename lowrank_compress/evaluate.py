@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from .io.records import LoadedModel
 from .data import eval_loader, resolve_data_config, split_dir
+from .modelrun import model_dtype
 from .errors import BudgetExceeded, UsageError
 from .io.files import check_writable
 
@@ -32,7 +33,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, channel
     """
     was_training = model.training
     model.eval()
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    dtype = model_dtype(model)
     counts = torch.zeros(3, dtype=torch.float64, device=device)  # top-1 hits, top-5 hits, samples
     try:
         for images, labels in loader:

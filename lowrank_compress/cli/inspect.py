@@ -41,10 +41,11 @@ def inspect_command(
         import torch
 
         from ..graph import find_sites
+        from ..modelrun import model_dtype
 
         loaded = open_model(checkpoint, arch, parse_arch_kwargs(arch_kwargs), trust_pickle, shape)
         require_input_shape(loaded.input_shape, None, checkpoint)
-        dtype = next((p.dtype for p in loaded.model.parameters() if p.is_floating_point()), torch.float32)
+        dtype = model_dtype(loaded.model)
         example = loaded.hf.example() if loaded.hf is not None else torch.randn(loaded.input_shape).to(dtype)
         sites = find_sites(loaded.model, example)
         out.print(sites_table(sites, rich.markup.escape(f"{checkpoint.name} ({loaded.arch}) at input {tuple(loaded.input_shape)}")))

@@ -103,12 +103,14 @@ def structure_of(model: nn.Module) -> dict[str, dict[str, Any]]:
     return layers
 
 
-def build_manifest(model: nn.Module, manifest: Manifest | CompressReport | None = None, **fields: Any) -> dict[str, Any]:
+def build_manifest(model: nn.Module, manifest: Manifest | CompressReport | None = None,
+                   **fields: Any) -> dict[str, Any]:
     """The manifest for ``model``: ``manifest`` (or a report's; by default the one recorded beside
     the model by ``compress`` or ``load``) updated by ``fields``."""
     if isinstance(manifest, CompressReport):
         manifest = manifest.manifest
-    base = (manifest or manifest_of(model) or Manifest()).updated(**{k: v for k, v in fields.items() if v is not None})
+    given = {k: v for k, v in fields.items() if v is not None}
+    base = (manifest or manifest_of(model) or Manifest()).updated(**given)
     if not base.arch:
         raise UsageError("cannot save: the manifest needs the architecture spec (arch) to rebuild the model")
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
