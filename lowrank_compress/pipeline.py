@@ -14,7 +14,8 @@ from .io.opening import open_model
 from .io.records import LoadedModel
 from .compress import compress
 from .config import CompressConfig, CompressReport, ProgressFn
-from .modelrun import call_model, model_dtype, output_tensors
+from .modelrun import call_model, model_dtype, output_tensors, padding_mask
+from .sensitivity import output_metric
 from .errors import BudgetExceeded, LrcError, UsageError
 from .io.files import atomic_output, check_writable
 from .io.format import save
@@ -64,7 +65,8 @@ def default_output(checkpoint: Path) -> Path:
 
 
 def output_error(original: nn.Module, compressed: nn.Module, batches: list[Any]) -> float:
-    """‖f(x) − f̃(x)‖ / ‖f(x)‖ over all outputs of all batches (Frobenius norms)."""
+    """‖f(x) − f̃(x)‖ / ‖f(x)‖ over all outputs of all batches (Frobenius norms); a keyword batch's
+    attention_mask leaves padded token positions out (as :func:`sensitivity.output_metric` does)."""
     return _error_against(_model_outputs(original, batches), compressed, batches)
 
 
@@ -76,10 +78,9 @@ def _model_outputs(model: nn.Module, batches: list[Any]) -> list[list[torch.Tens
 def _error_against(references: list[list[torch.Tensor]], compressed: nn.Module, batches: list[Any]) -> float:
     """:func:`output_error` against outputs of the original model recorded earlier."""
     num, den = 0.0, 0.0
-    for refs, news in zip(references, _model_outputs(compressed, batches)):
-        for ref, new in zip(refs, news):
-            num += float((ref.double() - new.double()).pow(2).sum())
-            den += float(ref.double().pow(2).sum())
+    for batch, refs, news in zip(batches, references, _model_outputs(compressed, batches)):
+        n, d = output_metric(refs, news, "mse", padding_mask(batch))
+        num, den = num + n, den + d
     return (num / den) ** 0.5 if den > 0 else 0.0
 
 

@@ -24,6 +24,7 @@ from lowrank_compress.errors import UsageError
 from lowrank_compress.graph import LayerSite, find_sites
 from lowrank_compress.layers import LOW_RANK_TYPES
 from lowrank_compress.io.format import load, save
+from lowrank_compress.pipeline import output_error
 
 # One test item per model and entry point: pytest-xdist (with pytest 9) cannot keep the tests that
 # share a module-scoped model on one worker, so each item compresses its model once and checks
@@ -317,3 +318,31 @@ def test_nkp_budgets_on_a_small_cnn(policy):
         report.flops_before, report.flops_after)
     assert after / before <= 0.4
     assert report.layers
+
+
+class _Tokens(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(10, 8), nn.Linear(8, 8)
+
+    def forward(self, input_ids, attention_mask):
+        return self.fc(self.emb(input_ids))
+
+
+def test_output_error_leaves_padded_token_positions_out():
+    torch.manual_seed(0)
+    original = _Tokens().eval()
+    changed = copy.deepcopy(original)
+    with torch.no_grad():
+        changed.fc.weight.add_(0.1 * torch.randn_like(changed.fc.weight))
+    ids = torch.randint(0, 10, (2, 6))
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    other_padding = ids.clone()
+    other_padding[0, 4:] = (ids[0, 4:] + 3) % 10  # other tokens where the mask says padding
+    error = output_error(original, changed, [{"input_ids": ids, "attention_mask": mask}])
+    assert error > 0
+    assert error == output_error(original, changed, [{"input_ids": other_padding, "attention_mask": mask}])
+    real = [{"input_ids": ids[:1, :4], "attention_mask": mask[:1, :4]}, {"input_ids": ids[1:], "attention_mask": mask[1:]}]
+    assert error == pytest.approx(output_error(original, changed, real), rel=1e-6)  # only the real tokens count
+    unmasked = output_error(original, changed, [{"input_ids": other_padding, "attention_mask": torch.ones_like(mask)}])
+    assert unmasked != pytest.approx(error)
