@@ -5,10 +5,10 @@
     .venv/bin/python benchmarks/digits.py --json benchmarks/out/digits.json
 
 What is measured: ``digits.train_digits_cnn`` trains the ReLU CNN of
-``lowrank_compress.digits`` (conv–BN–ReLU blocks, one residual block, a Linear head) on
+``lowrank_compress.examples.digits`` (conv–BN–ReLU blocks, one residual block, a Linear head) on
 scikit-learn's 8×8 digits upscaled to 32×32, train/test split fixed by the seed. Its state dict is
 saved as a plain safetensors file (no metadata), and ``lrc compress`` is run on it in a subprocess
-— ``--arch lowrank_compress.digits:DigitsCNN --input-shape 1,1,32,32`` — for spectral and nkp,
+— ``--arch lowrank_compress.examples.digits:DigitsCNN --input-shape 1,1,32,32`` — for spectral and nkp,
 data-free, calibrated with the per-layer allocation (no distillation), and network-aware
 (output-aware allocation) without and with its default label-free distillation, at ``--target-params`` 0.5, 0.25, 0.1 and 0.05 (the
 whole model keeps at most that fraction of its parameters). Calibration uses ``--calib-samples``
