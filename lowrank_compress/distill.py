@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -94,7 +95,10 @@ def _augment(batch: Any, gen: torch.Generator) -> Any:
     x = batch
     flip = torch.rand(x.shape[0], generator=gen) < 0.5
     x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-    lam = torch.distributions.Beta(0.4, 0.4).sample((x.shape[0],)).to(x.dtype).clamp(0.0, 1.0)
+    # Beta(0.4, 0.4) drawn from ``gen`` (torch.distributions reads the global generator: a run would
+    # depend on whatever ran before it); X / (X + Y) with X, Y ~ Gamma(0.4).
+    rng = np.random.default_rng(int(torch.randint(2**31, (1,), generator=gen)))
+    lam = torch.from_numpy(rng.beta(0.4, 0.4, size=x.shape[0])).to(x.dtype).clamp(0.0, 1.0)
     lam = torch.maximum(lam, 1 - lam)[:, None, None, None]
     partner = torch.randperm(x.shape[0], generator=gen)
     return lam * x + (1 - lam) * x[partner]

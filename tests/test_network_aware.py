@@ -197,9 +197,12 @@ def test_the_registry_accepts_a_new_method():
 
 
 def test_distillation_lowers_the_output_metric_and_keeps_the_best_held_out_iterate():
+    # 1,024 inputs: with 256 the 150 steps overfit the 192 trained on for some initializations, and
+    # the guard rightly kept the start (held-out after == before on 2 of 6 seeds).
+    torch.manual_seed(0)
     model = TwoLayerBlock().eval()
     gen = torch.Generator().manual_seed(5)
-    batches = [torch.randn(32, 24, generator=gen) for _ in range(8)]
+    batches = [torch.randn(64, 24, generator=gen) for _ in range(16)]
     costs = {}
     for steps in (0, 150):
         config = CompressConfig(rank=3, refine_steps=20, distill_steps=steps, distill_features=0.5 if steps else 0.0)
