@@ -5,10 +5,10 @@ model's output on the calibration inputs: the softmax KL for classifiers (the te
 probabilities are the only labels), and for other outputs a mean squared error standardized per
 feature, so that a few outlier channels of a hidden state do not dominate the loss. Optionally
 (``feature_weight`` > 0) the outputs of intermediate modules (the blocks) are matched too, with
-the same per-channel standardization. Few inputs
-overfit fast, so image batches are augmented (flips and mixup of pairs: the teacher labels any
-input), one micro-batch in four is held out, and the iterate with the lowest held-out output
-metric is kept: the result is never worse than the start on the held-out inputs.
+the same per-channel standardization. Few inputs overfit fast, so image batches are augmented
+(flips and mixup of pairs: the teacher labels any input), one micro-batch in four is held out,
+and the iterate with the lowest held-out output metric is kept: the result is never worse than
+the start on the held-out inputs.
 
 How long (``distill_steps`` None, the default): :func:`auto_schedule` runs up to
 :data:`MAX_STEPS` steps, at most :data:`MAX_EPOCHS` passes over the calibration inputs, and only
