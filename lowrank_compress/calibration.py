@@ -315,8 +315,10 @@ def _distill(model: nn.Module, original: nn.Module, batches: list[Any], blocks: 
              once: set[str], metric: str, config: CompressConfig, progress: ProgressFn | None) -> DistillReport:
     """Label-free distillation after the fits, for the requested or the automatic number of steps."""
     samples = sum(batch_size(b) for b in batches)
-    one = slice_batch(batches[0], slice(0, 1))
-    sample_flops = count_flops(original, one) + 3 * count_flops(model, one)
+    sample_flops = 0.0  # only the automatic schedule reads it: two counting passes saved otherwise
+    if config.distill_steps is None:
+        one = slice_batch(batches[0], slice(0, 1))
+        sample_flops = count_flops(original, one) + 3 * count_flops(model, one)
     device = model_device(model).type
     schedule = auto_schedule(samples, sample_flops, device, config.distill_steps)
     if progress is not None:
