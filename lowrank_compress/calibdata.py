@@ -97,12 +97,14 @@ def calibration_batches(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     hf: Any = None,
+    views: bool = True,
 ) -> list[Any]:
     """Calibration inputs as a list of batches of shape (b, *input_shape[1:]).
 
     ``spec``: ``gaussian``, an image folder (class subfolders or flat, eval-transformed to the input
-    shape), or a tensor file (.npy, .pt via weights_only, .safetensors) whose first axis indexes
-    samples. With ``hf`` (a Hugging Face model's ``io.hf.HFModel``) a text file, tokenized: batches
+    shape; with ``views``, a folder of fewer than ``samples`` images is filled up with random views
+    of them, :func:`lowrank_compress.data.image_tensors`), or a tensor file (.npy, .pt via
+    weights_only, .safetensors) whose first axis indexes samples. With ``hf`` (a Hugging Face model's ``io.hf.HFModel``) a text file, tokenized: batches
     are dicts of tensors (:func:`text_batches`).
     """
     if samples < 1 or batch_size < 1:
@@ -122,7 +124,7 @@ def calibration_batches(
         if path.is_dir():
             from .data import image_tensors
 
-            data = image_tensors(path, input_shape, data_config, samples)
+            data = image_tensors(path, input_shape, data_config, samples, seed=seed, views=views)
         elif path.suffix in _TENSOR_SUFFIXES:
             data = _tensor_file(path)
             if tuple(data.shape[1:]) != per_sample:

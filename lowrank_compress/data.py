@@ -348,14 +348,17 @@ def eval_loader(
 
 
 def image_tensors(
-    path: str | Path, input_shape: Sequence[int], config: dict[str, Any], samples: int
+    path: str | Path, input_shape: Sequence[int], config: dict[str, Any], samples: int, seed: int = 0,
+    views: bool = False,
 ) -> torch.Tensor:
     """Up to ``samples`` images under ``path`` (a flat folder or class subfolders), eval-transformed.
 
     Files are taken in sorted order, evenly spaced over the whole list so that every class folder
     contributes. ``input_shape`` (N, C, H, W) sets the size; ``config`` supplies mean, std,
     interpolation and crop_pct (missing ones are filled as in :func:`resolve_data_config`).
-    Returns float32 (n, C, H, W) with n = min(samples, number of images).
+    Returns float32 (n, C, H, W) with n = min(samples, number of images); with ``views`` and fewer
+    images than ``samples``, n = ``samples``: every image once, then random views of them in turn
+    (:data:`VIEW_MIN_SCALE`, seeded by ``seed``; the global RNG is left as it was).
     """
     root = Path(path)
     if not root.is_dir():
@@ -370,4 +373,19 @@ def image_tensors(
     resolved = complete_data_config(config, input_shape)
     transform = eval_transform(resolved)
     channels = resolved["input_size"][0]
-    return torch.stack([transform(read_image(f, channels)) for f in files])
+    images = [read_image(f, channels) for f in files]
+    tensors = [transform(image) for image in images]
+    if views and len(images) < samples:
+        augment = train_transform(resolved, min_crop_scale=VIEW_MIN_SCALE)
+        with torch.random.fork_rng(devices=[]):  # torchvision's random transforms read the global RNG
+            torch.manual_seed(seed)
+            tensors += [augment(images[i % len(images)]) for i in range(samples - len(images))]
+    return torch.stack(tensors)
+
+
+# Random views that fill a calibration folder up to --calib-samples: a crop of at least this share of
+# the image's area (aspect 3/4–4/3), resized to the input, flipped half the time; larger than the
+# 0.08 of ImageNet training, so that views stay close to the whole images a model is evaluated on.
+# Why views: on EfficientNet-Lite0 at --target-params 0.5, calibrating on 64 → 256 → 512 random crops
+# of 5 photos lowered the KL to the original on 128 other crops of them 0.092 → 0.052 → 0.044.
+VIEW_MIN_SCALE = 0.25

@@ -132,6 +132,36 @@ def test_image_tensors_spreads_samples_over_class_folders(tmp_path: Path) -> Non
     assert len({round(float(v), 4) for v in x[:, 0].mean(dim=(1, 2))}) == 3  # first, middle and last image
 
 
+def test_a_folder_of_few_images_is_filled_up_with_seeded_random_views(tmp_path: Path) -> None:
+    _folder(tmp_path, ["a"], per_class=3)
+    config = {"mean": (0.5,), "std": (0.25,)}
+    plain = image_tensors(tmp_path, (1, 1, 8, 8), config, samples=10)
+    assert plain.shape == (3, 1, 8, 8)  # without views: the images there are
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    x = image_tensors(tmp_path, (1, 1, 8, 8), config, samples=10, seed=4, views=True)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is untouched
+    assert x.shape == (10, 1, 8, 8)
+    assert torch.equal(x[:3], plain)  # every image once as it is, then views
+    distinct = {tuple(v.flatten().tolist()) for v in x[3:]}
+    assert len(distinct) == 7 and not distinct & {tuple(v.flatten().tolist()) for v in plain}
+    assert torch.equal(image_tensors(tmp_path, (1, 1, 8, 8), config, samples=10, seed=4, views=True), x)
+    assert not torch.equal(image_tensors(tmp_path, (1, 1, 8, 8), config, samples=10, seed=5, views=True), x)
+    # Enough images: no views, the evenly spaced subset as before.
+    assert torch.equal(image_tensors(tmp_path, (1, 1, 8, 8), config, samples=2, seed=4, views=True),
+                       image_tensors(tmp_path, (1, 1, 8, 8), config, samples=2))
+
+
+def test_calibration_from_a_small_folder_has_the_requested_samples_and_export_only_its_images(tmp_path: Path) -> None:
+    from lowrank_compress.calibdata import calibration_batches
+
+    _folder(tmp_path, ["a", "b"], per_class=2)
+    batches = calibration_batches(str(tmp_path), (1, 1, 8, 8), {}, samples=9, batch_size=4, seed=1)
+    assert [b.shape[0] for b in batches] == [4, 4, 1]
+    only = calibration_batches(str(tmp_path), (1, 1, 8, 8), {}, samples=9, batch_size=4, seed=1, views=False)
+    assert [b.shape[0] for b in only] == [4]
+
+
 def test_an_unreadable_image_is_named(tmp_path: Path) -> None:
     _write(tmp_path / "good.png")
     (tmp_path / "broken.png").write_bytes(b"not a png")

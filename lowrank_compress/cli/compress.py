@@ -27,7 +27,7 @@ def compress_command(
     exclude: str | None = typer.Option(None, "--exclude", help="Skip layers whose name matches this regex (searched)."),
     round_to: int | None = typer.Option(None, "--round-to", help="Round ranks to multiples of N \\[default: the target's multiple for budgets (16 on CPU, 8 on CUDA), none for --rank/--rank-ratio/--param-ratio]."),
     calib: str | None = typer.Option(None, "--calib", help="Calibration inputs: an image folder, a tensor file (.npy/.pt/.safetensors, first axis = samples) or 'gaussian'."),
-    calib_samples: int = typer.Option(256, "--calib-samples", help="Number of calibration samples."),
+    calib_samples: int = typer.Option(256, "--calib-samples", help="Number of calibration samples; a folder of fewer images is filled up with random views of them."),
     calib_batch_size: int = typer.Option(32, "--calib-batch-size", help="Calibration batch size."),
     refine_steps: int = typer.Option(200, "--refine-steps", help="Adam steps per layer on the post-activation error (calibrated only; 0 disables)."),
     allocation: str = typer.Option("auto", "--allocation", help="Rank allocation under a budget, calibrated: output (by each layer's predicted effect on the model's output; auto) or layer (by each layer's own error)."),

@@ -51,7 +51,8 @@ def export_command(
             from ..calibdata import calibration_batches
             from ..export import CALIB_CHUNK
 
-            calib_inputs = calibration_batches(calib, shape, loaded.data_config, calib_samples, CALIB_CHUNK)
+            calib_inputs = calibration_batches(calib, shape, loaded.data_config, calib_samples, CALIB_CHUNK,
+                                               views=False)
         report = export_onnx(loaded.model, onnx, shape, opset=opset, rtol=rtol, calib_inputs=calib_inputs, exporter=exporter)
     out.print(parity_table(report, onnx, rtol))
     ops = ", ".join(report.op_types)
