@@ -34,7 +34,8 @@ class CompressConfig:
     ``latency_aware`` None: on with a ``target_flops`` or ``target_latency`` budget, off otherwise.
     ``target_latency`` F: the compressed model's measured latency on ``target`` is at most F × dense.
     ``distill_steps`` None: the automatic schedule of :func:`lowrank_compress.distill.auto_schedule`
-    (with calibration only); 0 turns distillation off.
+    (with calibration only); 0 turns distillation off. ``block_steps``: Adam steps per block of the
+    joint refinement of its factors against the original block (with calibration only; 0 off).
     """
 
     method: str = "nkp"
@@ -54,7 +55,7 @@ class CompressConfig:
     latency_batch_size: int = 1
     allocation: str = "auto"
     output_metric: str = "auto"
-    block_steps: int = 0
+    block_steps: int = 200
     blocks: str | None = None
     distill_steps: int | None = None
     distill_features: float = 0.0
