@@ -46,7 +46,8 @@ BUDGETS = (0.5, 0.25, 0.1, 0.05)
 VARIANTS = (
     ("spectral", "spectral", False, ()),
     ("nkp (data-free)", "nkp", False, ()),
-    ("nkp (calibrated, per-layer allocation)", "nkp", True, ("--allocation", "layer", "--distill-steps", "0")),
+    ("nkp (calibrated, per-layer allocation)", "nkp", True,
+     ("--allocation", "layer", "--block-steps", "0", "--distill-steps", "0")),
     ("nkp (network-aware, no distillation)", "nkp", True, ("--distill-steps", "0")),
     ("nkp (network-aware, default)", "nkp", True, ()),
 )

@@ -185,10 +185,13 @@ def _compress_variant(
     curves: bool,
 ) -> tuple[nn.Module, CompressReport, float]:
     """A compressed copy of ``original`` made as ``lrc compress`` makes it; (model, report, seconds)."""
-    # The per-layer row is calibration as it was before network-aware compression: no distillation.
+    # The per-layer row is calibration as it was before network-aware compression: no block
+    # reconstruction, no distillation.
+    per_layer = allocation == "layer"
     config = CompressConfig(method=method, target_params=target_params, refine_steps=settings.refine_steps,
                             calib_samples=settings.calib_samples, allocation=allocation, seed=settings.seed,
-                            distill_steps=0 if allocation == "layer" else None)
+                            block_steps=0 if per_layer else CompressConfig.block_steps,
+                            distill_steps=0 if per_layer else None)
     # The same seeding and example input as pipeline.run_compress, so the CLI command in
     # summary.md does the same computation (up to rounding differences from the thread count).
     torch.manual_seed(config.seed)
