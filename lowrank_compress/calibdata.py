@@ -104,8 +104,9 @@ def calibration_batches(
     ``spec``: ``gaussian``, an image folder (class subfolders or flat, eval-transformed to the input
     shape; with ``views``, a folder of fewer than ``samples`` images is filled up with random views
     of them, :func:`lowrank_compress.data.image_tensors`), or a tensor file (.npy, .pt via
-    weights_only, .safetensors) whose first axis indexes samples. With ``hf`` (a Hugging Face model's ``io.hf.HFModel``) a text file, tokenized: batches
-    are dicts of tensors (:func:`text_batches`).
+    weights_only, .safetensors) whose first axis indexes samples. With ``hf`` (a Hugging Face
+    model's ``io.hf.HFModel``) a text file, tokenized: batches are dicts of tensors
+    (:func:`text_batches`).
     """
     if samples < 1 or batch_size < 1:
         raise UsageError("--calib-samples and --calib-batch-size must be ≥ 1")
