@@ -170,16 +170,21 @@ def reconstruct_block(
     eval_every: int = 10,
     patience: int = 8,
     seed: int = 0,
+    held_out: Sequence[Any] | None = None,
 ) -> BlockReport:
     """Refine the factors inside ``block`` of ``model`` in place (see the module docstring).
 
     ``batches``: calibration micro-batches; every fourth is held out (the last one when there are
-    fewer than four). ``weights`` (channels,): per-channel output sensitivity of the block output.
+    fewer than four), or ``held_out`` micro-batches are. ``weights`` (channels,): per-channel
+    output sensitivity of the block output.
     """
     module = model.get_submodule(block.name)
     samples = _collect(model, original, block, batches)
-    held = [s for i, s in enumerate(samples) if i % 4 == 3] or samples[-1:]
-    train = [s for i, s in enumerate(samples) if i % 4 != 3] or samples
+    if held_out:
+        held, train = _collect(model, original, block, held_out), samples
+    else:
+        held = [s for i, s in enumerate(samples) if i % 4 == 3] or samples[-1:]
+        train = [s for i, s in enumerate(samples) if i % 4 != 3] or samples
     params = _factor_parameters(module)
     w = weights.to(torch.float32)
     w = w / w.mean().clamp_min(1e-30)

@@ -34,7 +34,7 @@ from torch import nn
 from .activations import activation_fn
 from .blocks import Block, find_blocks, first_tensor, reconstruct_block
 from .config import CompressConfig, LayerReport, ProgressFn, Skip
-from .distill import DistillReport, auto_schedule, distill
+from .distill import DistillReport, auto_schedule, batch_size_for, distill
 from .errors import UsageError
 from .graph import LayerSite
 from .layers import from_dense
@@ -125,6 +125,16 @@ def _micro_batches(batches: list[Any], size: int = 8) -> list[Any]:
         n = batch_size(batch)
         out += [slice_batch(batch, slice(i, i + size)) for i in range(0, n, size)]
     return out
+
+
+def holdout_split(batches: list[Any]) -> tuple[list[Any], list[Any]]:
+    """The calibration samples in batches of the distillation's size (:func:`distill.batch_size_for`),
+    split into (train, held out): every fourth batch is held out (the last one, also trained on,
+    when there are fewer than four). Block reconstruction and distillation share it."""
+    split = _micro_batches(batches, batch_size_for(sum(batch_size(b) for b in batches)))
+    held = [b for i, b in enumerate(split) if i % 4 == 3] or split[-1:]
+    train = [b for i, b in enumerate(split) if i % 4 != 3] or split
+    return train, held
 
 
 @dataclass
@@ -237,7 +247,10 @@ def calibrated_compress(
     block_of_last = {b.sites[-1]: b for b in blocks}
     block_sens = (_block_sensitivities(original, blocks, _micro_batches(probe_batches(batches), 8), metric, config.seed)
                   if blocks else {})
-    micro = _micro_batches(batches) if blocks else []
+    # Blocks and distillation hold out the same samples: a sample one of them trained on would
+    # make the other's held-out check favour its start.
+    train_split, held_split = holdout_split(batches)
+    micro = (_micro_batches(train_split), _micro_batches(held_split)) if blocks else ([], [])
     block_reports = []
     clock.lap("blocks")
     for i, site in enumerate(todo):
@@ -291,11 +304,13 @@ def calibrated_compress(
             if progress is not None:
                 progress(f"block {block.name}", i, len(todo))
             block_reports.append(reconstruct_block(
-                model, original, block, micro, block_sens[block.name], config.block_steps, seed=config.seed + i))
+                model, original, block, micro[0], block_sens[block.name], config.block_steps, seed=config.seed + i,
+                held_out=micro[1]))
             clock.lap("blocks")
     distilled = None
     if config.distill_steps != 0 and todo and trainable:
-        distilled = _distill(model, original, batches, blocks, todo, once, metric, config, progress)
+        distilled = _distill(model, original, batches, (train_split, held_split), blocks, todo, once, metric, config,
+                             progress)
         clock.lap("distillation")
     if progress is not None:
         progress("done", len(todo), len(todo))
@@ -311,7 +326,8 @@ def calibrated_compress(
     return reports, skipped, extra
 
 
-def _distill(model: nn.Module, original: nn.Module, batches: list[Any], blocks: list[Block], todo: list[LayerSite],
+def _distill(model: nn.Module, original: nn.Module, batches: list[Any], split: tuple[list[Any], list[Any]],
+             blocks: list[Block], todo: list[LayerSite],
              once: set[str], metric: str, config: CompressConfig, progress: ProgressFn | None) -> DistillReport:
     """Label-free distillation after the fits, for the requested or the automatic number of steps."""
     samples = sum(batch_size(b) for b in batches)
@@ -327,8 +343,9 @@ def _distill(model: nn.Module, original: nn.Module, batches: list[Any], blocks: 
     if config.distill_features > 0:
         found = blocks or _blocks(model, todo, batches[0], once, config)
         features = {b.name: b.channels_last for b in found}
-    report = distill(model, original, _micro_batches(batches, schedule.batch_size), metric, schedule.steps,
-                     seed=config.seed, features=features, feature_weight=config.distill_features)
+    train, held = split
+    report = distill(model, original, train, metric, schedule.steps, seed=config.seed, features=features,
+                     feature_weight=config.distill_features, held_out=held)
     report.schedule = schedule.reason
     return report
 

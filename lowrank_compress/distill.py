@@ -158,14 +158,19 @@ class _Features:
 
 def distill(model: nn.Module, teacher: nn.Module, batches: Sequence[Any], metric: str, steps: int,
             lr: float = LEARNING_RATE, seed: int = 0, eval_every: int = 25, patience: int = 8,
-            features: dict[str, bool] | None = None, feature_weight: float = 0.0) -> DistillReport:
+            features: dict[str, bool] | None = None, feature_weight: float = 0.0,
+            held_out: Sequence[Any] | None = None) -> DistillReport:
     """Train the factors of ``model`` in place against ``teacher`` on ``batches`` (see the module docstring).
 
     ``features``: names of modules (present in both models) whose outputs are matched too, each
     mapped to whether its channels are on the last axis; ``feature_weight`` weighs that loss.
+    ``held_out``: the batches of the held-out check; by default every fourth of ``batches``.
     """
-    held = [b for i, b in enumerate(batches) if i % 4 == 3] or list(batches[-1:])
-    train = [b for i, b in enumerate(batches) if i % 4 != 3] or list(batches)
+    if held_out:
+        held, train = list(held_out), list(batches)
+    else:
+        held = [b for i, b in enumerate(batches) if i % 4 == 3] or list(batches[-1:])
+        train = [b for i, b in enumerate(batches) if i % 4 != 3] or list(batches)
     features = features if feature_weight > 0 else {}
     t_run, s_run = _Features(teacher, features or {}), _Features(model, features or {})
     held_ref, held_rows = [], {n: [] for n in features or {}}

@@ -273,3 +273,20 @@ def test_lrc_compress_distills_by_default_and_says_so(tmp_path, run_cli, flag):
     else:  # 64 inputs: batches of 8, 6 trained on per pass, at most 100 passes
         assert distilled["schedule"].startswith("auto") and distilled["batch_size"] == 8
         assert 0 < distilled["steps"] <= 600 and "(auto)" in result.out
+
+
+def test_blocks_and_distillation_share_one_holdout_that_training_never_sees() -> None:
+    from lowrank_compress.calibration import holdout_split
+    from lowrank_compress.distill import batch_size_for
+
+    batches = list(torch.arange(100, dtype=torch.float32)[:, None].split(32))  # 100 samples, batches of 32
+    train, held = holdout_split(batches)
+    size = batch_size_for(100)
+    assert all(b.shape[0] <= size for b in train + held)
+    seen = sorted(int(v) for b in train + held for v in b.flatten())
+    assert seen == list(range(100))  # every sample once
+    assert not {int(v) for b in train for v in b.flatten()} & {int(v) for b in held for v in b.flatten()}
+    assert 0.15 <= sum(b.shape[0] for b in held) / 100 <= 0.35
+    # Fewer than four batches: the last one is held out and trained on (nothing else to check against).
+    train, held = holdout_split([torch.arange(2, dtype=torch.float32)[:, None]])
+    assert [b.tolist() for b in train] == [[[0.0]], [[1.0]]] and [b.tolist() for b in held] == [[[1.0]]]
