@@ -14,7 +14,7 @@ How long (``distill_steps`` None, the default): :func:`auto_schedule` runs up to
 :data:`MAX_STEPS` steps, at most :data:`MAX_EPOCHS` passes over the calibration inputs, and only
 as many as fit a compute budget (:data:`FLOP_BUDGET`, about a minute on the device the model is
 on). On the bundled digits CNN at a twentieth of its parameters, 1,000 steps of 64 took test
-accuracy from 55% to 98% in under a minute on one CPU thread; a ResNet-50 on a CPU gets no steps
+accuracy from 55% to 97–98% in under a minute on one CPU thread; a ResNet-50 on a CPU gets no steps
 by default (one step of 64 crops costs more than the budget), and ``distill_steps`` N asks for N.
 """
 
