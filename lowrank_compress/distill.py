@@ -6,7 +6,8 @@ probabilities are the only labels), and for other outputs a mean squared error s
 feature, so that a few outlier channels of a hidden state do not dominate the loss. Optionally
 (``feature_weight`` > 0) the outputs of intermediate modules (the blocks) are matched too, with
 the same per-channel standardization. Few inputs overfit fast, so image batches are augmented
-(flips and mixup of pairs: the teacher labels any input), one micro-batch in four is held out,
+(flips and mixup of pairs: the teacher labels any input), one micro-batch in four is held out
+(in a compression, the samples block reconstruction held out: ``calibration.holdout_split``),
 and the iterate with the lowest held-out output metric is kept: the result is never worse than
 the start on the held-out inputs.
 
