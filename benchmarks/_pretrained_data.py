@@ -63,7 +63,6 @@ CALIBRATION_SETS = {
     ),
     "same": EVAL_PHOTOS,  # other crops of the evaluation photos: an easier, in-distribution test
 }
-CALIBRATION_PHOTOS = CALIBRATION_SETS["natural"]
 _PHOTO_DIRS = {"skimage": ("skimage", "data"), "sklearn": ("sklearn", "datasets/images"),
                "matplotlib": ("matplotlib", "mpl-data/sample_data"), "ultralytics": ("ultralytics", "assets"),
                "imgaug": ("imgaug", "."), "insightface": ("insightface", "data/images")}

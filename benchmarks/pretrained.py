@@ -16,9 +16,9 @@ offline (see ``_pretrained_data``):
   scikit-learn, and the sample images of ultralytics, imgaug and insightface, installed with
   ``--no-deps``: only their files are read). ``--cnn-calibration textures`` keeps the first four and
   adds nine grayscale textures, coins, the moon, microscopy and astronomy (the set used before), a
-  calibration set no user would pick for an ImageNet model; ``same`` takes other crops of the evaluation photos, an easier
-  test: a low-rank layer fitted to the responses of a few photos keeps their classes and may lose
-  the rest.
+  calibration set no user would pick for an ImageNet model; ``same`` takes other crops of the
+  evaluation photos, an easier test: a low-rank layer fitted to the responses of a few photos
+  keeps their classes and may lose the rest.
 - **all-MiniLM-L6-v2** (a 6-layer BERT sentence encoder, 22.6 M parameters of which 10.6 M in
   Linear layers; mean pooling + L2 normalization). Budget: 50% of its Linear parameters, as
   ``--target-params (total − 0.5·linear) / total`` (ranks allocated across layers) and as a

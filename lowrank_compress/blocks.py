@@ -26,7 +26,7 @@ from torch import nn
 
 from .errors import UsageError
 from .layers import LOW_RANK_TYPES
-from .losses import BestIterate, rms_adam
+from .losses import BestIterate, rms_adam, split_held_out
 from .modelrun import padding_mask, run_until
 
 MAX_BLOCK_SITES = 6
@@ -181,10 +181,9 @@ def reconstruct_block(
     module = model.get_submodule(block.name)
     samples = _collect(model, original, block, batches)
     if held_out:
-        held, train = _collect(model, original, block, held_out), samples
+        train, held = samples, _collect(model, original, block, held_out)
     else:
-        held = [s for i, s in enumerate(samples) if i % 4 == 3] or samples[-1:]
-        train = [s for i, s in enumerate(samples) if i % 4 != 3] or samples
+        train, held = split_held_out(samples)
     params = _factor_parameters(module)
     w = weights.to(torch.float32)
     w = w / w.mean().clamp_min(1e-30)

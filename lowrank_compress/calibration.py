@@ -38,6 +38,7 @@ from .distill import DistillReport, auto_schedule, batch_size_for, distill
 from .errors import UsageError
 from .graph import LayerSite
 from .layers import from_dense
+from .losses import split_held_out
 from .methods import factor_params, unfold_batchnorm
 from .modelrun import (batch_size, call_model, count_flops, float_batch, forward_with_hooks, model_device, model_dtype,
                        output_tensors, padding_mask, replace_module, slice_batch)
@@ -131,10 +132,7 @@ def holdout_split(batches: list[Any]) -> tuple[list[Any], list[Any]]:
     """The calibration samples in batches of the distillation's size (:func:`distill.batch_size_for`),
     split into (train, held out): every fourth batch is held out (the last one, also trained on,
     when there are fewer than four). Block reconstruction and distillation share it."""
-    split = _micro_batches(batches, batch_size_for(sum(batch_size(b) for b in batches)))
-    held = [b for i, b in enumerate(split) if i % 4 == 3] or split[-1:]
-    train = [b for i, b in enumerate(split) if i % 4 != 3] or split
-    return train, held
+    return split_held_out(_micro_batches(batches, batch_size_for(sum(batch_size(b) for b in batches))))
 
 
 @dataclass

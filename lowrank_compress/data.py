@@ -373,13 +373,14 @@ def image_tensors(
     resolved = complete_data_config(config, input_shape)
     transform = eval_transform(resolved)
     channels = resolved["input_size"][0]
-    images = [read_image(f, channels) for f in files]
-    tensors = [transform(image) for image in images]
-    if views and len(images) < samples:
+    # One decoded image at a time: a folder of large photos never sits in memory whole (a view
+    # decodes its file again).
+    tensors = [transform(read_image(f, channels)) for f in files]
+    if views and len(files) < samples:
         augment = train_transform(resolved, min_crop_scale=VIEW_MIN_SCALE)
         with torch.random.fork_rng(devices=[]):  # torchvision's random transforms read the global RNG
             torch.manual_seed(seed)
-            tensors += [augment(images[i % len(images)]) for i in range(samples - len(images))]
+            tensors += [augment(read_image(files[i % len(files)], channels)) for i in range(samples - len(files))]
     return torch.stack(tensors)
 
 

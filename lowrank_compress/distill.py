@@ -33,7 +33,7 @@ from torch import nn
 from .modelrun import batch_size, call_model, output_tensors, padding_mask
 from .sensitivity import output_metric
 from .layers import low_rank_modules
-from .losses import BestIterate, distillation_loss, rms_adam
+from .losses import BestIterate, distillation_loss, rms_adam, split_held_out
 
 
 MAX_STEPS = 1000  # what the automatic schedule runs at most
@@ -167,11 +167,7 @@ def distill(model: nn.Module, teacher: nn.Module, batches: Sequence[Any], metric
     mapped to whether its channels are on the last axis; ``feature_weight`` weighs that loss.
     ``held_out``: the batches of the held-out check; by default every fourth of ``batches``.
     """
-    if held_out:
-        held, train = list(held_out), list(batches)
-    else:
-        held = [b for i, b in enumerate(batches) if i % 4 == 3] or list(batches[-1:])
-        train = [b for i, b in enumerate(batches) if i % 4 != 3] or list(batches)
+    train, held = (list(batches), list(held_out)) if held_out else split_held_out(batches)
     features = features if feature_weight > 0 else {}
     t_run, s_run = _Features(teacher, features or {}), _Features(model, features or {})
     held_ref, held_rows = [], {n: [] for n in features or {}}

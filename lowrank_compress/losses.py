@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
+
+T = TypeVar("T")
 
 
 def distillation_loss(
@@ -40,6 +43,14 @@ def rms_adam(params: Sequence[torch.Tensor], lr: float) -> torch.optim.Adam:
     """Adam with each tensor's learning rate ``lr`` × its RMS (× 1 when it is zero): steps relative to the weights."""
     return torch.optim.Adam([{"params": [p], "lr": lr * (float(p.detach().pow(2).mean().sqrt()) or 1.0)}
                              for p in params])
+
+
+def split_held_out(items: Sequence[T]) -> tuple[list[T], list[T]]:
+    """(train, held out): every fourth item is held out; with fewer than four, the last one is
+    held out and also trained on (there is nothing else to check against)."""
+    held = [x for i, x in enumerate(items) if i % 4 == 3] or list(items[-1:])
+    train = [x for i, x in enumerate(items) if i % 4 != 3] or list(items)
+    return train, held
 
 
 class BestIterate:
