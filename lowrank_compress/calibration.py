@@ -22,7 +22,6 @@ distillation finish the job (:mod:`lowrank_compress.distill`).
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -40,8 +39,8 @@ from .graph import LayerSite
 from .layers import from_dense
 from .losses import split_held_out
 from .methods import factor_params, unfold_batchnorm
-from .modelrun import (batch_size, call_model, count_flops, float_batch, forward_with_hooks, model_device, model_dtype,
-                       output_tensors, padding_mask, replace_module, slice_batch)
+from .modelrun import (batch_size, call_model, count_flops, float_batch, forward_with_hooks, model_device,
+                       model_dtype, output_tensors, padding_mask, replace_module, slice_batch)
 from .outputcost import output_cost_curves, row_weights, site_sensitivities
 from .plan import Plan, plan_ranks
 from .responses import ResponseStats, patches, real_rows, responses, stats_error_curve
@@ -67,13 +66,17 @@ def _original_pass(
 ) -> dict[str, _Targets]:
     """One pass over the original model: reservoir positions, targets and response statistics."""
     gen = torch.Generator().manual_seed(seed + 7)
-    per_batch = math.ceil(RESERVOIR / max(len(batches), 1))
+    # Each batch's share of the reservoir follows its real samples (tokens, when padded), so that
+    # batches of short texts are not over-represented.
+    weights = [int(mask.sum()) if (mask := padding_mask(b)) is not None else batch_size(b) for b in batches]
+    total = max(sum(weights), 1)
+    shares = [max(1, -(-RESERVOIR * w // total)) for w in weights]
     modules = {s.name: original.get_submodule(s.name) for s in sites}
     acc = {s.name: ([], [], ResponseStats.empty(s.shape[0])) for s in sites}
     fns = {s.name: activation_fn(s.activation) for s in sites}
 
     called: set[str] = set()
-    current: dict[str, torch.Tensor | None] = {"mask": None}
+    current: dict[str, Any] = {"mask": None, "batch": 0}
 
     def hook(site: LayerSite):
         def record(_m, _inputs, output):
@@ -85,7 +88,7 @@ def _original_pass(
             rows = real_rows(site, responses(site, output.detach().to(torch.float32)), output, current["mask"])
             positions, post, stats = acc[site.name]
             stats.update(rows)
-            idx = torch.randperm(rows.shape[0], generator=gen)[:per_batch].sort().values
+            idx = torch.randperm(rows.shape[0], generator=gen)[:shares[current["batch"]]].sort().values
             positions.append(idx)
             post.append(fns[site.name](rows[idx]))
 
@@ -94,9 +97,9 @@ def _original_pass(
     handles = [modules[s.name].register_forward_hook(hook(s)) for s in sites]
     try:
         with torch.no_grad():
-            for batch in batches:
+            for i, batch in enumerate(batches):
                 called.clear()
-                current["mask"] = padding_mask(batch)
+                current["mask"], current["batch"] = padding_mask(batch), i
                 call_model(original, batch)
     finally:
         for h in handles:

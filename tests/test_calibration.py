@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -224,3 +225,20 @@ def test_calibrated_nkp_keeps_the_bundled_digits_model_accuracy_at_a_quarter_of_
     acc_nkp, acc_spectral = accuracy(nkp, x_test, y_test), accuracy(spectral, x_test, y_test)
     assert acc_nkp >= base - 0.02
     assert acc_nkp >= acc_spectral + 0.10
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads /proc (Linux)")
+def test_heap_trimmer_trims_after_growth_only():
+    from lowrank_compress.modelrun import HeapTrimmer
+
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    idle = HeapTrimmer(slack=1e12)
+    assert idle.resident() == pytest.approx(int(status["VmRSS"].split()[0]) * 1024, rel=0.1)
+    floor = idle.floor
+    idle()
+    assert idle.floor == floor  # no terabyte of growth: nothing to do
+    eager = HeapTrimmer(slack=0)
+    live = torch.ones(50_000_000)  # 200 MB
+    eager()  # trims: the floor becomes the resident size after trimming
+    assert eager.floor == pytest.approx(eager.resident(), abs=64e6)
+    assert eager.floor > live.numel() * 4

@@ -165,8 +165,26 @@ def test_tokenized_calibration_masks_padding(folders):
     batches = text_batches(str(folders / "texts.txt"), loaded.hf, 5, 4)
     assert [len(b["input_ids"]) for b in batches] == [4, 1]
     mask = batches[0]["attention_mask"]
-    assert mask.shape == batches[0]["input_ids"].shape and (mask == 0).any()  # shorter texts are padded
+    assert mask.shape == batches[0]["input_ids"].shape
     assert set(batches[0]) == {"input_ids", "token_type_ids", "attention_mask"}
+
+
+def test_text_calibration_batches_texts_of_similar_length(folders, tmp_path):
+    from lowrank_compress.calibdata import text_batches
+    from lowrank_compress.io.opening import open_model
+
+    hf = open_model(folders / "tiny-bert").hf
+    # Long and short texts alternate in the file: in file order every batch would be half padding.
+    texts = [("word " * (40 if i % 2 else 3)).strip() + f" {i}" for i in range(16)]
+    (tmp_path / "mixed.txt").write_text("\n".join(texts) + "\n")
+    batches = text_batches(str(tmp_path / "mixed.txt"), hf, 16, 4)
+    in_file_order = [hf.tokenize(texts[i:i + 4]) for i in range(0, 16, 4)]
+    positions = sum(b["input_ids"].numel() for b in batches)
+    real = sum(int(b["attention_mask"].sum()) for b in batches)
+    assert real == sum(int(b["attention_mask"].sum()) for b in in_file_order)  # every token of every text
+    assert positions < 0.65 * sum(b["input_ids"].numel() for b in in_file_order)
+    counts = [b["attention_mask"].sum(1) for b in batches]
+    assert all(c.max() <= d.min() for c, d in zip(counts, counts[1:]))  # batches in order of length
 
 
 def test_timm_hub_folder_maps_to_the_registry(tmp_path):

@@ -138,6 +138,22 @@ def test_padded_positions_change_no_statistic():
     assert torch.allclose(results[0], results[1], atol=1e-5)
 
 
+def test_reservoir_shares_follow_real_tokens_not_batches():
+    from lowrank_compress.calibration import RESERVOIR, _original_pass
+    from lowrank_compress.graph import find_sites
+
+    model = TokenModel().eval()
+    ids = torch.randint(1, 50, (64, 40), generator=torch.Generator().manual_seed(0))
+    long = {"input_ids": ids, "attention_mask": torch.ones(64, 40, dtype=torch.long)}
+    short = {"input_ids": ids, "attention_mask": (torch.arange(40) < 10).long().expand(64, 40).contiguous()}
+    sites = find_sites(model, long)
+    targets = _original_pass(model, sites, [long, short], seed=0)
+    for site in sites:
+        kept = [len(p) for p in targets[site.name].positions]
+        assert kept == [-(-RESERVOIR * 4 // 5), -(-RESERVOIR // 5)]  # 2,560 and 640 real tokens
+        assert targets[site.name].post.shape[0] == sum(kept)
+
+
 class ThreeLayers(nn.Module):
     def __init__(self) -> None:
         super().__init__()

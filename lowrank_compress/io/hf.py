@@ -93,6 +93,12 @@ class HFModel:
                                return_tensors="pt")
         return {k: batch[k] for k in self.input_names if k in batch}
 
+    def token_counts(self, texts: list[str]) -> list[int]:
+        """The number of tokens of each text, truncated as :meth:`tokenize` truncates."""
+        if self.tokenizer is None:
+            raise UsageError("this model has no tokenizer here; text inputs need the model's Hugging Face folder")
+        return [len(ids) for ids in self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]]
+
     def example(self) -> dict[str, torch.Tensor]:
         """Inputs to trace with: the tokenizer's own on a sample sentence, else random token ids."""
         return self.tokenize(list(_SAMPLE_TEXTS[:1])) if self.tokenizer is not None else self.random_inputs(1, 8)
