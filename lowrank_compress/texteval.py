@@ -80,6 +80,7 @@ def text_agreement(reference: nn.Module, candidate: nn.Module, hf: Any, texts: l
         raise UsageError(f"--batch-size must be positive, got {batch_size}")
     if hf.task not in ("causal-lm", "encoder"):
         raise UsageError(f"lrc eval on texts takes an encoder or a causal language model, not a {hf.class_name}")
+    texts = hf.by_length(texts)  # every figure is over all texts: their order is free, padding is not
     batches = [hf.tokenize(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)]
     ref = _outputs(reference.eval(), batches)
     new = ref if candidate is reference else _outputs(candidate.eval(), batches)

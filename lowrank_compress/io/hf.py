@@ -93,11 +93,12 @@ class HFModel:
                                return_tensors="pt")
         return {k: batch[k] for k in self.input_names if k in batch}
 
-    def token_counts(self, texts: list[str]) -> list[int]:
-        """The number of tokens of each text, truncated as :meth:`tokenize` truncates."""
+    def by_length(self, texts: list[str]) -> list[str]:
+        """``texts`` sorted by token count (stable), so that batches of neighbours are padded little."""
         if self.tokenizer is None:
             raise UsageError("this model has no tokenizer here; text inputs need the model's Hugging Face folder")
-        return [len(ids) for ids in self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]]
+        ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
+        return [texts[i] for i in sorted(range(len(texts)), key=lambda i: len(ids[i]))]
 
     def example(self) -> dict[str, torch.Tensor]:
         """Inputs to trace with: the tokenizer's own on a sample sentence, else random token ids."""
