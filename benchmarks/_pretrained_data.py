@@ -374,6 +374,25 @@ def query_document_pairs(min_query_words: int = 5, min_doc_words: int = 12) -> l
     return pairs
 
 
+def reference_calibration_texts(count: int, seed: int) -> list[str]:
+    """``count`` prose paragraphs of the language reference that are in no evaluation pair (545 of
+    at least 8 words): calibration text from the evaluation corpus's own domain, sampled with
+    ``seed``. The text analogue of calibrating the CNN on other crops of its photos."""
+    from pydoc_data.topics import topics
+
+    paired = {document for _, document in query_document_pairs()}
+    texts, seen = [], set()
+    for key in sorted(topics):
+        for paragraph in _prose(topics[key]):
+            parts = split_first_sentence(paragraph)
+            if (parts is not None and parts[1] in paired) or len(paragraph.split()) < 8 or paragraph in seen:
+                continue
+            seen.add(paragraph)
+            texts.append(paragraph)
+    rng = np.random.default_rng(seed)
+    return [texts[i] for i in rng.permutation(len(texts))][:count]
+
+
 CALIBRATION_MODULES = (
     "argparse", "asyncio", "collections", "concurrent.futures", "contextlib", "csv", "dataclasses",
     "datetime", "decimal", "email", "enum", "fractions", "functools", "http.client", "importlib",

@@ -167,7 +167,8 @@ def main() -> None:
     parser.add_argument("--target-flops", type=float, default=0.5, help="resnet50's FLOPs budget")
     parser.add_argument("--target", default=None, help="deployment target the plans are made for [default: torch-cuda, torch-cpu with --device cpu]")
     parser.add_argument("--no-latency-aware", action="store_true", help="plan without timing layers")
-    parser.add_argument("--latency-batch-size", type=int, default=256, help="batch size layers are timed at")
+    parser.add_argument("--latency-batch-size", default="256",
+                        help="comma-separated batch sizes layers are timed at")
     parser.add_argument("--no-compile", action="store_true", help="eager PyTorch instead of torch.compile")
     parser.add_argument("--fp32", action="store_true", help="no bf16 autocast")
     parser.add_argument("--modes", default="inference,training")

@@ -172,14 +172,16 @@ def _text_batches(tokenizer, texts: list[str], max_length: int, size: int,
 
 
 def bench_encoder(variants: list[str], quick: bool, seed: int, log, partial=None,
-                  calib_samples: int | None = None, policies: tuple[str, ...] = ENCODER_POLICIES) -> dict[str, Any]:
+                  calib_samples: int | None = None, policies: tuple[str, ...] = ENCODER_POLICIES,
+                  calibration: str = "docstrings") -> dict[str, Any]:
     n_eval, n_calib = SIZES["encoder"]["quick" if quick else "full"]
     n_calib = calib_samples or n_calib
     original, tokenizer, max_length = data.load_minilm()
     pairs = data.query_document_pairs()[:n_eval]
     queries, documents = [q for q, _ in pairs], [d for _, d in pairs]
     eval_batches = _text_batches(tokenizer, queries + documents, max_length, 32)
-    calib_texts = data.calibration_texts(n_calib, seed)
+    calib_texts = (data.reference_calibration_texts if calibration == "reference"
+                   else data.calibration_texts)(n_calib, seed)
     calib = _text_batches(tokenizer, calib_texts, max_length, 16, by_length=True)
     example = data.tokenize(tokenizer, data.calibration_texts(2, seed + 1), max_length)
 
@@ -203,7 +205,9 @@ def bench_encoder(variants: list[str], quick: bool, seed: int, log, partial=None
         "params": total, "linear_params": linear,
         "pairs": len(pairs),
         "corpus": "pydoc_data.topics (Python language reference): first sentence → rest of paragraph",
-        "calibration_texts": len(calib_texts), "calibration_corpus": "standard-library docstrings",
+        "calibration_texts": len(calib_texts),
+        "calibration_corpus": ("language-reference paragraphs in no evaluation pair" if calibration == "reference"
+                               else "standard-library docstrings"),
         "max_length": max_length,
         "original_retrieval_accuracy": round(float((ref_top == truth).float().mean()), 4),
         "metric": "nearest-neighbour agreement with the original / mean embedding cosine",
@@ -284,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="the CNN's calibration photos: natural (other colour photos of scenes and objects), "
                              "textures (also grayscale textures, microscopy, astronomy), same (other crops of the "
                              "evaluation photos)")
+    parser.add_argument("--encoder-calibration", choices=("docstrings", "reference"), default="docstrings",
+                        help="the encoder's calibration texts: docstrings (standard-library docstrings), reference "
+                             "(paragraphs of the language reference that are in no evaluation pair)")
     parser.add_argument("--calib-samples", type=int,
                         help="calibration crops (CNN) or texts (encoder); default 256 (64 with --quick)")
     parser.add_argument("--encoder-policies", default=",".join(ENCODER_POLICIES),
@@ -344,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
                                      args.calib_samples)
         else:
             results[key] = bench_encoder(variants, args.quick, args.seed, log, partial, args.calib_samples,
-                                         policies)
+                                         policies, args.encoder_calibration)
         timings[key] = round(time.perf_counter() - start, 1)
     print(table(results, variants))
     print()

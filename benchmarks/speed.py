@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/speed.py                                  # resnet50 + efficientnet_b0, batch 1 and 16
     .venv/bin/python benchmarks/speed.py --models resnet50 --target-latency 0.6 --json speed.json
     .venv/bin/python benchmarks/speed.py --no-latency-aware --round-to 16  # the FLOPs-only plan
+    .venv/bin/python benchmarks/speed.py --models efficientnet_b0 --profile  # + kernel time by kind
     .venv/bin/python benchmarks/speed.py --models resnet50 --image-size 64 --batch-sizes 1 --repeats 2  # smoke run
 
 What is measured: torchvision resnet50 and timm efficientnet_b0 (random init, 1000 classes,
@@ -10,7 +11,7 @@ What is measured: torchvision resnet50 and timm efficientnet_b0 (random init, 10
 (default 0.5) or ``--target-latency``, otherwise as ``lrc compress`` does by default: target
 onnxruntime-cpu (ranks in multiples of 16, the NCHWc block of onnxruntime's CPU convolutions) and
 latency-aware planning (every layer timed dense vs factorized in onnxruntime at its input shape,
-batch ``--latency-batch-size``; the budget spent by error per second of measured time). Both
+at each batch size of ``--latency-batch-size``, default 1 and 16 as in ``lrc``; the budget spent by error per second of measured time). Both
 models are exported to ONNX (the parity check must pass) and timed in one onnxruntime CPU process
 with ``--threads`` threads (default 2), runs interleaved dense, compressed, dense, …
 (lowrank_compress.bench.measure_latency); the figure is the median.
@@ -40,7 +41,7 @@ from lowrank_compress.bench import flops_at_shape
 from lowrank_compress.modelrun import count_params
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _onnx_timing import time_onnx_pair  # noqa: E402
+from _onnx_timing import profile_kernels, time_onnx_pair  # noqa: E402
 
 ARCHS = {"resnet50": "torchvision:resnet50", "efficientnet_b0": "timm:efficientnet_b0"}
 
@@ -83,6 +84,8 @@ def measure(name: str, args: argparse.Namespace, workdir: Path) -> list[dict[str
     flop_ratio = flops_at_shape(compressed, shape) / flops_at_shape(dense, shape)
     param_ratio = count_params(compressed) / count_params(dense)
     report = time_onnx_pair(name, dense, compressed, shape, args, workdir)
+    if args.profile:
+        print_profile(name, shape, args, workdir)
     rows = []
     for batch in args.batch_sizes:
         by_model = {r.model: r for r in report.results if r.batch_size == batch}
@@ -95,6 +98,23 @@ def measure(name: str, args: argparse.Namespace, workdir: Path) -> list[dict[str
             "realized": (1 - latency_ratio) / (1 - flop_ratio) if flop_ratio < 1 else None,
         })
     return rows
+
+
+def print_profile(name: str, shape: tuple[int, ...], args: argparse.Namespace, workdir: Path) -> None:
+    """Per-kind kernel times of the dense and compressed ONNX files (onnxruntime's profiler), per batch size."""
+    for batch in args.batch_sizes:
+        times = {label: profile_kernels(workdir / f"{name}-{label}.onnx", shape, batch, args.threads,
+                                        args.profile_runs, workdir) for label in ("dense", "compressed")}
+        total = sum(times["dense"].values())
+        kinds = sorted(set(times["dense"]) | set(times["compressed"]), key=lambda k: -times["dense"].get(k, 0.0))
+        print(f"\n{name}, batch {batch}: kernel time by kind (onnxruntime profiler, {args.profile_runs} runs, "
+              f"{args.threads} threads)\n\n| kernel | dense ms | share of dense | compressed ms | compressed / dense |\n"
+              "|---|---:|---:|---:|---:|")
+        for kind in kinds + ["all"]:
+            d = total if kind == "all" else times["dense"].get(kind, 0.0)
+            c = sum(times["compressed"].values()) if kind == "all" else times["compressed"].get(kind, 0.0)
+            ratio = f"{c / d:.2f}" if d else "–"
+            print(f"| {kind} | {d:.2f} | {d / total:.1%} | {c:.2f} | {ratio} |", flush=True)
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -132,13 +152,17 @@ def main() -> None:
     parser.add_argument("--method", default="spectral", help="spectral or nkp (speed does not depend on it)")
     parser.add_argument("--exclude", default=None, help="regex of layer names to keep dense")
     parser.add_argument("--no-latency-aware", action="store_true", help="plan by FLOPs alone (no layer timing)")
-    parser.add_argument("--latency-batch-size", type=int, default=1, help="batch size layers are timed at")
+    parser.add_argument("--latency-batch-size", default="1,16",
+                        help="comma-separated batch sizes layers are timed at (lrc's default)")
     parser.add_argument("--batch-sizes", default="1,16", help="comma-separated batch sizes")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile", action="store_true",
+                        help="also print each model's kernel time by kind (onnxruntime profiler), dense vs compressed")
+    parser.add_argument("--profile-runs", type=int, default=10, help="runs profiled per model and batch size")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args()
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]

@@ -19,6 +19,9 @@ _POLICIES = ("rank", "rank_ratio", "param_ratio", "target_params", "target_flops
 # times layers on (see ranks.TARGETS).
 TARGETS = ("onnxruntime-cpu", "torch-cpu", "torch-cuda", "onnxruntime-cuda")
 DEFAULT_TARGET = "onnxruntime-cpu"
+# Batch sizes latency-aware planning times layers at: a factorization must pay at every one of them,
+# since a pair that is faster at batch 1 can be slower at batch 16 (and the other way round).
+DEFAULT_LATENCY_BATCHES = (1, 16)
 
 
 @dataclass
@@ -52,7 +55,7 @@ class CompressConfig:
     calib_samples: int = 256
     target: str = DEFAULT_TARGET
     latency_aware: bool | None = None
-    latency_batch_size: int = 1
+    latency_batch_size: int | tuple[int, ...] | str = DEFAULT_LATENCY_BATCHES
     allocation: str = "auto"
     output_metric: str = "auto"
     block_steps: int = 200
@@ -89,8 +92,7 @@ class CompressConfig:
             raise UsageError(f"latency_aware must be True, False or None (auto), got {self.latency_aware!r}")
         if self.target_latency is not None and self.latency_aware is False:
             raise UsageError("--target-latency allocates by measured layer times; it cannot run with --no-latency-aware")
-        if self.latency_batch_size < 1:
-            raise UsageError(f"--latency-batch-size must be ≥ 1, got {self.latency_batch_size}")
+        self.latency_batch_size = _batch_sizes(self.latency_batch_size)
         if self.allocation not in ALLOCATIONS:
             raise UsageError(f"--allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
         if self.output_metric not in OUTPUT_METRICS:
@@ -133,6 +135,21 @@ class CompressConfig:
             raise UsageError(f"not a CompressConfig: {data.get('_type')!r}")
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in data.get("_data", {}).items() if k in known})
+
+
+def _batch_sizes(value: Any) -> tuple[int, ...]:
+    """``latency_batch_size`` as sorted distinct batch sizes: an int, a sequence of ints, or
+    comma-separated text such as ``"1,16"``."""
+    items = value.replace(" ", "").split(",") if isinstance(value, str) else (
+        [value] if isinstance(value, int) else value)
+    try:
+        sizes = tuple(sorted({int(v) for v in items if v != ""}))
+    except (TypeError, ValueError):
+        raise UsageError(f"--latency-batch-size must be positive integers such as 1 or 1,16, got {value!r}") from None
+    if not sizes or any(isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()) for v in items) \
+            or sizes[0] < 1:
+        raise UsageError(f"--latency-batch-size must be positive integers such as 1 or 1,16, got {value!r}")
+    return sizes
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Latency-aware planning: layers timed dense and factorized on the target, budgets in measured time.
 
-Every planned layer is timed alone on the target at its real input shape (batch
-``latency_batch_size``); a layer where factorizing does not pay stays dense. Under a FLOPs or
+Every planned layer is timed alone on the target at its real input shape, at each batch size of
+``latency_batch_size``; a layer where factorizing does not pay at every one of them stays dense. Under a FLOPs or
 latency budget, ranks are allocated by error reduction per second of measured layer time
 (:func:`timed_budget_plan`); a latency budget is checked by timing the whole model.
 """
@@ -32,27 +32,37 @@ from .ranks import TARGETS, output_positions, site_ranks
 PAYS = 0.9
 
 
+Times = tuple[float, ...]  # median seconds per call, one per timing batch size
+
+
 class LayerTimer:
     """Times sites dense and factorized on the config's target at their real inputs, with a cache.
 
     Each layer is run alone at its input captured from one forward pass of ``example_inputs``,
-    batch expanded to ``config.latency_batch_size``. The factorized versions use random factors
-    (time does not depend on the values). Dense and factorized runs of one layer are interleaved.
+    batch expanded to each of ``config.latency_batch_size``. The factorized versions use random
+    factors (time does not depend on the values). Dense and factorized runs of one layer are
+    interleaved.
     """
 
     def __init__(self, model: nn.Module, sites: list[LayerSite], example_inputs: Any, config: CompressConfig):
         self.target = TARGETS[config.target]
-        self.batch = config.latency_batch_size
+        self.batches: tuple[int, ...] = config.latency_batch_size
         self.seed = config.seed
         self.inputs = _layer_inputs(model, sites, example_inputs)
-        self.cache: dict[tuple[str, int | None], float] = {}
+        self.cache: dict[tuple[str, int | None], Times] = {}
 
-    def describe(self, dense_s: float, factor_s: float) -> str:
-        return (f"{self.target.name} batch {self.batch}: dense {dense_s * 1e3:.3f} ms, "
-                f"factorized {factor_s * 1e3:.3f} ms ({factor_s / dense_s:.2f}×)")
+    def describe(self, dense: Times, factor: Times) -> str:
+        return f"{self.target.name} " + "; ".join(
+            f"batch {b}: dense {d * 1e3:.3f} ms, factorized {f * 1e3:.3f} ms ({f / d:.2f}×)"
+            for b, d, f in zip(self.batches, dense, factor))
 
-    def times(self, site: LayerSite, ranks: list[int]) -> dict[int | None, float]:
-        """Median seconds per call, dense (key None) and at each rank; cached per (site, rank)."""
+    @staticmethod
+    def pays(dense: Times, factor: Times) -> bool:
+        """Whether a factorization is below ``PAYS`` × dense at every timing batch size."""
+        return all(f < PAYS * d for d, f in zip(dense, factor))
+
+    def times(self, site: LayerSite, ranks: list[int]) -> dict[int | None, Times]:
+        """Seconds per call at each batch size, dense (key None) and at each rank; cached."""
         from .bench import layer_latencies
 
         todo = [r for r in ranks if (site.name, r) not in self.cache]
@@ -60,7 +70,6 @@ class LayerTimer:
             x = self.inputs.get(site.name)
             if x is None:
                 raise UsageError(f"layer {site.name} did not run on the example inputs; it cannot be timed")
-            x = x[:1].expand(self.batch, *x.shape[1:]).contiguous()
             gen = torch.Generator().manual_seed(self.seed)
             m, d = site.shape
             w = site.module.weight
@@ -68,14 +77,17 @@ class LayerTimer:
             for r in todo:
                 probe = Factorization(torch.randn(m, r, generator=gen).to(w.dtype), torch.randn(r, d, generator=gen).to(w.dtype))
                 layers[str(r)] = from_dense(site.module, probe)
-            measured = layer_latencies(layers, x, self.target.runtime, self.target.device)
-            self.cache[(site.name, None)] = measured["dense"]
+            measured = [layer_latencies(layers, _at_batch(x, b), self.target.runtime, self.target.device)
+                        for b in self.batches]
+            self.cache[(site.name, None)] = tuple(t["dense"] for t in measured)
             for r in todo:
-                self.cache[(site.name, r)] = measured[str(r)]
+                self.cache[(site.name, r)] = tuple(t[str(r)] for t in measured)
         return {r: self.cache[(site.name, r)] for r in [None, *ranks]}
 
-    def model_ratio(self, model: nn.Module, sites: list[LayerSite], ranks: dict[str, int], example_inputs: Any) -> float:
-        """Measured latency of ``model`` with ``ranks`` applied (random factors) / the dense model's.
+    def model_ratios(self, model: nn.Module, sites: list[LayerSite], ranks: dict[str, int],
+                     example_inputs: Any) -> Times:
+        """Measured latency of ``model`` with ``ranks`` applied (random factors) / the dense model's,
+        at each timing batch size.
 
         Both whole models are timed interleaved and, like the layers, by their fastest run, so
         that layer and model times are comparable on a loaded machine.
@@ -93,14 +105,17 @@ class LayerTimer:
                 r = ranks[site.name]
                 factors = Factorization(torch.randn(m, r, generator=gen), torch.randn(r, d, generator=gen))
                 replace_module(probe, old, from_dense(old, factors.to(old.weight.dtype)))
-        times = layer_latencies({"dense": model, "compressed": probe}, self.model_input(example_inputs),
-                                self.target.runtime, self.target.device, repeats=MODEL_REPEATS)
-        return times["compressed"] / times["dense"]
+        ratios = []
+        for b in self.batches:
+            times = layer_latencies({"dense": model, "compressed": probe}, _at_batch(example_inputs.detach(), b),
+                                    self.target.runtime, self.target.device, repeats=MODEL_REPEATS)
+            ratios.append(times["compressed"] / times["dense"])
+        return tuple(ratios)
 
-    def model_input(self, example_inputs: torch.Tensor) -> torch.Tensor:
-        """The example input at the timing batch size."""
-        x = example_inputs.detach()[:1]
-        return x.expand(self.batch, *x.shape[1:]).contiguous()
+
+def _at_batch(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """The first sample of ``x`` repeated to ``batch`` samples."""
+    return x[:1].expand(batch, *x.shape[1:]).contiguous()
 
 
 MODEL_REPEATS = 10
@@ -151,8 +166,8 @@ def timed_budget_plan(
     """
     timer = LayerTimer(model, sites, example_inputs, config)
     positions = output_positions(model, sites, example_inputs)
-    curves, reasons, notes = [], {}, {}
-    saved_flops: dict[str, Callable[[int], float]] = {}
+    reasons, notes = {}, {}
+    timed: dict[str, tuple[list[int], Times, list[Times]]] = {}  # ranks, dense, interpolated times
     for site in sites:
         ranks = site_ranks(site, config)
         if not ranks:
@@ -160,14 +175,32 @@ def timed_budget_plan(
             continue
         probes = _probe_ranks(ranks)
         times = timer.times(site, probes)
-        dense_s = times[None]
-        costs = [float(c) for c in np.interp(ranks, probes, [times[r] for r in probes])]
-        paying = [(r, c) for r, c in zip(ranks, costs) if c < PAYS * dense_s]
+        per_batch = [np.interp(ranks, probes, [times[r][i] for r in probes]) for i in range(len(timer.batches))]
+        timed[site.name] = (ranks, times[None], [tuple(float(t[j]) for t in per_batch) for j in range(len(ranks))])
+    # One cost per rank across the batch sizes: each batch's time as a share of all planned layers'
+    # dense time at that batch, averaged, in seconds at the first batch size (its own time when
+    # there is one batch size), so that every batch size counts alike.
+    totals = [sum(dense[i] for _, dense, _ in timed.values()) or 1.0 for i in range(len(timer.batches))]
+
+    def combined(t: Times) -> float:
+        return totals[0] * float(np.mean([v / total for v, total in zip(t, totals)]))
+
+    curves = []
+    saved_flops: dict[str, Callable[[int], float]] = {}
+    layer_times: dict[str, tuple[Times, dict[int, Times]]] = {}
+    for site in sites:
+        if site.name not in timed:
+            continue
+        ranks, dense, costs = timed[site.name]
+        paying = [(r, c) for r, c in zip(ranks, costs) if timer.pays(dense, c)]
         if not paying:
-            reasons[site.name] = f"kept dense by latency-aware planning: {timer.describe(dense_s, min(costs))}"
+            fastest = min(costs, key=combined)
+            reasons[site.name] = f"kept dense by latency-aware planning: {timer.describe(dense, fastest)}"
             continue
         kept = [r for r, _ in paying]
-        curves.append(ErrorCurve(site.name, kept, [c for _, c in paying], curve_fn(site, kept), dense_s))
+        layer_times[site.name] = (dense, dict(paying))
+        curves.append(ErrorCurve(site.name, kept, [combined(c) for _, c in paying], curve_fn(site, kept),
+                                 combined(dense)))
         m, d = site.shape
         per = 2.0 * positions.get(site.name, 1)
         saved_flops[site.name] = lambda r, per=per, m=m, d=d: per * (m * d - r * (m + d))
@@ -199,7 +232,7 @@ def timed_budget_plan(
         for _ in range(LATENCY_CHECKS):
             allocation = allocate(curves, fraction * dense_layers)
             candidate = {name: r for name, r in allocation.items() if r is not None}
-            measured = timer.model_ratio(model, sites, candidate, example_inputs)
+            measured = max(timer.model_ratios(model, sites, candidate, example_inputs))
             tried.append((measured, candidate))
             if config.target_latency - LATENCY_SLACK <= measured <= config.target_latency:
                 break
@@ -207,17 +240,16 @@ def timed_budget_plan(
         meeting = [t for t in tried if t[0] <= config.target_latency]
         ratio, ranks = max(meeting, key=lambda t: t[0]) if meeting else min(tried, key=lambda t: t[0])
     for curve in curves:
-        dense_s = curve.dense_cost
+        dense, by_rank = layer_times[curve.name]
         if curve.name in ranks:
-            factor_s = curve.costs[curve.ranks.index(ranks[curve.name])]
-            note = f"factorized: {timer.describe(dense_s, factor_s)}"
+            note = f"factorized: {timer.describe(dense, by_rank[ranks[curve.name]])}"
             if ratio is not None:
                 note += f"; whole model measured at {ratio:.2f}× dense"
             notes[curve.name] = note
         else:
             budget_name = "FLOPs" if config.target_flops is not None else "latency"
+            fastest = min(by_rank.values(), key=combined)
             reasons[curve.name] = (f"kept dense by the {budget_name} budget allocation (timed on "
-                                   f"{timer.target.name}: dense {dense_s * 1e3:.3f} ms, fastest factorized "
-                                   f"{min(curve.costs) * 1e3:.3f} ms)")
+                                   f"{timer.describe(dense, fastest).replace('factorized', 'fastest factorized')})")
     return ranks, notes, reasons
 

@@ -16,8 +16,8 @@ policies do not round (see :mod:`lowrank_compress.ranks`).
 A layer is skipped, with the reason, when its rank would not save parameters (r·(m+d) ≥ m·d).
 
 Latency-aware planning (on by default with a FLOPs or latency budget) times every planned layer,
-dense and factorized, on the target at its real input shape (batch ``latency_batch_size``) and
-keeps it dense where factorizing does not pay (:mod:`lowrank_compress.latencyplan`); with a budget, the ranks are then re-allocated over
+dense and factorized, on the target at its real input shape (each batch size of
+``latency_batch_size``) and keeps it dense where factorizing does not pay at one of them (:mod:`lowrank_compress.latencyplan`); with a budget, the ranks are then re-allocated over
 the layers that remain. Each layer's note or skip reason carries the measured times.
 """
 
@@ -32,7 +32,7 @@ from torch import nn
 from .allocation import ErrorCurve, allocate
 from .config import CompressConfig
 from .graph import LayerSite
-from .latencyplan import PAYS, LayerTimer, timed_budget_plan
+from .latencyplan import LayerTimer, timed_budget_plan
 from .modelrun import count_flops, count_params
 from .projection import error_curve
 from .ranks import choose_rank, may_add_bias, output_positions, rank_multiple, site_ranks
@@ -120,9 +120,9 @@ def plan_ranks(
             if site.name not in ranks:
                 continue
             times = timer.times(site, [ranks[site.name]])
-            dense_s, factor_s = times[None], times[ranks[site.name]]
-            timing = timer.describe(dense_s, factor_s)
-            if factor_s >= PAYS * dense_s:
+            dense, factor = times[None], times[ranks[site.name]]
+            timing = timer.describe(dense, factor)
+            if not timer.pays(dense, factor):
                 slow[site.name] = f"kept dense by latency-aware planning: {timing}"
             else:
                 notes[site.name] = "; ".join(n for n in (notes.get(site.name), f"factorized: {timing}") if n)

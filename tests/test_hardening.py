@@ -290,6 +290,8 @@ RANK_ERRORS = {
     "rank-negative": (["--rank", "-3"], "--rank must be a positive integer, got -3"),
     "rank-not-a-number": (["--rank", "4.5"], "Invalid value for '--rank'"),
     "unknown-method": (["--rank", "4", "--method", "svd"], "unknown method 'svd'"),
+    "latency-batch-zero": (["--target-flops", "0.5", "--latency-batch-size", "1,0"],
+                           "--latency-batch-size must be positive integers such as 1 or 1,16, got '1,0'"),
     **{
         f"{flag}={value}": ([f"--{flag}", value], f"--{flag} must be in (0, 1]")
         for flag, value in [

@@ -8,6 +8,8 @@ in onnxruntime where the difference is many-fold.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -108,6 +110,19 @@ def test_latency_aware_planning_is_on_by_default_only_with_a_flops_or_latency_bu
     assert not CompressConfig(target_flops=0.5, latency_aware=False).times_layers
 
 
+@pytest.mark.parametrize(("given", "sizes"), [(None, (1, 16)), (64, (64,)), ("16, 1,16", (1, 16)), ([8, 2], (2, 8))])
+def test_latency_batch_sizes_are_normalized_and_survive_a_round_trip(given, sizes):
+    config = CompressConfig(target_flops=0.5) if given is None else CompressConfig(target_flops=0.5, latency_batch_size=given)
+    assert config.latency_batch_size == sizes
+    assert CompressConfig.from_dict(json.loads(json.dumps(config.to_dict()))).latency_batch_size == sizes
+
+
+@pytest.mark.parametrize("bad", [0, "1,0", "one", "", True, 1.5, [1, -2]])
+def test_bad_latency_batch_sizes_are_usage_errors(bad):
+    with pytest.raises(UsageError, match="--latency-batch-size must be positive integers"):
+        CompressConfig(target_flops=0.5, latency_batch_size=bad)
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"target_flops": 0.5, "target": "tpu"}, "--target must be one of"),
     ({"target_latency": 0.6, "latency_aware": False}, "cannot run with --no-latency-aware"),
@@ -132,6 +147,21 @@ def test_a_layer_that_is_slower_factorized_stays_dense_and_the_flops_budget_stil
     assert report.flops_after / report.flops_before <= 0.5
     notes = {layer.name: layer.note for layer in report.layers}
     assert notes and all("dense" in n and "factorized" in n and "ms" in n for n in notes.values())
+
+
+def test_a_layer_must_pay_at_every_timing_batch_size(cost_model):
+    # In the cost model a pair pays at batch 64 (multiply-adds dominate) and not at batch 1 (its
+    # second kernel launch dominates): planned for batch 64 alone the layers are factorized,
+    # planned for both they stay dense, each reason giving the times at both batch sizes.
+    x = torch.randn(1, 256)
+    _, alone = compress(mlp(), CompressConfig(target_flops=0.5, method="spectral", latency_batch_size=64), x)
+    assert len(alone.layers) >= 2
+    assert all("batch 64" in layer.note and "batch 1:" not in layer.note for layer in alone.layers)
+    _, both = compress(mlp(), CompressConfig(target_flops=0.5, method="spectral", latency_batch_size=(1, 64)), x)
+    assert not both.layers
+    for skip in both.skipped:
+        assert skip.reason.startswith("kept dense by latency-aware planning"), skip
+        assert "batch 1: dense" in skip.reason and "batch 64: dense" in skip.reason, skip
 
 
 def test_without_latency_aware_the_slow_layer_is_factorized(cost_model):

@@ -38,7 +38,7 @@ def compress_command(
     distill_features: float = typer.Option(0.0, "--distill-features", help="Weight of matching the blocks' outputs (standardized per channel) during distillation (0: outputs only)."),
     target: str = typer.Option("onnxruntime-cpu", "--target", help="Where the model will run: onnxruntime-cpu, torch-cpu, torch-cuda or onnxruntime-cuda. Sets the rank rounding and where layers are timed."),
     latency_aware: bool | None = typer.Option(None, "--latency-aware/--no-latency-aware", help="Time each layer dense vs factorized on --target at its real input shape and keep it dense where factorizing does not pay \\[default: on with --target-flops/--target-latency]."),
-    latency_batch_size: int = typer.Option(1, "--latency-batch-size", help="Batch size layers are timed at (the deployment batch)."),
+    latency_batch_size: str = typer.Option("1,16", "--latency-batch-size", help="Comma-separated batch sizes layers are timed at (the deployment batches); a factorization must pay at each."),
     max_output_error: float | None = typer.Option(None, "--max-output-error", help="CI gate: exit 3 when the model's relative output error exceeds F (outputs are still written)."),
     onnx_path: Path | None = typer.Option(None, "--onnx", help="Also export the compressed model to ONNX here and verify parity."),
     plot: Path | None = typer.Option(None, "--plot", help="Write per-layer error-vs-rank curves and the chosen ranks to this PNG."),
