@@ -29,7 +29,9 @@ offline (see ``_pretrained_data``):
   agreement (the compressed model retrieves, among all documents, the same top-1 document for a
   query as the original) and the mean cosine between the original's and the compressed model's
   embeddings of all queries and documents. Calibration uses standard-library docstrings (256 of
-  1,548 by default, ``--calib-samples``), batched by token count as ``lrc`` batches texts.
+  1,548 by default, ``--calib-samples``), batched by token count as ``lrc`` batches texts;
+  ``--encoder-calibration reference`` uses the language reference's own paragraphs that are in no
+  evaluation pair instead (545), the text analogue of the CNN's ``same``.
 
 Columns: data-free spectral (truncated SVD), data-free nkp, calibrated today (per-layer
 allocation and fits: ``allocation="layer", block_steps=0, distill_steps=0`` where the config has
