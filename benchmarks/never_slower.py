@@ -6,13 +6,14 @@
 
 For each model of the graph walker's test list (``tests/models.py`` MODEL_CASES: torchvision
 resnet18/resnet50/mobilenet_v3_small/vgg11_bn, timm resnet50/efficientnet_b0/vit_tiny/convnext_atto
-at 64×64, two small test networks; random init, BatchNorm statistics randomized): compress
-data-free with ``--target-flops 0.5`` and otherwise default flags (target onnxruntime-cpu: ranks in
-multiples of 16, latency-aware planning with layers timed at batch 1 and 16), export both to ONNX (parity must pass) and time them
-interleaved in onnxruntime on CPU (median of ``--repeats`` runs, default 30: the smallest models run in under a millisecond). Prints one row per model and batch
-size with the FLOP and latency ratios, and the worst ratio; exits 1 when a compressed model is
-slower than its dense original by more than ``--tolerance`` (timing noise). A model where no
-layer pays keeps every layer dense: its ratio is noise around 1 and it is left out of the worst.
+at 64×64, two small test networks; random init, BatchNorm statistics randomized): compress data-free
+with ``--target-flops 0.5`` and otherwise default flags (target onnxruntime-cpu: ranks in multiples
+of 16, latency-aware planning with layers timed at batch 1 and 16), export both to ONNX (parity must
+pass) and time them interleaved in onnxruntime on CPU (median of ``--repeats`` runs, default 30: the
+smallest models run in under a millisecond). Prints one row per model and batch size with the FLOP
+and latency ratios, and the worst ratio; exits 1 when a compressed model is slower than its dense
+original by more than ``--tolerance`` (timing noise). A model where no layer pays keeps every layer
+dense: its ratio is noise around 1 and it is left out of the worst.
 """
 
 from __future__ import annotations

@@ -6,15 +6,15 @@
     .venv/bin/python benchmarks/speed.py --models efficientnet_b0 --profile  # + kernel time by kind
     .venv/bin/python benchmarks/speed.py --models resnet50 --image-size 64 --batch-sizes 1 --repeats 2  # smoke run
 
-What is measured: torchvision resnet50 and timm efficientnet_b0 (random init, 1000 classes,
-224×224) and each compressed data-free by ``lowrank_compress.compress`` under ``--target-flops``
-(default 0.5) or ``--target-latency``, otherwise as ``lrc compress`` does by default: target
-onnxruntime-cpu (ranks in multiples of 16, the NCHWc block of onnxruntime's CPU convolutions) and
-latency-aware planning (every layer timed dense vs factorized in onnxruntime at its input shape,
-at each batch size of ``--latency-batch-size``, default 1 and 16 as in ``lrc``; the budget spent by error per second of measured time). Both
-models are exported to ONNX (the parity check must pass) and timed in one onnxruntime CPU process
-with ``--threads`` threads (default 2), runs interleaved dense, compressed, dense, …
-(lowrank_compress.bench.measure_latency); the figure is the median.
+What is measured: torchvision resnet50 and timm efficientnet_b0 (random init, 1000 classes, 224×224)
+and each compressed data-free by ``lowrank_compress.compress`` under ``--target-flops`` (default
+0.5) or ``--target-latency``, otherwise as ``lrc compress`` does by default: target onnxruntime-cpu
+(ranks in multiples of 16, the NCHWc block of onnxruntime's CPU convolutions) and latency-aware
+planning (every layer timed dense vs factorized in onnxruntime at its input shape, at each batch
+size of ``--latency-batch-size``, default 1 and 16 as in ``lrc``; the budget spent by error per
+second of measured time). Both models are exported to ONNX (the parity check must pass) and timed in
+one onnxruntime CPU process with ``--threads`` threads (default 2), runs interleaved dense,
+compressed, dense, … (lowrank_compress.bench.measure_latency); the figure is the median.
 
 Columns: FLOP ratio = compressed / dense FLOPs (torch.utils.flop_counter, batch 1); latency ratio
 = compressed / dense median latency; quotient = latency ratio / FLOP ratio (1.0: time fell as much
@@ -108,8 +108,8 @@ def print_profile(name: str, shape: tuple[int, ...], args: argparse.Namespace, w
         total = sum(times["dense"].values())
         kinds = sorted(set(times["dense"]) | set(times["compressed"]), key=lambda k: -times["dense"].get(k, 0.0))
         print(f"\n{name}, batch {batch}: kernel time by kind (onnxruntime profiler, {args.profile_runs} runs, "
-              f"{args.threads} threads)\n\n| kernel | dense ms | share of dense | compressed ms | compressed / dense |\n"
-              "|---|---:|---:|---:|---:|")
+              f"{args.threads} threads)\n")
+        print("| kernel | dense ms | share of dense | compressed ms | compressed / dense |\n|---|---:|---:|---:|---:|")
         for kind in kinds + ["all"]:
             d = total if kind == "all" else times["dense"].get(kind, 0.0)
             c = sum(times["compressed"].values()) if kind == "all" else times["compressed"].get(kind, 0.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -141,7 +142,7 @@ def _batch_sizes(value: Any) -> tuple[int, ...]:
     """``latency_batch_size`` as sorted distinct batch sizes: an int, a sequence of ints, or
     comma-separated text such as ``"1,16"``."""
     items = value.replace(" ", "").split(",") if isinstance(value, str) else (
-        [value] if isinstance(value, int) else value)
+        [value] if isinstance(value, numbers.Integral) else value)
     try:
         sizes = tuple(sorted({int(v) for v in items if v != ""}))
     except (TypeError, ValueError):

@@ -1,8 +1,8 @@
 """Latency-aware planning: layers timed dense and factorized on the target, budgets in measured time.
 
 Every planned layer is timed alone on the target at its real input shape, at each batch size of
-``latency_batch_size``; a layer where factorizing does not pay at every one of them stays dense. Under a FLOPs or
-latency budget, ranks are allocated by error reduction per second of measured layer time
+``latency_batch_size``; a layer where factorizing does not pay at every one of them stays dense.
+Under a FLOPs or latency budget, ranks are allocated by error reduction per second of measured layer time
 (:func:`timed_budget_plan`); a latency budget is checked by timing the whole model.
 """
 

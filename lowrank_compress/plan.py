@@ -17,8 +17,9 @@ A layer is skipped, with the reason, when its rank would not save parameters (rÂ
 
 Latency-aware planning (on by default with a FLOPs or latency budget) times every planned layer,
 dense and factorized, on the target at its real input shape (each batch size of
-``latency_batch_size``) and keeps it dense where factorizing does not pay at one of them (:mod:`lowrank_compress.latencyplan`); with a budget, the ranks are then re-allocated over
-the layers that remain. Each layer's note or skip reason carries the measured times.
+``latency_batch_size``) and keeps it dense where factorizing does not pay at one of them
+(:mod:`lowrank_compress.latencyplan`); with a budget, the ranks are then re-allocated over the
+layers that remain. Each layer's note or skip reason carries the measured times.
 """
 
 from __future__ import annotations

@@ -112,7 +112,8 @@ def test_latency_aware_planning_is_on_by_default_only_with_a_flops_or_latency_bu
 
 @pytest.mark.parametrize(("given", "sizes"), [(None, (1, 16)), (64, (64,)), ("16, 1,16", (1, 16)), ([8, 2], (2, 8))])
 def test_latency_batch_sizes_are_normalized_and_survive_a_round_trip(given, sizes):
-    config = CompressConfig(target_flops=0.5) if given is None else CompressConfig(target_flops=0.5, latency_batch_size=given)
+    extra = {} if given is None else {"latency_batch_size": given}
+    config = CompressConfig(target_flops=0.5, **extra)
     assert config.latency_batch_size == sizes
     assert CompressConfig.from_dict(json.loads(json.dumps(config.to_dict()))).latency_batch_size == sizes
 
