@@ -193,9 +193,10 @@ def timed_budget_plan(
     ``target_flops`` F: the largest time budget whose allocation keeps at most F of the FLOPs (the
     FLOPs are spent where they buy the most time); then the whole model is timed against the dense
     one, and layers go back to dense while it is not faster (:func:`_never_slower`).
-    ``target_latency`` F: the layers' time budget is g × their dense time, g starting at F; each plan is checked by timing the whole model with its
-    ranks against the dense model, and g is scaled by F / measured ratio until the ratio lands in
-    [F − LATENCY_SLACK, F]; the plan kept is the slowest one within F (else the fastest tried).
+    ``target_latency`` F: the layers' time budget is g × their dense time, g starting at F; each
+    plan is checked by timing the whole model with its ranks against the dense model, and g is
+    scaled by F / measured ratio until the ratio lands in [F − LATENCY_SLACK, F]; the plan kept is
+    the slowest one within F (else the fastest tried).
     """
     timer = LayerTimer(model, sites, example_inputs, config)
     positions = output_positions(model, sites, example_inputs)
