@@ -240,14 +240,17 @@ def _small_and_big() -> nn.Sequential:
 
 
 def test_latency_aware_keeps_dense_the_layers_onnxruntime_runs_slower_factorized():
+    # At the default timing batch sizes (1 and 16) the small layer's multiply-adds are next to
+    # nothing and the pair's second kernel is pure cost; at batch 64 the two were close enough for
+    # a loaded machine to time the pair faster now and then.
     torch.manual_seed(0)
-    config = CompressConfig(rank=31, latency_aware=True, latency_batch_size=64, include="^(0|4)$", refine_steps=0)
+    config = CompressConfig(rank=31, latency_aware=True, include="^(0|4)$", refine_steps=0)
     model, report = compress(_small_and_big(), config, torch.randn(1, 2048))
     kept = {layer.name for layer in report.layers}
     reverted = {s.name: s.reason for s in report.skipped if "latency-aware" in s.reason}
     assert "0" in kept and isinstance(model[0], LowRankLinear)
     assert "4" in reverted and isinstance(model[4], nn.Linear)
-    assert "onnxruntime-cpu batch 64" in reverted["4"]
+    assert "onnxruntime-cpu batch 1: dense" in reverted["4"] and "; batch 16: dense" in reverted["4"]
 
 
 def test_without_latency_aware_both_layers_are_factorized():
