@@ -120,40 +120,9 @@ def _at_batch(x: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 MODEL_REPEATS = 10
-# --target-flops: whole-model checks that the plan is faster than dense at every batch size.
-NEVER_SLOWER_CHECKS = 3
 # --target-latency: whole-model checks at most, and how far under the budget a plan may land.
 LATENCY_CHECKS = 4
 LATENCY_SLACK = 0.05
-
-
-def _never_slower(timer: LayerTimer, model: nn.Module, sites: list[LayerSite], ranks: dict[str, int],
-                  example_inputs: torch.Tensor, saving: Callable[[str], float]
-                  ) -> tuple[dict[str, int], float | None, dict[str, str]]:
-    """The FLOPs plan checked as a whole: layers timed alone can each pay and the model still be
-    slower (a runtime adds work between layers that no layer shows alone).
-
-    The whole model with ``ranks`` is timed against the dense one at each batch size; while it is
-    not faster at one of them, the half of the factorized layers that save the least measured time
-    go back to dense, and at the last check all of them. Returns the ranks kept, the last measured
-    ratio (the worst batch size; None when nothing is kept) and the reasons of the layers dropped.
-    """
-    dropped: dict[str, str] = {}
-    for check in range(NEVER_SLOWER_CHECKS):
-        ratios = timer.model_ratios(model, sites, ranks, example_inputs)
-        if max(ratios) < 1.0:
-            return ranks, max(ratios), dropped
-        order = sorted(ranks, key=saving)
-        drop = order if check == NEVER_SLOWER_CHECKS - 1 else order[:max(1, len(order) // 2)]
-        measured = ", ".join(f"batch {b}: {r:.2f}×" for b, r in zip(timer.batches, ratios))
-        for name in drop:
-            dropped[name] = (f"kept dense by latency-aware planning: the whole model with {len(ranks)} layers "
-                             f"factorized was not faster than dense on {timer.target.name} ({measured}), and this "
-                             "layer saved the least measured time")
-        ranks = {n: r for n, r in ranks.items() if n not in drop}
-        if not ranks:
-            break
-    return ranks, None, dropped
 
 
 def _layer_inputs(model: nn.Module, sites: list[LayerSite], example_inputs: Any) -> dict[str, torch.Tensor]:
@@ -191,12 +160,10 @@ def timed_budget_plan(
     reorders), the same for dense and factorized, so the plan is judged by their differences.
 
     ``target_flops`` F: the largest time budget whose allocation keeps at most F of the FLOPs (the
-    FLOPs are spent where they buy the most time); then the whole model is timed against the dense
-    one, and layers go back to dense while it is not faster (:func:`_never_slower`).
-    ``target_latency`` F: the layers' time budget is g × their dense time, g starting at F; each
-    plan is checked by timing the whole model with its ranks against the dense model, and g is
-    scaled by F / measured ratio until the ratio lands in [F − LATENCY_SLACK, F]; the plan kept is
-    the slowest one within F (else the fastest tried).
+    FLOPs are spent where they buy the most time). ``target_latency`` F: the layers' time budget is
+    g × their dense time, g starting at F; each plan is checked by timing the whole model with its
+    ranks against the dense model, and g is scaled by F / measured ratio until the ratio lands in
+    [F − LATENCY_SLACK, F]; the plan kept is the slowest one within F (else the fastest tried).
     """
     timer = LayerTimer(model, sites, example_inputs, config)
     positions = output_positions(model, sites, example_inputs)
@@ -257,14 +224,6 @@ def timed_budget_plan(
                 hi = mid
         ranks = {name: r for name, r in best.items() if r is not None}
         ratio = None
-        if ranks and isinstance(example_inputs, torch.Tensor):
-
-            def saving(name: str) -> float:
-                dense, by_rank = layer_times[name]
-                return combined(dense) - combined(by_rank[ranks[name]])
-
-            ranks, ratio, dropped = _never_slower(timer, model, sites, ranks, example_inputs, saving)
-            reasons.update(dropped)
     else:
         # Layer times are short runs and the whole model a long one: on a loaded machine they are
         # not comparable in absolute terms, so the layers' time budget is a fraction g of their
@@ -293,6 +252,6 @@ def timed_budget_plan(
             budget_name = "FLOPs" if config.target_flops is not None else "latency"
             fastest = min(by_rank.values(), key=combined)
             timing = timer.describe(dense, fastest).replace("factorized", "fastest factorized")
-            reasons.setdefault(curve.name, f"kept dense by the {budget_name} budget allocation (timed on {timing})")
+            reasons[curve.name] = f"kept dense by the {budget_name} budget allocation (timed on {timing})"
     return ranks, notes, reasons
 
