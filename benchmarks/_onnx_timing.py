@@ -8,7 +8,7 @@ from pathlib import Path
 from torch import nn
 
 from lowrank_compress.bench import LatencyReport, measure_latency
-from lowrank_compress.export import export_onnx
+from lowrank_compress.export import export_onnx, ort_session
 
 
 def time_onnx_pair(name: str, dense: nn.Module, compressed: nn.Module, shape: tuple[int, ...], args: argparse.Namespace,
@@ -41,19 +41,14 @@ def _conv_kind(event: dict) -> str:
 
 def profile_kernels(path: Path, shape: tuple[int, ...], batch: int, threads: int, runs: int,
                     workdir: Path) -> dict[str, float]:
-    """Milliseconds per run spent in each kind of kernel (onnxruntime's own profiler, all graph
-    optimizations on, ``runs`` sequential runs after a warm-up run, whose events are dropped), for
-    the model at ``path``."""
+    """Milliseconds per run spent in each kind of kernel (onnxruntime's own profiler, in a session
+    set up as the timed ones are, ``runs`` sequential runs after a warm-up run, whose events are
+    dropped), for the model at ``path``."""
     import json
 
     import numpy as np
-    import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.enable_profiling = True
-    options.profile_file_prefix = str(workdir / f"{path.stem}-b{batch}")
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = ort_session(path, threads, profile_prefix=workdir / f"{path.stem}-b{batch}")
     feed = {session.get_inputs()[0].name: np.random.default_rng(0).standard_normal((batch, *shape[1:]),
                                                                                   dtype=np.float32)}
     session.run(None, feed)

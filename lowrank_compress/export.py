@@ -183,12 +183,14 @@ def write_graph(
 
 
 def ort_session(path: str | os.PathLike, threads: int | None = None, device: str = "cpu",
-                optimized_path: str | os.PathLike | None = None):
+                optimized_path: str | os.PathLike | None = None, profile_prefix: str | os.PathLike | None = None):
     """An onnxruntime session with all graph optimizations on (what a deployment would use).
 
     ``threads`` sets the intra-op thread pool (None: onnxruntime's default, one per physical core).
     ``device`` cuda runs on the CUDA execution provider (onnxruntime-gpu), CPU for what it lacks.
     ``optimized_path``: also write the graph as optimized for this machine there.
+    ``profile_prefix``: turn on onnxruntime's profiler, its JSON written under this prefix
+    (``session.end_profiling()`` returns the file).
     """
     import onnxruntime as ort
 
@@ -201,6 +203,9 @@ def ort_session(path: str | os.PathLike, threads: int | None = None, device: str
         options.inter_op_num_threads = 1
     if optimized_path is not None:
         options.optimized_model_filepath = str(optimized_path)
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(profile_prefix)
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
     return ort.InferenceSession(str(path), options, providers=providers)
 

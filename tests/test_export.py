@@ -421,3 +421,26 @@ def test_onnxruntime_fuses_in_a_factorized_vit_what_it_fused_in_the_dense_one(tm
     assert after.pop("Conv") == before.pop("Conv") + convs
     # GELU and bias adds fused as before; no Transpose or Reshape around the token-wise pairs.
     assert after == before
+
+
+def test_a_profiled_session_records_a_kernel_time_for_every_node_run(tmp_path):
+    # The profiler of benchmarks/speed.py --profile: the same session setup as the timed runs, with
+    # onnxruntime's profiler on; each run of the graph adds one kernel-time event per node.
+    import json
+
+    from lowrank_compress.export import ort_session
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    path = tmp_path / "m.onnx"
+    assert export_onnx(model, path, (1, 3, 8, 8)).passed
+    session = ort_session(path, threads=1, profile_prefix=tmp_path / "prof")
+    x = {session.get_inputs()[0].name: np.zeros((1, 3, 8, 8), dtype=np.float32)}
+    for _ in range(3):
+        session.run(None, x)
+    profile = Path(session.end_profiling())
+    assert profile.parent == tmp_path and profile.name.startswith("prof")
+    kernels = [e for e in json.loads(profile.read_text())
+               if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")]
+    nodes = {e["name"] for e in kernels}
+    assert nodes and len(kernels) == 3 * len(nodes)
+    assert any("Conv" in e["args"]["op_name"] for e in kernels)
