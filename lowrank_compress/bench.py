@@ -91,6 +91,36 @@ class LatencyReport:
         return asdict(self)
 
 
+def runtime_fingerprint(runtime: str, device: str) -> str:
+    """What a layer's measured time depends on besides the layer: runtime and its version, the
+    processor (model name) or GPU, and the thread counts. Timings measured under another fingerprint
+    are not reused (:class:`lowrank_compress.latencyplan.TimingCache`)."""
+    parts = [runtime, device, f"torch {torch.__version__}"]
+    if runtime == "onnxruntime":
+        import onnxruntime
+
+        parts.append(f"onnxruntime {onnxruntime.__version__}")
+    if device == "cuda" and torch.cuda.is_available():
+        parts.append(torch.cuda.get_device_name())
+    else:
+        parts.append(_cpu_model())
+    parts.append(f"{os.cpu_count()} cpus, {torch.get_num_threads()} torch threads")
+    return ", ".join(parts)
+
+
+def _cpu_model() -> str:
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 @contextlib.contextmanager
 def torch_threads(threads: int | None) -> Iterator[None]:
     """Run the block with ``threads`` intra-op threads in PyTorch (None: leave as is)."""

@@ -36,6 +36,7 @@ from .config import CompressConfig, LayerReport, ProgressFn, Skip
 from .distill import DistillReport, auto_schedule, batch_size_for, distill
 from .errors import UsageError
 from .graph import LayerSite
+from .latencyplan import TimingCache
 from .layers import from_dense
 from .losses import split_held_out
 from .methods import factor_params, unfold_batchnorm
@@ -166,7 +167,7 @@ class _Clock:
 
 
 def prepare_calibrated(model: nn.Module, sites: list[LayerSite], config: CompressConfig, example_inputs: Any,
-                       batches: list[Any]) -> tuple[CalibrationState, Plan]:
+                       batches: list[Any], timing_cache: TimingCache | None = None) -> tuple[CalibrationState, Plan]:
     """Statistics, output probes and the rank plan; ``model`` is not changed."""
     import copy
 
@@ -202,7 +203,8 @@ def prepare_calibrated(model: nn.Module, sites: list[LayerSite], config: Compres
             return [float(costs[site.name][min(r, site.shape[0])]) for r in ranks]
         return stats_error_curve(site, targets[site.name].stats, ranks)
 
-    ranks, notes, reasons = plan_ranks(model, sites, config, example_inputs, curve, calibrated=True)
+    ranks, notes, reasons = plan_ranks(model, sites, config, example_inputs, curve, calibrated=True,
+                                       timing_cache=timing_cache)
     predicted = {n: float(costs[n][min(r, len(costs[n]) - 1)]) for n, r in ranks.items() if n in costs}
     the_plan = Plan.from_ranks(sites, ranks, notes, reasons, config.method, predicted,
                                metric if config.allocation != "layer" else None)
@@ -220,6 +222,7 @@ def calibrated_compress(
     asymmetric: bool = True,
     observer: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None,
     swaps: Any = None,
+    timing_cache: TimingCache | None = None,
 ) -> tuple[list[LayerReport], list[Skip], dict[str, Any]]:
     """Compress ``sites`` of ``model`` in place with calibration data (see the module docstring).
 
@@ -229,7 +232,7 @@ def calibrated_compress(
     replacements (:class:`lowrank_compress.compress.ModuleSwaps`) so that a caller can undo them.
     Returns the layer reports, the skipped layers and the run-level report fields.
     """
-    state, the_plan = prepare_calibrated(model, sites, config, example_inputs, list(calibration))
+    state, the_plan = prepare_calibrated(model, sites, config, example_inputs, list(calibration), timing_cache)
     clock = _Clock(dict(state.seconds))
     original, batches, targets, metric, sens = state.original, state.batches, state.targets, state.metric, \
         state.sensitivities

@@ -6,8 +6,10 @@ after the first replacement puts every original layer back, so a failure leaves 
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +21,8 @@ from .config import CompressConfig, CompressReport, LayerReport, Manifest, Progr
 from .errors import UsageError
 from .graph import LayerSite, find_sites
 from .io.format import keep_manifest, manifest_of
+from .io.timings import load_timing_cache, save_timing_cache
+from .latencyplan import TimingCache
 from .layers import from_dense
 from .methods import FitProblem, factor_params, get_method, unfold_batchnorm
 from .modelrun import count_flops, count_params, replace_module
@@ -100,22 +104,36 @@ def _example_shape(example_inputs: Any) -> list[int] | None:
     return list(example_inputs.shape) if isinstance(example_inputs, torch.Tensor) else None
 
 
+TimingCacheLike = TimingCache | str | os.PathLike | None
+
+
+def _timing_cache(timing_cache: TimingCacheLike) -> tuple[TimingCache | None, Path | None]:
+    """The cache to plan with, and the file to write it back to (a path is read first)."""
+    if timing_cache is None or isinstance(timing_cache, TimingCache):
+        return timing_cache, None
+    return load_timing_cache(timing_cache), Path(timing_cache)
+
+
 def plan(model: nn.Module, config: CompressConfig, example_inputs: Any,
-         calibration: Iterable[Any] | None = None) -> Plan:
+         calibration: Iterable[Any] | None = None, timing_cache: TimingCacheLike = None) -> Plan:
     """What :func:`compress` would do to each layer (rank or reason, method, predicted output cost).
 
-    Checks the model, the config and the calibration data; changes nothing.
+    Checks the model, the config and the calibration data; changes nothing. ``timing_cache``: as
+    for :func:`compress`.
     """
     model.eval()
+    cache, cache_path = _timing_cache(timing_cache)
     sites = find_sites(model, example_inputs)
     chosen, skipped = _select(sites, config)
     _check_finite(chosen)
     if calibration is not None:
-        _, the_plan = prepare_calibrated(model, chosen, config, example_inputs, list(calibration))
+        _, the_plan = prepare_calibrated(model, chosen, config, example_inputs, list(calibration), cache)
     else:
-        ranks, notes, reasons = plan_ranks(model, chosen, config, example_inputs)
+        ranks, notes, reasons = plan_ranks(model, chosen, config, example_inputs, timing_cache=cache)
         the_plan = Plan.from_ranks(chosen, ranks, notes, reasons, config.method)
     the_plan.entries += [PlanEntry(s.name, None, config.method, reason=s.reason) for s in skipped]
+    if cache_path is not None:
+        save_timing_cache(cache, cache_path)
     return the_plan
 
 
@@ -135,6 +153,7 @@ def compress(
     calibration: Iterable[Any] | None = None,
     progress: ProgressFn | None = None,
     curves: bool = False,
+    timing_cache: TimingCacheLike = None,
 ) -> tuple[nn.Module, CompressReport]:
     """Replace the eligible Linear/Conv layers of ``model`` (in place) by factorized layers.
 
@@ -143,9 +162,13 @@ def compress(
     it, the layers are calibrated in order on the compressed model's own activations
     (see :mod:`lowrank_compress.calibration`). ``progress(stage, done, total)`` is called per layer.
     ``curves=True`` also records each layer's error-vs-rank curves in the report (for
-    :func:`lowrank_compress.plots.plot_compression`). Returns the same model object and a report.
+    :func:`lowrank_compress.plots.plot_compression`). ``timing_cache`` (a :class:`TimingCache` or
+    the path of its JSON file, read when it exists and written back after a successful run) keeps
+    latency-aware planning's layer timings, so that running again reuses them and plans the same.
+    Returns the same model object and a report.
     """
     model.eval()
+    cache, cache_path = _timing_cache(timing_cache)
     with torch.no_grad():
         params_before = count_params(model)
         flops_before = count_flops(model, example_inputs)
@@ -157,10 +180,13 @@ def compress(
     try:
         if calibration is not None:
             layer_reports, more_skipped, extra = calibrated_compress(
-                model, chosen, config, example_inputs, calibration, progress, swaps=swaps)
+                model, chosen, config, example_inputs, calibration, progress, swaps=swaps, timing_cache=cache)
         else:
-            layer_reports, more_skipped = _compress_data_free(model, chosen, config, example_inputs, progress, swaps)
+            layer_reports, more_skipped = _compress_data_free(model, chosen, config, example_inputs, progress, swaps,
+                                                              cache)
             extra = {}
+        if cache_path is not None:
+            save_timing_cache(cache, cache_path)
     except BaseException:
         swaps.undo()
         raise
@@ -182,6 +208,8 @@ def compress(
         params_before=params_before, params_after=params_after, flops_before=flops_before, flops_after=flops_after,
         layers=layer_reports, skipped=skipped, config=config.to_dict(), notes=notes, manifest=manifest, **extra,
     )
+    if cache is not None:
+        report.timings = {"reused": cache.reused, "measured": cache.measured}
     return model, report
 
 
@@ -192,8 +220,9 @@ def _compress_data_free(
     example_inputs: Any,
     progress: ProgressFn | None,
     swaps: ModuleSwaps,
+    timing_cache: TimingCache | None = None,
 ) -> tuple[list[LayerReport], list[Skip]]:
-    ranks, notes, reasons = plan_ranks(model, sites, config, example_inputs)
+    ranks, notes, reasons = plan_ranks(model, sites, config, example_inputs, timing_cache=timing_cache)
     skipped = [Skip(n, r) for n, r in reasons.items()]
     todo = [s for s in sites if s.name in ranks]
     reports = []

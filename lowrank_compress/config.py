@@ -247,6 +247,8 @@ class CompressReport:
     blocks: list[dict[str, Any]] = field(default_factory=list)
     distillation: dict[str, Any] | None = None
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per stage (not in to_dict)
+    # With a timing cache: how many layer timings it supplied and how many were measured (not in to_dict).
+    timings: dict[str, int] | None = None
     manifest: Manifest | None = None  # what the compression recorded for the file (not in to_dict)
 
     def to_dict(self) -> dict[str, Any]:

@@ -9,6 +9,8 @@ Under a FLOPs or latency budget, ranks are allocated by error reduction per seco
 from __future__ import annotations
 
 import copy
+import hashlib
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -35,21 +37,83 @@ PAYS = 0.9
 Times = tuple[float, ...]  # median seconds per call, one per timing batch size
 
 
+class TimingCache:
+    """Measured times, kept so that planning again reuses them and makes the same plan.
+
+    Keys say everything a time depends on: the runtime fingerprint (runtime and version, processor
+    or GPU, thread counts), the layer (its type and configuration, dtype), its input shape per
+    sample, the batch size and the rank (or dense); a whole model's measured ratio is keyed by its
+    structure and ranks. Identical layers of one model share their timings. A rank timed after its
+    layer's dense time was stored is scaled by the stored dense time over the one measured beside
+    it, so that every stored rank keeps the ratio it was measured at (interleaved runs).
+    ``lowrank_compress.io.timings`` reads and writes the JSON file; ``reused`` and ``measured``
+    count this run's lookups that were stored before and the entries it added.
+    """
+
+    FORMAT = "lrc-timing-cache"
+    VERSION = 1
+
+    def __init__(self, entries: dict[str, float] | None = None):
+        self.entries: dict[str, float] = dict(entries or {})
+        self._loaded = frozenset(self.entries)
+        self._used: set[str] = set()
+        self.measured = 0
+
+    def get(self, key: str) -> float | None:
+        value = self.entries.get(key)
+        if value is not None:
+            self._used.add(key)
+        return value
+
+    def put(self, key: str, seconds: float) -> None:
+        if not (math.isfinite(seconds) and seconds > 0):
+            raise ValueError(f"a measured time must be finite and positive, got {seconds!r}")
+        if key not in self.entries:
+            self.measured += 1
+        self.entries[key] = float(seconds)
+
+    @property
+    def reused(self) -> int:
+        return len(self._used & self._loaded)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": self.FORMAT, "version": self.VERSION, "entries": dict(sorted(self.entries.items()))}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "timing cache") -> TimingCache:
+        if not isinstance(data, dict) or data.get("format") != cls.FORMAT:
+            raise UsageError(f"{where} is not an lrc timing cache (no \"format\": \"{cls.FORMAT}\")")
+        if data.get("version") != cls.VERSION:
+            raise UsageError(f"{where} has timing-cache version {data.get('version')!r}; this lrc reads {cls.VERSION}")
+        entries = data.get("entries")
+        if not isinstance(entries, dict):
+            raise UsageError(f"{where}: \"entries\" must be an object of key → seconds")
+        for key, value in entries.items():
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not (number and math.isfinite(value) and value > 0):
+                raise UsageError(f"{where}: entry {key[:80]!r} is not a positive number of seconds: {value!r}")
+        return cls(entries)
+
+
 class LayerTimer:
-    """Times sites dense and factorized on the config's target at their real inputs, with a cache.
+    """Times sites dense and factorized on the config's target at their real inputs.
 
     Each layer is run alone at its input captured from one forward pass of ``example_inputs``,
     batch expanded to each of ``config.latency_batch_size``. The factorized versions use random
     factors (time does not depend on the values). Dense and factorized runs of one layer are
-    interleaved.
+    interleaved. Times go through ``cache`` (a fresh :class:`TimingCache` when None).
     """
 
-    def __init__(self, model: nn.Module, sites: list[LayerSite], example_inputs: Any, config: CompressConfig):
+    def __init__(self, model: nn.Module, sites: list[LayerSite], example_inputs: Any, config: CompressConfig,
+                 cache: TimingCache | None = None):
+        from .bench import runtime_fingerprint
+
         self.target = TARGETS[config.target]
         self.batches: tuple[int, ...] = config.latency_batch_size
         self.seed = config.seed
         self.inputs = _layer_inputs(model, sites, example_inputs)
-        self.cache: dict[tuple[str, int | None], Times] = {}
+        self.cache = TimingCache() if cache is None else cache
+        self.fingerprint = runtime_fingerprint(self.target.runtime, self.target.device)
 
     def describe(self, dense: Times, factor: Times) -> str:
         return f"{self.target.name} " + "; ".join(
@@ -61,29 +125,42 @@ class LayerTimer:
         """Whether a factorization is below ``PAYS`` × dense at every timing batch size."""
         return all(f < PAYS * d for d, f in zip(dense, factor))
 
+    def _key(self, site: LayerSite, x: torch.Tensor, batch: int, rank: int | None) -> str:
+        layer = f"{type(site.module).__name__} {site.module!r} {str(site.module.weight.dtype).removeprefix('torch.')}"
+        shape = "×".join(map(str, x.shape[1:]))
+        return f"{self.fingerprint} | {layer} | input {shape} | batch {batch} | " + (
+            "dense" if rank is None else f"rank {rank}")
+
     def times(self, site: LayerSite, ranks: list[int]) -> dict[int | None, Times]:
         """Seconds per call at each batch size, dense (key None) and at each rank; cached."""
         from .bench import layer_latencies
 
-        todo = [r for r in ranks if (site.name, r) not in self.cache]
-        if todo or (site.name, None) not in self.cache:
-            x = self.inputs.get(site.name)
-            if x is None:
-                raise UsageError(f"layer {site.name} did not run on the example inputs; it cannot be timed")
-            gen = torch.Generator().manual_seed(self.seed)
-            m, d = site.shape
-            w = site.module.weight
-            layers: dict[str, nn.Module] = {"dense": site.module}
-            for r in todo:
-                probe = Factorization(torch.randn(m, r, generator=gen).to(w.dtype),
-                                      torch.randn(r, d, generator=gen).to(w.dtype))
-                layers[str(r)] = from_dense(site.module, probe)
-            measured = [layer_latencies(layers, _at_batch(x, b), self.target.runtime, self.target.device)
-                        for b in self.batches]
-            self.cache[(site.name, None)] = tuple(t["dense"] for t in measured)
-            for r in todo:
-                self.cache[(site.name, r)] = tuple(t[str(r)] for t in measured)
-        return {r: self.cache[(site.name, r)] for r in [None, *ranks]}
+        x = self.inputs.get(site.name)
+        if x is None:
+            raise UsageError(f"layer {site.name} did not run on the example inputs; it cannot be timed")
+        out: dict[int | None, list[float]] = {r: [] for r in [None, *ranks]}
+        for batch in self.batches:
+            keys = {r: self._key(site, x, batch, r) for r in out}
+            todo = [r for r in ranks if self.cache.get(keys[r]) is None]
+            dense = self.cache.get(keys[None])
+            if todo or dense is None:
+                gen = torch.Generator().manual_seed(self.seed)
+                m, d = site.shape
+                w = site.module.weight
+                layers: dict[str, nn.Module] = {"dense": site.module}
+                for r in todo:
+                    probe = Factorization(torch.randn(m, r, generator=gen).to(w.dtype),
+                                          torch.randn(r, d, generator=gen).to(w.dtype))
+                    layers[str(r)] = from_dense(site.module, probe)
+                measured = layer_latencies(layers, _at_batch(x, batch), self.target.runtime, self.target.device)
+                scale = 1.0 if dense is None else dense / measured["dense"]
+                if dense is None:
+                    self.cache.put(keys[None], measured["dense"])
+                for r in todo:
+                    self.cache.put(keys[r], measured[str(r)] * scale)
+            for r, key in keys.items():
+                out[r].append(self.cache.entries[key])
+        return {r: tuple(t) for r, t in out.items()}
 
     def model_ratios(self, model: nn.Module, sites: list[LayerSite], ranks: dict[str, int],
                      example_inputs: Any) -> Times:
@@ -97,6 +174,12 @@ class LayerTimer:
 
         if not isinstance(example_inputs, torch.Tensor):
             raise UsageError("--target-latency times the whole model; it needs a single tensor input")
+        planned = sorted((name, rank) for name, rank in ranks.items() if any(s.name == name for s in sites))
+        structure = hashlib.sha256(f"{model!r} {planned}".encode()).hexdigest()[:16]
+        keys = [f"{self.fingerprint} | model {structure} | input {'×'.join(map(str, example_inputs.shape[1:]))} "
+                f"| batch {b} | compressed / dense" for b in self.batches]
+        if all(self.cache.get(k) is not None for k in keys):
+            return tuple(self.cache.entries[k] for k in keys)
         probe = copy.deepcopy(model)
         gen = torch.Generator().manual_seed(self.seed)
         for site in sites:
@@ -111,6 +194,8 @@ class LayerTimer:
             times = layer_latencies({"dense": model, "compressed": probe}, _at_batch(example_inputs.detach(), b),
                                     self.target.runtime, self.target.device, repeats=MODEL_REPEATS)
             ratios.append(times["compressed"] / times["dense"])
+        for key, ratio in zip(keys, ratios):
+            self.cache.put(key, ratio)
         return tuple(ratios)
 
 
@@ -151,6 +236,7 @@ def timed_budget_plan(
     config: CompressConfig,
     example_inputs: Any,
     curve_fn: Callable[[LayerSite, list[int]], list[float]],
+    timing_cache: TimingCache | None = None,
 ) -> tuple[dict[str, int], dict[str, str], dict[str, str]]:
     """A FLOPs or latency budget, allocated by error reduction per second of measured layer time.
 
@@ -165,7 +251,7 @@ def timed_budget_plan(
     ranks against the dense model, and g is scaled by F / measured ratio until the ratio lands in
     [F − LATENCY_SLACK, F]; the plan kept is the slowest one within F (else the fastest tried).
     """
-    timer = LayerTimer(model, sites, example_inputs, config)
+    timer = LayerTimer(model, sites, example_inputs, config, timing_cache)
     positions = output_positions(model, sites, example_inputs)
     reasons, notes = {}, {}
     timed: dict[str, tuple[list[int], Times, list[Times]]] = {}  # ranks, dense, interpolated times

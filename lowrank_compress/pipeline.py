@@ -38,6 +38,7 @@ class CompressJob:
     onnx_path: Path | None = None
     plot_path: Path | None = None
     max_output_error: float | None = None
+    timing_cache: Path | None = None
 
     def __post_init__(self) -> None:
         if self.calib_batch_size < 1:
@@ -90,7 +91,7 @@ def run_compress(job: CompressJob, progress: ProgressFn | None = None, raise_on_
     from .calibdata import calibration_batches
 
     out = job.output or default_output(job.checkpoint)
-    for path in (out, job.json_path, job.onnx_path, job.plot_path):
+    for path in (out, job.json_path, job.onnx_path, job.plot_path, job.timing_cache):
         if path is not None:
             check_writable(path)
     if job.max_output_error is not None and not job.max_output_error >= 0:
@@ -120,7 +121,7 @@ def run_compress(job: CompressJob, progress: ProgressFn | None = None, raise_on_
     # The original's outputs, not a copy of the original: a copy would double the peak memory.
     references = _model_outputs(model, check)
     model, report = compress(model, job.config, example, calibration=calibration, progress=progress,
-                             curves=job.plot_path is not None)
+                             curves=job.plot_path is not None, timing_cache=job.timing_cache)
     report.output_error = _error_against(references, model, check)
     del references
 

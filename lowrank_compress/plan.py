@@ -33,7 +33,7 @@ from torch import nn
 from .allocation import ErrorCurve, allocate
 from .config import CompressConfig
 from .graph import LayerSite
-from .latencyplan import LayerTimer, timed_budget_plan
+from .latencyplan import LayerTimer, TimingCache, timed_budget_plan
 from .modelrun import count_flops, count_params
 from .projection import error_curve
 from .ranks import choose_rank, may_add_bias, output_positions, rank_multiple, site_ranks
@@ -100,20 +100,23 @@ def plan_ranks(
     example_inputs: Any,
     curve_fn: CurveFn | None = None,
     calibrated: bool = False,
+    timing_cache: TimingCache | None = None,
 ) -> Planned:
     """Ranks per site name, notes per site, and skip reasons per site, for any policy.
 
     With latency-aware planning (``config.times_layers``) each planned layer is timed dense vs
     factorized on the target at its real input shape; layers where factorizing does not pay stay
     dense, and a budget is re-allocated over the remaining layers (reverting costs budget that
-    other layers must give back). ``target_latency`` allocates by measured time.
+    other layers must give back). ``target_latency`` allocates by measured time. Times go through
+    ``timing_cache`` when given (see :class:`~lowrank_compress.latencyplan.TimingCache`).
     """
     if config.times_layers and (config.target_flops is not None or config.target_latency is not None):
-        return timed_budget_plan(model, sites, config, example_inputs, curve_fn or _gaussian_curve(config.method))
+        return timed_budget_plan(model, sites, config, example_inputs, curve_fn or _gaussian_curve(config.method),
+                                 timing_cache)
     ranks, notes, reasons = _plan_once(model, sites, config, example_inputs, curve_fn, calibrated)
     if not config.times_layers:
         return ranks, notes, reasons
-    timer = LayerTimer(model, sites, example_inputs, config)
+    timer = LayerTimer(model, sites, example_inputs, config, timing_cache)
     reverted: dict[str, str] = {}
     for _ in range(4):
         slow = {}

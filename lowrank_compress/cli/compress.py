@@ -39,6 +39,7 @@ def compress_command(
     target: str = typer.Option("onnxruntime-cpu", "--target", help="Where the model will run: onnxruntime-cpu, torch-cpu, torch-cuda or onnxruntime-cuda. Sets the rank rounding and where layers are timed."),
     latency_aware: bool | None = typer.Option(None, "--latency-aware/--no-latency-aware", help="Time each layer dense vs factorized on --target at its real input shape and keep it dense where factorizing does not pay \\[default: on with --target-flops/--target-latency]."),
     latency_batch_size: str = typer.Option("1,16", "--latency-batch-size", help="Comma-separated batch sizes layers are timed at (the deployment batches); a factorization must pay at each."),
+    timing_cache: Path | None = typer.Option(None, "--timing-cache", help="JSON file of measured layer timings: reused where it has them, new ones added (created if missing); the same command then makes the same plan on this machine."),
     max_output_error: float | None = typer.Option(None, "--max-output-error", help="CI gate: exit 3 when the model's relative output error exceeds F (outputs are still written)."),
     onnx_path: Path | None = typer.Option(None, "--onnx", help="Also export the compressed model to ONNX here and verify parity."),
     plot: Path | None = typer.Option(None, "--plot", help="Write per-layer error-vs-rank curves and the chosen ranks to this PNG."),
@@ -56,7 +57,8 @@ def compress_command(
 
     check_distinct_paths(
         {"CHECKPOINT": checkpoint, "--calib": calib if calib not in (None, "gaussian") else None},
-        {"-o": output or default_output(checkpoint), "--json": json_path, "--onnx": onnx_path, "--plot": plot},
+        {"-o": output or default_output(checkpoint), "--json": json_path, "--onnx": onnx_path, "--plot": plot,
+         "--timing-cache": timing_cache},
     )
     config = CompressConfig(
         method=method, rank=rank, rank_ratio=rank_ratio, param_ratio=param_ratio, target_params=target_params,
@@ -70,7 +72,7 @@ def compress_command(
         checkpoint=checkpoint, config=config, output=output, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs),
         trust_pickle=trust_pickle, input_shape=parse_input_shape(input_shape), calib=calib,
         calib_batch_size=calib_batch_size, json_path=json_path, onnx_path=onnx_path, plot_path=plot,
-        max_output_error=max_output_error,
+        max_output_error=max_output_error, timing_cache=timing_cache,
     )
     progress, on_layer = compress_progress(console, quiet)
     with progress:

@@ -137,6 +137,9 @@ def print_compress_result(out: Console, console: Console, result: Any, onnx_path
         out.print(totals_table(report))
         for note in report.notes:
             console.print(f"[yellow]note:[/] {note}")
+        if report.timings is not None:
+            out.print(f"layer timings: {report.timings['reused']} reused from the timing cache, "
+                      f"{report.timings['measured']} measured")
         if result.parity is not None:
             out.print(f"ONNX {onnx_path}: max abs error {result.parity.max_abs_error:.2e}, max rel error {result.parity.max_rel_error:.2e}")
     if result.loaded.arch_note:
