@@ -63,7 +63,7 @@ def compress_model(model: nn.Module, example: torch.Tensor, args: argparse.Names
         latency_aware=False if args.no_latency_aware else None, latency_batch_size=args.latency_batch_size,
         **budget,
     )
-    compressed, _ = compress(copy.deepcopy(model), config, example)
+    compressed, _ = compress(copy.deepcopy(model), config, example, timing_cache=args.timing_cache)
     name, value = next(iter(budget.items()))
     policy = f"--{name.replace('_', '-')} {value} --target {args.target} --method {args.method}"
     if args.round_to:
@@ -72,6 +72,8 @@ def compress_model(model: nn.Module, example: torch.Tensor, args: argparse.Names
         policy += f" --exclude '{args.exclude}'"
     if args.no_latency_aware:
         policy += " --no-latency-aware"
+    if args.timing_cache:
+        policy += f" --timing-cache {args.timing_cache}"
     return compressed.eval(), policy
 
 
@@ -154,6 +156,9 @@ def main() -> None:
     parser.add_argument("--no-latency-aware", action="store_true", help="plan by FLOPs alone (no layer timing)")
     parser.add_argument("--latency-batch-size", default="1,16",
                         help="comma-separated batch sizes layers are timed at (lrc's default)")
+    parser.add_argument("--timing-cache", type=Path, default=None,
+                        help="lrc's timing cache: layer timings reused from (and added to) this JSON file, so that "
+                             "runs plan the same and differ only by the latency measured")
     parser.add_argument("--batch-sizes", default="1,16", help="comma-separated batch sizes")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
