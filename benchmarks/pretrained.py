@@ -246,6 +246,8 @@ def bench_encoder(variants: list[str], quick: bool, seed: int, log, partial=None
         top = (q @ d.T).argmax(-1)
         return {"nn_agreement": round(float((top == ref_top).float().mean()), 4),
                 "cosine": round(float(torch.cat([(q * ref_q).sum(-1), (d * ref_d).sum(-1)]).mean()), 4),
+                "cosine_queries": round(float((q * ref_q).sum(-1).mean()), 4),
+                "cosine_documents": round(float((d * ref_d).sum(-1).mean()), 4),
                 "retrieval_accuracy": round(float((top == truth).float().mean()), 4),
                 "agreement_by_margin": by_margin(top == ref_top, margin),
                 "agreement_where_original_right": round(float((top == ref_top)[ref_top == truth].float().mean()), 4)}
