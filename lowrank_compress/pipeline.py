@@ -19,6 +19,7 @@ from .sensitivity import output_metric
 from .errors import BudgetExceeded, LrcError, UsageError
 from .io.files import atomic_output, check_writable
 from .io.format import save
+from .io.timings import load_timing_cache, save_timing_cache
 
 
 @dataclass
@@ -96,6 +97,7 @@ def run_compress(job: CompressJob, progress: ProgressFn | None = None, raise_on_
             check_writable(path)
     if job.max_output_error is not None and not job.max_output_error >= 0:
         raise UsageError(f"--max-output-error must be ≥ 0, got {job.max_output_error}")
+    timings = load_timing_cache(job.timing_cache) if job.timing_cache is not None else None  # checked before any work
     torch.manual_seed(job.config.seed)
     loaded = open_model(job.checkpoint, job.arch, job.arch_kwargs, job.trust_pickle, job.input_shape)
     shape = loaded.input_shape
@@ -121,7 +123,9 @@ def run_compress(job: CompressJob, progress: ProgressFn | None = None, raise_on_
     # The original's outputs, not a copy of the original: a copy would double the peak memory.
     references = _model_outputs(model, check)
     model, report = compress(model, job.config, example, calibration=calibration, progress=progress,
-                             curves=job.plot_path is not None, timing_cache=job.timing_cache)
+                             curves=job.plot_path is not None, timing_cache=timings)
+    if timings is not None:
+        save_timing_cache(timings, job.timing_cache)
     report.output_error = _error_against(references, model, check)
     del references
 

@@ -191,3 +191,18 @@ def test_the_cli_plans_the_same_twice_with_a_timing_cache_and_refuses_it_over_th
                      "-o", tmp_path / "c.lrc.safetensors")
     assert result.code != 0 and "would overwrite the input" in result.err
     assert not (tmp_path / "c.lrc.safetensors").exists()
+
+
+def test_the_cli_refuses_a_bad_cache_file_with_one_line_and_writes_nothing(tmp_path, run_cli):
+    torch.manual_seed(0)
+    ckpt = tmp_path / "mlp.safetensors"
+    save_file({k: v.contiguous() for k, v in MLP().state_dict().items()}, str(ckpt))
+    cache = tmp_path / "timings.json"
+    cache.write_text('{"format": "lrc-timing-cache", "version": 1, "entries": {"k": 0}}')
+    out = tmp_path / "c.lrc.safetensors"
+    result = run_cli("compress", ckpt, "--arch", "models:MLP", "--target-flops", "0.5", "--timing-cache", cache,
+                     "-o", out, "--json", tmp_path / "r.json")
+    assert result.code == 2
+    assert len(result.err_lines) == 1 and "timing cache" in result.err and "not a positive number" in result.err
+    assert not out.exists() and not (tmp_path / "r.json").exists()
+    assert cache.read_text().endswith('{"k": 0}}')
