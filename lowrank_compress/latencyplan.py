@@ -42,8 +42,8 @@ class TimingCache:
 
     Keys say everything a time depends on: the runtime fingerprint (runtime and version, processor
     or GPU, thread counts), the layer (its type and configuration, dtype), its input shape per
-    sample, the batch size and the rank (or dense); a whole model's measured ratio is keyed by its
-    structure and ranks. Identical layers of one model share their timings. A rank timed after its
+    sample, the batch size and the rank (or dense); a whole model's measured ratio (compressed over
+    dense, the one entry that is not seconds) is keyed by a hash of its structure and ranks. Identical layers of one model share their timings. A rank timed after its
     layer's dense time was stored is scaled by the stored dense time over the one measured beside
     it, so that every stored rank keeps the ratio it was measured at (interleaved runs).
     ``lowrank_compress.io.timings`` reads and writes the JSON file; ``reused`` and ``measured``
@@ -87,11 +87,11 @@ class TimingCache:
             raise UsageError(f"{where} has timing-cache version {data.get('version')!r}; this lrc reads {cls.VERSION}")
         entries = data.get("entries")
         if not isinstance(entries, dict):
-            raise UsageError(f"{where}: \"entries\" must be an object of key → seconds")
+            raise UsageError(f"{where}: \"entries\" must be an object of key → positive number")
         for key, value in entries.items():
             number = isinstance(value, (int, float)) and not isinstance(value, bool)
             if not (number and math.isfinite(value) and value > 0):
-                raise UsageError(f"{where}: entry {key[:80]!r} is not a positive number of seconds: {value!r}")
+                raise UsageError(f"{where}: entry {key[:80]!r} is not a positive number: {value!r}")
         return cls(entries)
 
 
