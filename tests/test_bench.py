@@ -95,6 +95,30 @@ def test_onnxruntime_times_modules_and_onnx_files_together(tmp_path: Path) -> No
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
 
 
+def test_onnxruntime_sessions_timed_together_do_not_spin(tmp_path: Path, monkeypatch) -> None:
+    # Each session's intra-op threads spin after a run by default, taking the cores from the next
+    # session's run; every session opened for timing turns that off.
+    from lowrank_compress import bench as bench_module
+    from lowrank_compress.export import ort_session
+
+    opened = []
+
+    def recording(*args, **kwargs):
+        session = ort_session(*args, **kwargs)
+        opened.append(session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning"))
+        return session
+
+    monkeypatch.setattr(bench_module, "ort_session", recording)
+    measure_latency({"a": mlp(), "b": mlp()}, (1, 32), batch_sizes=(2,), runtime="onnxruntime", warmup=1, repeats=2)
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+    layer_latency(conv, low_rank(conv, 2), torch.randn(1, 8, 8, 8), runtime="onnxruntime", repeats=2)
+    assert opened == ["0"] * 4
+    export_onnx(mlp(), tmp_path / "m.onnx", (1, 32))
+    default = ort_session(tmp_path / "m.onnx").get_session_options()
+    with pytest.raises(RuntimeError, match="allow_spinning"):  # unset: a deployment session keeps spinning
+        default.get_session_config_entry("session.intra_op.allow_spinning")
+
+
 def test_onnx_file_on_torch_runtime_is_a_usage_error(tmp_path: Path) -> None:
     export_onnx(mlp(), tmp_path / "m.onnx", (1, 32))
     with pytest.raises(UsageError, match="--runtime onnxruntime"):
