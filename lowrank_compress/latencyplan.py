@@ -34,7 +34,7 @@ from .ranks import TARGETS, output_positions, site_ranks
 PAYS = 0.9
 
 
-Times = tuple[float, ...]  # median seconds per call, one per timing batch size
+Times = tuple[float, ...]  # seconds per call (fastest run), one per timing batch size
 
 
 class TimingCache:
@@ -43,9 +43,10 @@ class TimingCache:
     Keys say everything a time depends on: the runtime fingerprint (runtime and version, processor
     or GPU, thread counts), the layer (its type and configuration, dtype), its input shape per
     sample, the batch size and the rank (or dense); a whole model's measured ratio (compressed over
-    dense, the one entry that is not seconds) is keyed by a hash of its structure and ranks. Identical layers of one model share their timings. A rank timed after its
-    layer's dense time was stored is scaled by the stored dense time over the one measured beside
-    it, so that every stored rank keeps the ratio it was measured at (interleaved runs).
+    dense, the one entry that is not seconds) is keyed by a hash of its structure and ranks.
+    Identical layers of one model share their timings. A rank timed after its layer's dense time
+    was stored is scaled by the stored dense time over the one measured beside it, so that every
+    stored rank keeps the ratio it was measured at (interleaved runs).
     ``lowrank_compress.io.timings`` reads and writes the JSON file; ``reused`` and ``measured``
     count this run's lookups that were stored before and the entries it added.
     """
