@@ -48,7 +48,7 @@ def profile_kernels(path: Path, shape: tuple[int, ...], batch: int, threads: int
 
     import numpy as np
 
-    session = ort_session(path, threads, profile_prefix=workdir / f"{path.stem}-b{batch}", spinning=False)
+    session = ort_session(path, threads, profile_prefix=workdir / f"{path.stem}-b{batch}", spin_between_runs=False)
     feed = {session.get_inputs()[0].name: np.random.default_rng(0).standard_normal((batch, *shape[1:]),
                                                                                   dtype=np.float32)}
     session.run(None, feed)

@@ -184,16 +184,17 @@ def write_graph(
 
 def ort_session(path: str | os.PathLike, threads: int | None = None, device: str = "cpu",
                 optimized_path: str | os.PathLike | None = None, profile_prefix: str | os.PathLike | None = None,
-                spinning: bool = True):
+                spin_between_runs: bool = True):
     """An onnxruntime session with all graph optimizations on (what a deployment would use).
 
     ``threads`` sets the intra-op thread pool (None: onnxruntime's default, one per physical core).
     ``device`` cuda runs on the CUDA execution provider (onnxruntime-gpu), CPU for what it lacks.
     ``optimized_path``: also write the graph as optimized for this machine there.
     ``profile_prefix``: turn on onnxruntime's profiler, its JSON written under this prefix
-    (``session.end_profiling()`` returns the file). ``spinning=False``: the intra-op threads sleep
-    after a run instead of spinning, so that sessions timed one after another in one process do not
-    take the cores from each other (:func:`lowrank_compress.bench.time_interleaved`).
+    (``session.end_profiling()`` returns the file). ``spin_between_runs=False``: the intra-op
+    threads spin during a run, as a deployment's do, and stop as soon as it returns instead of
+    spinning on for a while, so that sessions timed one after another in one process do not take
+    the cores from each other (:func:`lowrank_compress.bench.time_interleaved`).
     """
     import onnxruntime as ort
 
@@ -206,8 +207,8 @@ def ort_session(path: str | os.PathLike, threads: int | None = None, device: str
         options.inter_op_num_threads = 1
     if optimized_path is not None:
         options.optimized_model_filepath = str(optimized_path)
-    if not spinning:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not spin_between_runs:
+        options.add_session_config_entry("session.force_spinning_stop", "1")
     if profile_prefix is not None:
         options.enable_profiling = True
         options.profile_file_prefix = str(profile_prefix)

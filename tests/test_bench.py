@@ -95,9 +95,10 @@ def test_onnxruntime_times_modules_and_onnx_files_together(tmp_path: Path) -> No
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
 
 
-def test_onnxruntime_sessions_timed_together_do_not_spin(tmp_path: Path, monkeypatch) -> None:
-    # Each session's intra-op threads spin after a run by default, taking the cores from the next
-    # session's run; every session opened for timing turns that off.
+def test_onnxruntime_sessions_timed_together_stop_spinning_after_each_run(tmp_path: Path, monkeypatch) -> None:
+    # Each session's intra-op threads spin on after a run by default, taking the cores from the next
+    # session's run; every session opened for timing stops them when a run returns, and keeps
+    # spinning during a run as a deployment does.
     from lowrank_compress import bench as bench_module
     from lowrank_compress.export import ort_session
 
@@ -105,18 +106,21 @@ def test_onnxruntime_sessions_timed_together_do_not_spin(tmp_path: Path, monkeyp
 
     def recording(*args, **kwargs):
         session = ort_session(*args, **kwargs)
-        opened.append(session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning"))
+        options = session.get_session_options()
+        opened.append(options.get_session_config_entry("session.force_spinning_stop"))
+        with pytest.raises(RuntimeError, match="allow_spinning"):  # unset: spinning during a run stays on
+            options.get_session_config_entry("session.intra_op.allow_spinning")
         return session
 
     monkeypatch.setattr(bench_module, "ort_session", recording)
     measure_latency({"a": mlp(), "b": mlp()}, (1, 32), batch_sizes=(2,), runtime="onnxruntime", warmup=1, repeats=2)
     conv = nn.Conv2d(8, 8, 3, padding=1)
     layer_latency(conv, low_rank(conv, 2), torch.randn(1, 8, 8, 8), runtime="onnxruntime", repeats=2)
-    assert opened == ["0"] * 4
+    assert opened == ["1"] * 4
     export_onnx(mlp(), tmp_path / "m.onnx", (1, 32))
     default = ort_session(tmp_path / "m.onnx").get_session_options()
-    with pytest.raises(RuntimeError, match="allow_spinning"):  # unset: a deployment session keeps spinning
-        default.get_session_config_entry("session.intra_op.allow_spinning")
+    with pytest.raises(RuntimeError, match="force_spinning_stop"):  # unset: a deployment session is left as is
+        default.get_session_config_entry("session.force_spinning_stop")
 
 
 def test_onnx_file_on_torch_runtime_is_a_usage_error(tmp_path: Path) -> None:
