@@ -164,12 +164,15 @@ class LayerTimer:
         return {r: tuple(t) for r, t in out.items()}
 
     def model_ratios(self, model: nn.Module, sites: list[LayerSite], ranks: dict[str, int],
-                     example_inputs: Any) -> Times:
+                     example_inputs: Any, dense_seconds: Times | None = None) -> Times:
         """Measured latency of ``model`` with ``ranks`` applied (random factors) / the dense model's,
         at each timing batch size.
 
         Both whole models are timed interleaved and, like the layers, by their fastest run, so
-        that layer and model times are comparable on a loaded machine.
+        that layer and model times are comparable on a loaded machine. ``dense_seconds`` (a lower
+        bound of the dense model's time at each batch size, e.g. its planned layers' summed)
+        raises the number of runs of a small model so that the pair is timed for about
+        ``MODEL_SECONDS``: the fastest of ten runs of a 60 µs model moves by several percent.
         """
         from .bench import layer_latencies
 
@@ -191,9 +194,12 @@ class LayerTimer:
                 factors = Factorization(torch.randn(m, r, generator=gen), torch.randn(r, d, generator=gen))
                 replace_module(probe, old, from_dense(old, factors.to(old.weight.dtype)))
         ratios = []
-        for b in self.batches:
+        for i, b in enumerate(self.batches):
+            repeats = MODEL_REPEATS
+            if dense_seconds is not None and dense_seconds[i] > 0:
+                repeats = min(MODEL_MAX_REPEATS, max(MODEL_REPEATS, math.ceil(MODEL_SECONDS / dense_seconds[i])))
             times = layer_latencies({"dense": model, "compressed": probe}, _at_batch(example_inputs.detach(), b),
-                                    self.target.runtime, self.target.device, repeats=MODEL_REPEATS)
+                                    self.target.runtime, self.target.device, repeats=repeats)
             ratios.append(times["compressed"] / times["dense"])
         for key, ratio in zip(keys, ratios):
             self.cache.put(key, ratio)
@@ -206,6 +212,8 @@ def _at_batch(x: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 MODEL_REPEATS = 10
+MODEL_MAX_REPEATS = 2000
+MODEL_SECONDS = 0.2
 # --target-latency: whole-model checks at most, and how far under the budget a plan may land.
 LATENCY_CHECKS = 4
 LATENCY_SLACK = 0.05
@@ -310,7 +318,10 @@ def timed_budget_plan(
             else:
                 hi = mid
         ranks = {name: r for name, r in best.items() if r is not None}
-        ratio = None
+        savings = {c.name: combined(layer_times[c.name][0]) - combined(layer_times[c.name][1][ranks[c.name]])
+                   for c in curves if c.name in ranks}
+        ranks, ratio, checked = _never_slower(timer, model, sites, ranks, savings, example_inputs, totals)
+        reasons.update(checked)
     else:
         # Layer times are short runs and the whole model a long one: on a loaded machine they are
         # not comparable in absolute terms, so the layers' time budget is a fraction g of their
@@ -320,7 +331,7 @@ def timed_budget_plan(
         for _ in range(LATENCY_CHECKS):
             allocation = allocate(curves, fraction * dense_layers)
             candidate = {name: r for name, r in allocation.items() if r is not None}
-            measured = max(timer.model_ratios(model, sites, candidate, example_inputs))
+            measured = max(timer.model_ratios(model, sites, candidate, example_inputs, tuple(totals)))
             tried.append((measured, candidate))
             if config.target_latency - LATENCY_SLACK <= measured <= config.target_latency:
                 break
@@ -329,6 +340,8 @@ def timed_budget_plan(
         ratio, ranks = max(meeting, key=lambda t: t[0]) if meeting else min(tried, key=lambda t: t[0])
     for curve in curves:
         dense, by_rank = layer_times[curve.name]
+        if curve.name in reasons:  # taken back by the whole-model check
+            continue
         if curve.name in ranks:
             note = f"factorized: {timer.describe(dense, by_rank[ranks[curve.name]])}"
             if ratio is not None:
@@ -342,3 +355,35 @@ def timed_budget_plan(
             reasons[curve.name] = f"kept dense by the {budget_name} budget allocation (timed on {timing})"
     return ranks, notes, reasons
 
+
+
+def _never_slower(timer: LayerTimer, model: nn.Module, sites: list[LayerSite], ranks: dict[str, int],
+                  savings: dict[str, float], example_inputs: Any,
+                  dense_seconds: list[float]) -> tuple[dict[str, int], float | None, dict[str, str]]:
+    """A FLOPs budget's plan checked as a whole: (ranks, worst measured ratio, reasons of the layers
+    taken back).
+
+    Layers timed alone can each pay and the whole model still not (a pair adds a kernel, and the
+    graph fuses and lays out a lone layer differently). The planned model is timed against the
+    dense one at every timing batch size; while it is not faster at all of them, the factorized
+    layers that save the least measured time are kept dense, half of them at a time, until it is
+    faster or none is left. Inputs that are not a single tensor skip the check (ratio None).
+    """
+    if not ranks or not isinstance(example_inputs, torch.Tensor):
+        return ranks, None, {}
+    taken_back: dict[str, str] = {}
+    least_first = sorted(ranks, key=lambda name: savings[name])
+    while ranks:
+        ratios = timer.model_ratios(model, sites, ranks, example_inputs, tuple(dense_seconds))
+        worst = max(ratios)
+        if worst < 1.0:
+            return ranks, worst, taken_back
+        measured = ", ".join(f"batch {b} {r:.2f}×" for b, r in zip(timer.batches, ratios))
+        drop = least_first[: max(1, (len(least_first) + 1) // 2)]
+        least_first = least_first[len(drop):]
+        for name in drop:
+            del ranks[name]
+            taken_back[name] = (f"kept dense by the whole-model check: with {len(drop) + len(ranks)} layers "
+                                f"factorized the model measured {measured} the dense model's time on "
+                                f"{timer.target.name}; this layer saved the least measured time")
+    return ranks, None, taken_back

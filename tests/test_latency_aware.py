@@ -37,10 +37,17 @@ def modelled_seconds(layer: nn.Module, x: torch.Tensor, slow: set[tuple[int, int
     return KERNEL_S + MAC_S * rows * layer.in_features * layer.out_features
 
 
+class Slow(set):
+    """The (in, out) widths whose factorized pair runs 3× slow, and a cost that every pair adds
+    only inside a whole model (``pair_in_model_s``: a kernel the model's graph cannot fuse)."""
+
+    pair_in_model_s = 0.0
+
+
 @pytest.fixture
 def cost_model(monkeypatch):
     """Time layers and whole models by :func:`modelled_seconds` instead of a clock."""
-    slow: set[tuple[int, int]] = set()
+    slow = Slow()
 
     def layer_latencies(layers, x, runtime="torch", device="cpu", **_):
         return {name: model_seconds(layer, x, slow) for name, layer in layers.items()}
@@ -61,8 +68,11 @@ def cost_model(monkeypatch):
 def model_seconds(model: nn.Module, x: torch.Tensor, slow: set[tuple[int, int]]) -> float:
     """The cost model summed over a model's dense and factorized layers."""
     inner = {id(m) for p in model.modules() if isinstance(p, LowRankLinear) for m in (p.down, p.up)}
-    return sum(modelled_seconds(m, x, slow) for m in model.modules()
-               if isinstance(m, (nn.Linear, LowRankLinear)) and id(m) not in inner)
+    seconds = sum(modelled_seconds(m, x, slow) for m in model.modules()
+                  if isinstance(m, (nn.Linear, LowRankLinear)) and id(m) not in inner)
+    if not isinstance(model, (nn.Linear, LowRankLinear)):
+        seconds += getattr(slow, "pair_in_model_s", 0.0) * sum(isinstance(m, LowRankLinear) for m in model.modules())
+    return seconds
 
 
 def mlp() -> nn.Sequential:
@@ -170,6 +180,36 @@ def test_without_latency_aware_the_slow_layer_is_factorized(cost_model):
     config = CompressConfig(target_flops=0.5, method="spectral", latency_aware=False, latency_batch_size=64)
     _, report = compress(mlp(), config, torch.randn(1, 256))
     assert "2" in {layer.name for layer in report.layers}
+
+
+def test_a_flops_plan_whose_whole_model_is_not_faster_gives_back_the_layers_that_save_least(cost_model):
+    # Both planned pairs pay timed alone; inside the model each costs a further 2.8 ms, so with
+    # both the model is slower than dense. The whole-model check gives back layer 2 (it saves
+    # 2.3 ms alone, layer 0 3.05 ms), and with layer 0 alone the model is faster than dense.
+    x, x64 = torch.randn(1, 256), torch.zeros(64, 256)
+    config = CompressConfig(target_flops=0.5, method="spectral", latency_batch_size=64)
+    _, free = compress(mlp(), config, x)
+    assert {layer.name for layer in free.layers} == {"0", "2"}
+    assert all("whole model measured at" in layer.note for layer in free.layers)
+    assert not any("whole-model check" in s.reason for s in free.skipped)
+    cost_model.pair_in_model_s = 2.8e-3
+    planned = {"0": free.layers[0].rank, "2": free.layers[1].rank}
+    model, report = compress(mlp(), config, x)
+    back = {s.name: s.reason for s in report.skipped if "whole-model check" in s.reason}
+    assert set(back) == {"2"} and isinstance(model[2], nn.Linear) and isinstance(model[0], LowRankLinear)
+    assert "with 2 layers factorized the model measured batch 64 1.0" in back["2"]
+    assert model[0].rank == planned["0"]
+    assert model_seconds(model, x64, cost_model) < model_seconds(mlp(), x64, cost_model)
+    assert "whole model measured at 0.98× dense" in report.layers[0].note
+
+
+def test_a_flops_plan_slower_than_dense_with_every_layer_becomes_the_dense_model(cost_model):
+    cost_model.pair_in_model_s = 1.0  # every pair costs a second inside the model
+    x = torch.randn(1, 256)
+    model, report = compress(mlp(), CompressConfig(target_flops=0.5, method="spectral", latency_batch_size=64), x)
+    assert not report.layers and all(isinstance(m, (nn.Linear, nn.ReLU)) for m in model)
+    back = [s for s in report.skipped if "whole-model check" in s.reason]
+    assert {s.name for s in back} == {"0", "2"}
 
 
 def test_a_latency_budget_is_met_by_the_modelled_whole_model_time(cost_model):
