@@ -333,7 +333,8 @@ def layer_latencies(
                 path = tmpdir / f"{i}.onnx"
                 on_cpu = copy.deepcopy(layer).eval().float().cpu()
                 write_graph(on_cpu, path, x, dynamic_batch=False)
-                runners[name] = _ort_runner(ort_session(path, threads, device=device, spin_between_runs=False), x.numpy())
+                session = ort_session(path, threads, device=device, spin_between_runs=False)
+                runners[name] = _ort_runner(session, x.numpy())
         times = time_interleaved(runners, warmup, repeats, cuda=cuda)
     return {name: min(values) for name, values in times.items()}
 

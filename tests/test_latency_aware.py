@@ -183,24 +183,25 @@ def test_without_latency_aware_the_slow_layer_is_factorized(cost_model):
 
 
 def test_a_flops_plan_whose_whole_model_is_not_faster_gives_back_the_layers_that_save_least(cost_model):
-    # Both planned pairs pay timed alone; inside the model each costs a further 2.8 ms, so with
-    # both the model is slower than dense. The whole-model check gives back layer 2 (it saves
-    # 2.3 ms alone, layer 0 3.05 ms), and with layer 0 alone the model is faster than dense.
+    # Both planned pairs pay timed alone; inside the model each costs a further 2.6 ms, so with
+    # both the model is barely faster than dense (0.99×, not below 0.97×). The whole-model check
+    # gives back layer 2 (it saves 2.3 ms alone, layer 0 3.05 ms), and with layer 0 alone the model
+    # takes 0.96× the dense time.
     x, x64 = torch.randn(1, 256), torch.zeros(64, 256)
     config = CompressConfig(target_flops=0.5, method="spectral", latency_batch_size=64)
     _, free = compress(mlp(), config, x)
     assert {layer.name for layer in free.layers} == {"0", "2"}
     assert all("whole model measured at" in layer.note for layer in free.layers)
     assert not any("whole-model check" in s.reason for s in free.skipped)
-    cost_model.pair_in_model_s = 2.8e-3
+    cost_model.pair_in_model_s = 2.6e-3
     planned = {"0": free.layers[0].rank, "2": free.layers[1].rank}
     model, report = compress(mlp(), config, x)
     back = {s.name: s.reason for s in report.skipped if "whole-model check" in s.reason}
     assert set(back) == {"2"} and isinstance(model[2], nn.Linear) and isinstance(model[0], LowRankLinear)
-    assert "with 2 layers factorized the model measured batch 64 1.0" in back["2"]
+    assert "with 2 layers factorized the model measured batch 64 0.99×" in back["2"]
     assert model[0].rank == planned["0"]
     assert model_seconds(model, x64, cost_model) < model_seconds(mlp(), x64, cost_model)
-    assert "whole model measured at 0.98× dense" in report.layers[0].note
+    assert "whole model measured at 0.96× dense" in report.layers[0].note
 
 
 def test_a_flops_plan_slower_than_dense_with_every_layer_becomes_the_dense_model(cost_model):
