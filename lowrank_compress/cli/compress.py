@@ -20,7 +20,7 @@ def compress_command(
     rank_ratio: float | None = typer.Option(None, "--rank-ratio", help="r = round(F·min(m, d)) per layer (the paper's rank scale)."),
     param_ratio: float | None = typer.Option(None, "--param-ratio", help="Each layer keeps F of its own weights: r = floor(F·m·d/(m+d))."),
     target_params: float | None = typer.Option(None, "--target-params", help="The whole model keeps at most F of its parameters; ranks allocated by error per parameter."),
-    target_flops: float | None = typer.Option(None, "--target-flops", help="The whole model keeps at most F of its FLOPs at the input shape; with latency-aware planning (default) allocated by error per second of measured layer time, layers that do not pay kept dense, and the planned model timed whole: it must be faster than dense."),
+    target_flops: float | None = typer.Option(None, "--target-flops", help="The whole model keeps at most F of its FLOPs at the input shape; with latency-aware planning (default) allocated by error per second of measured layer time, layers that do not pay kept dense, and the planned model timed whole: it must measure below 0.97× the dense time."),
     target_latency: float | None = typer.Option(None, "--target-latency", help="The compressed model's measured latency on --target is at most F × the dense model's; ranks allocated by error per second of measured layer time."),
     method: str = typer.Option("nkp", "--method", help="nkp (nonlinear kernel projection) or spectral (SVD truncation)."),
     include: str | None = typer.Option(None, "--include", help="Only layers whose name matches this regex (searched)."),
