@@ -4,7 +4,7 @@ Every planned layer is timed alone on the target at its real input shape, at eac
 ``latency_batch_size``; a layer where factorizing does not pay at every one of them stays dense.
 Under a FLOPs or latency budget, ranks are allocated by error reduction per second of measured layer time
 (:func:`timed_budget_plan`), and the plan is checked by timing the whole model: a latency budget's
-against F, a FLOPs budget's against the dense model (it must be faster).
+against F, a FLOPs budget's against the dense model (below ``FASTER`` × its time).
 """
 
 from __future__ import annotations

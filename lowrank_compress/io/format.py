@@ -189,7 +189,8 @@ def validate_manifest(manifest: Any, path: str | Path = "the file") -> dict[str,
         for key in ("mean", "std"):
             if key in config:
                 check_norm_values(config[key], key, path)
-        if "interpolation" in config and config["interpolation"] not in _INTERPOLATIONS:
+        interpolation = config.get("interpolation", "bilinear")
+        if not isinstance(interpolation, str) or interpolation not in _INTERPOLATIONS:  # a list is unhashable
             raise UsageError(f"{bad} (data_config interpolation {clip(config['interpolation'])} is not one of "
                              f"{', '.join(sorted(_INTERPOLATIONS))})")
         crop = config.get("crop_pct", 1.0)
@@ -208,7 +209,7 @@ def check_layers(layers: Any, path: str | Path = "the file") -> None:
         if (not isinstance(fqn, str) or len(fqn) > 512 or not _LAYER_NAME.fullmatch(fqn)
                 or any(part in _MODULE_ATTRIBUTES for part in fqn.split("."))):
             raise UsageError(f"{path}: the manifest names a bad layer {clip(fqn)} (a module path such as blocks.0.fc)")
-        if not isinstance(entry, dict) or entry.get("kind") not in _KINDS:
+        if not isinstance(entry, dict) or not isinstance(entry.get("kind"), str) or entry["kind"] not in _KINDS:
             raise UsageError(f"{path}: the manifest entry for {fqn!r} has an unknown kind")
         if not set(entry) <= _ENTRY_KEYS:
             raise UsageError(f"{path}: the manifest entry for {fqn!r} has unknown fields {sorted(set(entry) - _ENTRY_KEYS)}")
