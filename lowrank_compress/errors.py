@@ -23,3 +23,19 @@ class BudgetExceeded(LrcError):
     """A figure missed its budget (exit code 3); the outputs were still written."""
 
     exit_code = 3
+
+
+def reraise_interrupt(exc: BaseException) -> None:
+    """Raise KeyboardInterrupt if ``exc`` was caused by one.
+
+    Tracers and exporters can turn an interrupt that lands inside them into errors of their own. A
+    caller that answers a failure by trying another path calls this first, so that Ctrl-C (or
+    SIGTERM, which the CLI turns into KeyboardInterrupt) stops the command instead of switching paths.
+    """
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt):
+            raise KeyboardInterrupt from exc
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import LrcError, UsageError
+from .errors import LrcError, UsageError, reraise_interrupt
 from .io.files import atomic_output, check_writable
 from .io.files import quiet_output as _quiet_output
 from .modelrun import model_device, model_dtype
@@ -170,6 +170,7 @@ def write_graph(
             _export_once(model, path, example, opset, dynamic_batch, output_names, dynamo=False)
             return output_names, "torchscript", opset
         except Exception as exc:  # tracers fail in many ways; each becomes one line for the user
+            reraise_interrupt(exc)
             if exporter == "torchscript":
                 raise LrcError(f"ONNX export failed ({_one_line(exc)})") from exc
             first_error = exc

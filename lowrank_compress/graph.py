@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import reraise_interrupt
 from .io.files import quiet_output
 from .layers import DENSE_TYPES, LOW_RANK_TYPES, unsupported_reason
 from .factors import LARGE_WEIGHT
@@ -181,6 +182,7 @@ def find_sites(model: nn.Module, example_inputs: Any) -> list[LayerSite]:
         with torch.no_grad(), quiet_output():
             program = torch.export.export(model, args, kwargs, strict=False)
     except Exception as exc:  # tracing can fail in many ways; the eager walk still finds the layers
+        reraise_interrupt(exc)
         return _eager_sites(model, candidates, reasons, args, kwargs, exc)
     graph = ExportedGraph(model, program)
     # A module reachable under several names (shared) is lifted under any of them: use the first.

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import LrcError, UsageError
+from .errors import LrcError, UsageError, reraise_interrupt
 from .export import DEFAULT_OPSET, TORCHSCRIPT_MAX_OPSET, ParityReport, ort_session
 from .io.files import atomic_output, check_writable
 from .io.files import quiet_output as _quiet_output
@@ -87,6 +87,7 @@ def _export(graph: nn.Module, path: str | os.PathLike, example: dict[str, torch.
                 torch.onnx.export(graph, tuple(example.values()), str(path), dynamo=dynamo, verbose=False, **kwargs)
             return "dynamo" if dynamo else "torchscript"
         except Exception as exc:  # tracers fail in many ways; each becomes one line for the user
+            reraise_interrupt(exc)
             errors.append(exc)
     raise LrcError(f"ONNX export failed ({_one_line(errors[0])})")
 

@@ -316,6 +316,42 @@ def test_tracing_failure_falls_back_to_an_eager_walk_with_identity():
     assert "not called" in by_name["never"].skip_reason
 
 
+class InterruptedWhileTraced(nn.Module):
+    """A signal that lands while torch.export runs the model, wrapped by the tracer in an error of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+
+    def forward(self, x):
+        if not torch.compiler.is_exporting():
+            return self.a(x)
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as interrupt:
+            raise RuntimeError("tracing stopped") from interrupt
+
+
+def test_an_interrupt_while_tracing_stops_the_walk_instead_of_falling_back_to_the_eager_walk():
+    # Any other tracing error falls back (above); Ctrl-C must stop the command.
+    with pytest.raises(KeyboardInterrupt):
+        find_sites(InterruptedWhileTraced(), torch.randn(2, 8))
+
+
+def test_an_interrupt_wrapped_by_an_exporter_is_raised_again():
+    from lowrank_compress.errors import reraise_interrupt
+
+    reraise_interrupt(RuntimeError("a plain failure"))  # no interrupt in the chain: nothing raised
+    try:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise ValueError("wrapped")  # an implicit __context__, as libraries that re-raise leave
+    except ValueError as wrapped:
+        with pytest.raises(KeyboardInterrupt):
+            reraise_interrupt(wrapped)
+
+
 def test_eager_walk_on_a_model_that_does_not_run_raises_value_error():
     with pytest.raises(ValueError, match="does not run on the example inputs"):
         find_sites(DataDependent(), torch.randn(2, 5))
