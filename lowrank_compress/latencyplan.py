@@ -385,11 +385,12 @@ def _never_slower(timer: LayerTimer, model: nn.Module, sites: list[LayerSite], r
         if worst < FASTER:
             return ranks, worst, taken_back
         measured = ", ".join(f"batch {b} {r:.2f}×" for b, r in zip(timer.batches, ratios))
+        layers = f"{len(ranks)} layer{'s' if len(ranks) > 1 else ''}"
         drop = least_first[: max(1, (len(least_first) + 1) // 2)]
         least_first = least_first[len(drop):]
         for name in drop:
             del ranks[name]
-            taken_back[name] = (f"kept dense by the whole-model check: with {len(drop) + len(ranks)} layers "
-                                f"factorized the model measured {measured} the dense model's time on "
-                                f"{timer.target.name}; this layer saved the least measured time")
+            taken_back[name] = (f"kept dense by the whole-model check: with {layers} factorized the model "
+                                f"measured {measured} the dense model's time on {timer.target.name}; this layer "
+                                f"saved the least measured time")
     return ranks, None, taken_back
