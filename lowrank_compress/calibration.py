@@ -33,7 +33,7 @@ from torch import nn
 from .activations import activation_fn
 from .blocks import Block, find_blocks, first_tensor, reconstruct_block
 from .config import CompressConfig, LayerReport, ProgressFn, Skip
-from .distill import DistillReport, auto_schedule, batch_size_for, distill
+from .distill import LEARNING_RATE, DistillReport, auto_schedule, batch_size_for, distill
 from .errors import UsageError
 from .graph import LayerSite
 from .latencyplan import TimingCache
@@ -223,6 +223,7 @@ def calibrated_compress(
     observer: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None,
     swaps: Any = None,
     timing_cache: TimingCache | None = None,
+    distill_inputs: Iterable[Any] | None = None,
 ) -> tuple[list[LayerReport], list[Skip], dict[str, Any]]:
     """Compress ``sites`` of ``model`` in place with calibration data (see the module docstring).
 
@@ -230,7 +231,9 @@ def calibrated_compress(
     comparison; the asymmetric default is what works). ``observer(name, inputs, targets)`` sees
     each layer's reservoir: input rows (P, d) and target rows σ(z) (P, m). ``swaps`` records the
     replacements (:class:`lowrank_compress.compress.ModuleSwaps`) so that a caller can undo them.
-    Returns the layer reports, the skipped layers and the run-level report fields.
+    ``distill_inputs``: batches for distillation to train on instead of the calibration inputs
+    (:func:`lowrank_compress.distill.distill`'s ``stream``). Returns the layer reports, the skipped
+    layers and the run-level report fields.
     """
     state, the_plan = prepare_calibrated(model, sites, config, example_inputs, list(calibration), timing_cache)
     clock = _Clock(dict(state.seconds))
@@ -314,7 +317,7 @@ def calibrated_compress(
     distilled = None
     if config.distill_steps != 0 and todo and trainable:
         distilled = _distill(model, original, batches, (train_split, held_split), blocks, todo, once, metric, config,
-                             progress)
+                             progress, distill_inputs)
         clock.lap("distillation")
     if progress is not None:
         progress("done", len(todo), len(todo))
@@ -332,7 +335,8 @@ def calibrated_compress(
 
 def _distill(model: nn.Module, original: nn.Module, batches: list[Any], split: tuple[list[Any], list[Any]],
              blocks: list[Block], todo: list[LayerSite],
-             once: set[str], metric: str, config: CompressConfig, progress: ProgressFn | None) -> DistillReport:
+             once: set[str], metric: str, config: CompressConfig, progress: ProgressFn | None,
+             stream: Iterable[Any] | None = None) -> DistillReport:
     """Label-free distillation after the fits, for the requested or the automatic number of steps."""
     samples = sum(batch_size(b) for b in batches)
     sample_flops = 0.0  # only the automatic schedule reads it: two counting passes saved otherwise
@@ -340,7 +344,7 @@ def _distill(model: nn.Module, original: nn.Module, batches: list[Any], split: t
         one = slice_batch(batches[0], slice(0, 1))
         sample_flops = count_flops(original, one) + 3 * count_flops(model, one)
     device = model_device(model).type
-    schedule = auto_schedule(samples, sample_flops, device, config.distill_steps)
+    schedule = auto_schedule(samples, sample_flops, device, config.distill_steps, fresh=stream is not None)
     if progress is not None:
         progress("distillation", len(todo), len(todo))
     features = {}
@@ -348,8 +352,9 @@ def _distill(model: nn.Module, original: nn.Module, batches: list[Any], split: t
         found = blocks or _blocks(model, todo, batches[0], once, config)
         features = {b.name: b.channels_last for b in found}
     train, held = split
-    report = distill(model, original, train, metric, schedule.steps, seed=config.seed, features=features,
-                     feature_weight=config.distill_features, held_out=held)
+    lr = LEARNING_RATE if config.distill_lr is None else config.distill_lr
+    report = distill(model, original, train, metric, schedule.steps, lr=lr, seed=config.seed, features=features,
+                     feature_weight=config.distill_features, held_out=held, stream=stream)
     report.schedule = schedule.reason
     return report
 

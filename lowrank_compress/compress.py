@@ -154,6 +154,7 @@ def compress(
     progress: ProgressFn | None = None,
     curves: bool = False,
     timing_cache: TimingCacheLike = None,
+    distill_inputs: Iterable[Any] | None = None,
 ) -> tuple[nn.Module, CompressReport]:
     """Replace the eligible Linear/Conv layers of ``model`` (in place) by factorized layers.
 
@@ -165,8 +166,14 @@ def compress(
     :func:`lowrank_compress.plots.plot_compression`). ``timing_cache`` (a :class:`TimingCache` or
     the path of its JSON file, read when it exists and written back after a successful run) keeps
     latency-aware planning's layer timings, so that running again reuses them and plans the same.
-    Returns the same model object and a report.
+    ``distill_inputs`` (with ``calibration``): an iterable of new input batches for the label-free
+    distillation to train on instead of flipped and mixed-up calibration inputs, such as a
+    DataLoader with a training transform; it is iterated again when it ends, and its first batches
+    are the held-out check. Fresh inputs generalize better than copies of a few
+    (:mod:`lowrank_compress.distill`). Returns the same model object and a report.
     """
+    if distill_inputs is not None and calibration is None:
+        raise UsageError("distill_inputs are for the distillation of a calibrated compression; pass calibration too")
     model.eval()
     cache, cache_path = _timing_cache(timing_cache)
     with torch.no_grad():
@@ -180,7 +187,8 @@ def compress(
     try:
         if calibration is not None:
             layer_reports, more_skipped, extra = calibrated_compress(
-                model, chosen, config, example_inputs, calibration, progress, swaps=swaps, timing_cache=cache)
+                model, chosen, config, example_inputs, calibration, progress, swaps=swaps, timing_cache=cache,
+                distill_inputs=distill_inputs)
         else:
             layer_reports, more_skipped = _compress_data_free(model, chosen, config, example_inputs, progress, swaps,
                                                               cache)

@@ -347,6 +347,21 @@ def eval_loader(
 # ---------------------------------------------------------------- calibration images
 
 
+def _calibration_files(path: str | Path, samples: int) -> list[Path]:
+    """Up to ``samples`` image files under ``path``, in sorted order, evenly spaced over the whole list."""
+    root = Path(path)
+    if not root.is_dir():
+        raise UsageError(f"calibration data {root} is not a directory")
+    if samples < 1:
+        raise UsageError(f"the number of calibration samples must be positive, got {samples}")
+    files = sorted(p for p in root.rglob("*") if _is_image(p))
+    if not files:
+        raise UsageError(f"no images under {root} ({', '.join(IMAGE_EXTENSIONS[:3])}, …)")
+    if len(files) > samples:
+        files = [files[i] for i in np.linspace(0, len(files) - 1, samples).round().astype(int)]
+    return files
+
+
 def image_tensors(
     path: str | Path, input_shape: Sequence[int], config: dict[str, Any], samples: int, seed: int = 0,
     views: bool = False,
@@ -360,16 +375,7 @@ def image_tensors(
     images than ``samples``, n = ``samples``: every image once, then random views of them in turn
     (:data:`VIEW_MIN_SCALE`, seeded by ``seed``; the global RNG is left as it was).
     """
-    root = Path(path)
-    if not root.is_dir():
-        raise UsageError(f"calibration data {root} is not a directory")
-    if samples < 1:
-        raise UsageError(f"the number of calibration samples must be positive, got {samples}")
-    files = sorted(p for p in root.rglob("*") if _is_image(p))
-    if not files:
-        raise UsageError(f"no images under {root} ({', '.join(IMAGE_EXTENSIONS[:3])}, …)")
-    if len(files) > samples:
-        files = [files[i] for i in np.linspace(0, len(files) - 1, samples).round().astype(int)]
+    files = _calibration_files(path, samples)
     resolved = complete_data_config(config, input_shape)
     transform = eval_transform(resolved)
     channels = resolved["input_size"][0]
@@ -382,6 +388,66 @@ def image_tensors(
             torch.manual_seed(seed)
             tensors += [augment(read_image(files[i % len(files)], channels)) for i in range(samples - len(files))]
     return torch.stack(tensors)
+
+
+class ViewStream:
+    """Endless batches of new random views of a calibration folder's images, for distillation.
+
+    The images are those :func:`image_tensors` reads (up to ``samples``, evenly spaced); each view
+    is a crop of at least :data:`VIEW_MIN_SCALE` of an image's area, resized to the input and
+    flipped half the time (:func:`train_transform`), of an image drawn at random. Batch ``k`` is a
+    function of (``seed``, ``k``) alone, and the global random state is left as it was. Iterating
+    continues where the last iteration stopped. Up to :data:`VIEW_CACHE_IMAGES` images stay
+    decoded, downscaled so that the smallest view keeps the input's resolution.
+    """
+
+    def __init__(self, path: str | Path, input_shape: Sequence[int], config: dict[str, Any], samples: int,
+                 batch_size: int, seed: int = 0) -> None:
+        if batch_size < 1:
+            raise UsageError(f"the view batch size must be positive, got {batch_size}")
+        self.files = _calibration_files(path, samples)
+        resolved = complete_data_config(config, input_shape)
+        self.channels = resolved["input_size"][0]
+        self.transform = train_transform(resolved, min_crop_scale=VIEW_MIN_SCALE)
+        self.side = math.ceil(max(resolved["input_size"][1:]) / math.sqrt(VIEW_MIN_SCALE))
+        self.batch_size, self.seed, self.drawn = batch_size, seed, 0
+        self.description = f"new random views of the {len(self.files)} images in {path}"
+        self._cache: dict[int, Image.Image] = {}
+
+    def _image(self, index: int) -> Image.Image:
+        image = self._cache.get(index)
+        if image is None:
+            image = read_image(self.files[index], self.channels)
+            short = min(image.size)
+            if short > self.side:  # a view of VIEW_MIN_SCALE of the area still has the input's size
+                scale = self.side / short
+                image = image.resize((max(1, round(image.size[0] * scale)), max(1, round(image.size[1] * scale))),
+                                     Image.BICUBIC, reducing_gap=2.0)
+            if len(self._cache) < VIEW_CACHE_IMAGES:
+                self._cache[index] = image
+        return image
+
+    def batch(self, number: int) -> torch.Tensor:
+        """Batch ``number`` of the stream: (batch_size, C, H, W) float32."""
+        rng = np.random.default_rng([self.seed, number])
+        picks = rng.integers(len(self.files), size=self.batch_size)
+        sample_seed = int(rng.integers(2**62))
+        python_state = random.getstate()
+        with torch.random.fork_rng(devices=[]):  # torchvision's random transforms read the global RNGs
+            torch.manual_seed(sample_seed)
+            random.seed(sample_seed)
+            try:
+                return torch.stack([self.transform(self._image(int(i))) for i in picks])
+            finally:
+                random.setstate(python_state)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        while True:
+            self.drawn += 1
+            yield self.batch(self.drawn - 1)
+
+
+VIEW_CACHE_IMAGES = 512  # decoded images a ViewStream keeps (about 0.6 MB each at 448 pixels on the short side)
 
 
 # Random views that fill a calibration folder up to --calib-samples: a crop of at least this share of

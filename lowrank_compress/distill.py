@@ -11,6 +11,14 @@ the same per-channel standardization. Few inputs overfit fast, so image batches 
 and the iterate with the lowest held-out output metric is kept: the result is never worse than
 the start on the held-out inputs.
 
+Fresh inputs beat augmented copies of the same few (``stream``): on EfficientNet-Lite0 at
+``--target-params 0.5``, 300 steps of 32 new random crops of the calibration photos each lowered
+the KL to the original on other crops from 0.054 to 0.038, while random crops of the 256 stored
+calibration crops themselves (crops of crops) ended worse than the start (0.060). ``lrc compress
+--calib FOLDER`` therefore distills on new random views of the folder's images
+(:func:`lowrank_compress.data.view_stream`), and ``compress(..., distill_inputs=...)`` takes any
+iterable of input batches, such as a DataLoader with a training transform.
+
 How long (``distill_steps`` None, the default): :func:`auto_schedule` runs up to
 :data:`MAX_STEPS` steps, at most :data:`MAX_EPOCHS` passes over the calibration inputs, and only
 as many as fit a compute budget (:data:`FLOP_BUDGET`, about a minute on the device the model is
@@ -22,7 +30,7 @@ by default (one step of 64 crops costs more than the budget), and ``distill_step
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .errors import UsageError
 from .modelrun import batch_size, call_model, output_tensors, padding_mask
 from .sensitivity import output_metric
 from .layers import low_rank_modules
@@ -53,6 +62,8 @@ class DistillReport:
     steps: int
     batch_size: int = 0
     schedule: str = ""
+    lr: float = 0.0
+    inputs: str = "calibration inputs, flipped and mixed up"
 
 
 @dataclass(frozen=True)
@@ -69,10 +80,13 @@ def batch_size_for(samples: int) -> int:
     return max(1, min(64, samples // 8))
 
 
-def auto_schedule(samples: int, sample_flops: float, device_type: str, requested: int | None) -> Schedule:
+def auto_schedule(samples: int, sample_flops: float, device_type: str, requested: int | None,
+                  fresh: bool = False) -> Schedule:
     """The steps to run: ``requested`` when given, else the automatic schedule (module docstring).
 
     ``sample_flops``: one teacher forward plus one student forward and backward, per sample.
+    ``fresh``: the training batches are new inputs (a stream), so passes over the calibration
+    inputs do not bound the steps.
     """
     batch = batch_size_for(samples)
     if requested is not None:
@@ -80,8 +94,9 @@ def auto_schedule(samples: int, sample_flops: float, device_type: str, requested
     per_epoch = max(1, math.ceil(samples * 3 / 4 / batch))
     budget = FLOP_BUDGET.get(device_type, FLOP_BUDGET["cpu"])
     by_flops = int(budget // max(batch * sample_flops, 1.0))
-    limits = {"max steps": MAX_STEPS, f"{MAX_EPOCHS} passes over the inputs": MAX_EPOCHS * per_epoch,
-              f"compute budget {budget / 1e12:g} TFLOP": by_flops}
+    limits = {"max steps": MAX_STEPS, f"compute budget {budget / 1e12:g} TFLOP": by_flops}
+    if not fresh:
+        limits[f"{MAX_EPOCHS} passes over the inputs"] = MAX_EPOCHS * per_epoch
     bound = min(limits, key=limits.get)
     steps = limits[bound]
     if steps < MIN_STEPS:
@@ -103,6 +118,21 @@ def _augment(batch: Any, gen: torch.Generator) -> Any:
     lam = torch.maximum(lam, 1 - lam)[:, None, None, None]
     partner = torch.randperm(x.shape[0], generator=gen)
     return lam * x + (1 - lam) * x[partner]
+
+
+def _training_batches(train: Sequence[Any], stream: Iterable[Any] | None, gen: torch.Generator) -> Iterator[Any]:
+    """Endless training batches: augmented draws from ``train``, or ``stream`` taken as it comes,
+    iterated again when it ends (a DataLoader starts a new epoch)."""
+    if stream is None:
+        while True:
+            yield _augment(train[int(torch.randint(len(train), (1,), generator=gen))], gen)
+    while True:
+        empty = True
+        for batch in stream:
+            empty = False
+            yield batch
+        if empty:
+            raise UsageError("the distillation inputs (distill_inputs) yielded no batch")
 
 
 def _loss(student: list[torch.Tensor], teacher: list[torch.Tensor], metric: str, scales: list[torch.Tensor],
@@ -160,14 +190,24 @@ class _Features:
 def distill(model: nn.Module, teacher: nn.Module, batches: Sequence[Any], metric: str, steps: int,
             lr: float = LEARNING_RATE, seed: int = 0, eval_every: int = 25, patience: int = 8,
             features: dict[str, bool] | None = None, feature_weight: float = 0.0,
-            held_out: Sequence[Any] | None = None) -> DistillReport:
+            held_out: Sequence[Any] | None = None, stream: Iterable[Any] | None = None) -> DistillReport:
     """Train the factors of ``model`` in place against ``teacher`` on ``batches`` (see the module docstring).
 
     ``features``: names of modules (present in both models) whose outputs are matched too, each
     mapped to whether its channels are on the last axis; ``feature_weight`` weighs that loss.
     ``held_out``: the batches of the held-out check; by default every fourth of ``batches``.
+    ``stream``: training batches to use instead of augmented ``batches`` (fresh inputs, taken as
+    they come and iterated again when exhausted); its first batches, as many as ``held_out`` has,
+    become the held-out check. ``lr``: Adam's step relative to each factor's RMS.
     """
     train, held = (list(batches), list(held_out)) if held_out else split_held_out(batches)
+    gen = torch.Generator().manual_seed(seed)
+    draws = _training_batches(train, stream, gen)
+    if stream is not None and steps > 0:
+        # The check runs on inputs that neither the fits nor these steps saw: the stream's first
+        # batches, as many as were held out. Calibration samples that the per-layer fits were made
+        # on favour the start.
+        held = [next(draws) for _ in held]
     features = features if feature_weight > 0 else {}
     t_run, s_run = _Features(teacher, features or {}), _Features(model, features or {})
     held_ref, held_rows = [], {n: [] for n in features or {}}
@@ -190,8 +230,10 @@ def distill(model: nn.Module, teacher: nn.Module, batches: Sequence[Any], metric
 
     start = held_metric()
     params = [p for m in low_rank_modules(model) for p in m.parameters() if p.is_floating_point()]
+    inputs = ("calibration inputs, flipped and mixed up" if stream is None
+              else getattr(stream, "description", "new inputs from distill_inputs"))
     if not params or steps <= 0 or not math.isfinite(start):
-        return DistillReport(metric, start, start, 0, batch_size(batches[0]))
+        return DistillReport(metric, start, start, 0, batch_size(batches[0]), lr=lr, inputs=inputs)
     frozen = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in params)]
     for p in frozen:
         p.requires_grad_(False)
@@ -201,13 +243,14 @@ def distill(model: nn.Module, teacher: nn.Module, batches: Sequence[Any], metric
 
     opt = rms_adam(params, lr)
     schedule = CosineLRScheduler(opt, t_initial=steps, warmup_t=min(10, steps // 10), warmup_lr_init=0.0, lr_min=0.0)
-    gen = torch.Generator().manual_seed(seed)
     kept, done = BestIterate(params, start, patience), 0
     was_training = model.training
     model.eval()  # BatchNorm statistics and dropout stay as in the original
+    size = batch_size(batches[0])
     try:
         for step in range(steps):
-            batch = _augment(train[int(torch.randint(len(train), (1,), generator=gen))], gen)
+            batch = next(draws)
+            size = batch_size(batch)
             with torch.no_grad():
                 target = t_run(batch)
             opt.zero_grad(set_to_none=True)
@@ -230,5 +273,5 @@ def distill(model: nn.Module, teacher: nn.Module, batches: Sequence[Any], metric
         for p in frozen:
             p.requires_grad_(True)
         model.train(was_training)
-    return DistillReport(metric, start, kept.best, done, batch_size(batches[0]))
+    return DistillReport(metric, start, kept.best, done, size, lr=lr, inputs=inputs)
 

@@ -14,7 +14,7 @@ from .io.opening import open_model
 from .io.records import LoadedModel
 from .compress import compress
 from .config import CompressConfig, CompressReport, ProgressFn
-from .modelrun import call_model, model_dtype, output_tensors, padding_mask
+from .modelrun import batch_size, call_model, model_dtype, output_tensors, padding_mask
 from .sensitivity import output_metric
 from .errors import BudgetExceeded, LrcError, UsageError
 from .io.files import atomic_output, check_writable
@@ -122,8 +122,17 @@ def run_compress(job: CompressJob, progress: ProgressFn | None = None, raise_on_
     check = calibration[:4] if calibration else [example if loaded.hf is not None else torch.randn((8, *shape[1:]), generator=gen).to(dtype)]
     # The original's outputs, not a copy of the original: a copy would double the peak memory.
     references = _model_outputs(model, check)
+    distill_inputs = None
+    if calibration and loaded.hf is None and job.config.distill_steps != 0 and Path(job.calib).is_dir():
+        # Distillation trains on new random views of the folder's images, not on the stored ones.
+        from .data import ViewStream
+        from .distill import batch_size_for
+
+        samples = sum(batch_size(b) for b in calibration)
+        distill_inputs = ViewStream(job.calib, shape, loaded.data_config, job.config.calib_samples,
+                                    batch_size_for(samples), seed=job.config.seed + 1)
     model, report = compress(model, job.config, example, calibration=calibration, progress=progress,
-                             curves=job.plot_path is not None, timing_cache=timings)
+                             curves=job.plot_path is not None, timing_cache=timings, distill_inputs=distill_inputs)
     if timings is not None:
         save_timing_cache(timings, job.timing_cache)
     report.output_error = _error_against(references, model, check)
