@@ -15,8 +15,8 @@ Fresh inputs beat augmented copies of the same few (``stream``): on EfficientNet
 ``--target-params 0.5``, 300 steps of 32 new random crops of the calibration photos each lowered
 the KL to the original on other crops from 0.054 to 0.038, while random crops of the 256 stored
 calibration crops themselves (crops of crops) ended worse than the start (0.060). ``lrc compress
---calib FOLDER`` therefore distills on new random views of the folder's images
-(:func:`lowrank_compress.data.view_stream`), and ``compress(..., distill_inputs=...)`` takes any
+--calib FOLDER`` therefore distills on new random views of the folder's images when it has fewer
+than ``--calib-samples`` (:class:`lowrank_compress.data.ViewStream`), and ``compress(..., distill_inputs=...)`` takes any
 iterable of input batches, such as a DataLoader with a training transform.
 
 How long (``distill_steps`` None, the default): :func:`auto_schedule` runs up to

@@ -124,13 +124,14 @@ def run_compress(job: CompressJob, progress: ProgressFn | None = None, raise_on_
     references = _model_outputs(model, check)
     distill_inputs = None
     if calibration and loaded.hf is None and job.config.distill_steps != 0 and Path(job.calib).is_dir():
-        # Distillation trains on new random views of the folder's images, not on the stored ones.
+        # A folder of fewer images than --calib-samples was filled up with random views of them:
+        # distillation then trains on new views each step instead of on those stored.
         from .data import ViewStream
         from .distill import batch_size_for
 
-        samples = sum(batch_size(b) for b in calibration)
-        distill_inputs = ViewStream(job.calib, shape, loaded.data_config, job.config.calib_samples,
-                                    batch_size_for(samples), seed=job.config.seed + 1)
+        views = ViewStream(job.calib, shape, loaded.data_config, job.config.calib_samples,
+                           batch_size_for(sum(batch_size(b) for b in calibration)), seed=job.config.seed + 1)
+        distill_inputs = views if len(views.files) < job.config.calib_samples else None
     model, report = compress(model, job.config, example, calibration=calibration, progress=progress,
                              curves=job.plot_path is not None, timing_cache=timings, distill_inputs=distill_inputs)
     if timings is not None:

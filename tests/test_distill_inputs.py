@@ -122,17 +122,21 @@ def test_a_view_stream_draws_new_views_of_the_folder_reproducibly(tmp_path):
     assert "3 images" in stream.description
 
 
-def test_lrc_compress_distills_on_views_of_a_calibration_folder(tmp_path, run_cli):
+@pytest.mark.parametrize("samples", [64, 24])
+def test_lrc_compress_distills_on_views_of_a_calibration_folder_of_fewer_images(tmp_path, run_cli, samples):
+    # 24 images: with --calib-samples 64 they were filled up with views, and distillation draws new
+    # views; with 24 they are the calibration set, and distillation trains on them.
     from lowrank_compress.examples.digits import bundled_checkpoint_path, load_digits_split, write_image_folder
 
     x, y = load_digits_split()[:2]
     folder = write_image_folder(tmp_path, x[:24], y[:24], "calib")
     result = run_cli("compress", bundled_checkpoint_path(), "--rank", "4", "--refine-steps", "5", "--block-steps", "0",
-                     "--calib", folder, "--calib-samples", "64", "--distill-steps", "30", "--distill-lr", "0.05",
+                     "--calib", folder, "--calib-samples", str(samples), "--distill-steps", "30", "--distill-lr", "0.05",
                      "-o", tmp_path / "c.lrc.safetensors", "--json", tmp_path / "r.json", "--quiet")
     assert result.code == 0, result.err
     distilled = json.loads((tmp_path / "r.json").read_text())["distillation"]
-    assert distilled["inputs"] == f"new random views of the 24 images in {folder}"
+    views = f"new random views of the 24 images in {folder}"
+    assert distilled["inputs"] == (views if samples == 64 else "calibration inputs, flipped and mixed up")
     assert distilled["schedule"] == "requested" and 0 < distilled["steps"] <= 30
-    assert distilled["lr"] == 0.05 and distilled["batch_size"] == 8
+    assert distilled["lr"] == 0.05 and distilled["batch_size"] == (8 if samples == 64 else 3)
     assert distilled["after"] <= distilled["before"]
