@@ -165,9 +165,10 @@ def by_margin(agree: torch.Tensor, margin: torch.Tensor) -> dict[str, float]:
 
 def bench_cnn(variants: list[str], quick: bool, seed: int, log, budgets: tuple[float, ...] = CNN_BUDGETS,
               partial=None, calibration: str = "natural", calib_samples: int | None = None,
-              noise_floor: bool = False, views: Path | None = None) -> dict[str, Any]:
+              noise_floor: bool = False, views: Path | None = None, view_scale: float | None = None) -> dict[str, Any]:
     """``views``: a folder to write the calibration photos to, whose new random views
-    (``lrc compress --calib FOLDER``'s ``ViewStream``) the network-aware column distills on."""
+    (``lrc compress --calib FOLDER``'s ``ViewStream``, each at least ``view_scale`` of a photo's area;
+    default: as ``lrc`` draws them) the network-aware column distills on."""
     n_eval, n_calib = SIZES["cnn"]["quick" if quick else "full"]
     n_calib = calib_samples or n_calib
     original = data.load_efficientnet_lite0()
@@ -206,7 +207,7 @@ def bench_cnn(variants: list[str], quick: bool, seed: int, log, budgets: tuple[f
             log(f"cnn weight noise {r['level']}: KL {r['kl']:.4f}, agreement {r['top1_agreement']:.3f}")
     stream = None
     if views is not None:
-        from lowrank_compress.data import ViewStream
+        from lowrank_compress.data import DISTILL_VIEW_MIN_SCALE, ViewStream
         from lowrank_compress.distill import batch_size_for
         from PIL import Image
 
@@ -214,14 +215,16 @@ def bench_cnn(variants: list[str], quick: bool, seed: int, log, budgets: tuple[f
         for i, photo in enumerate(calib_photos):
             Image.fromarray(data._photo(photo)).save(views / f"{i:02d}.png")
         config = {"mean": (0.5,) * 3, "std": (0.5,) * 3, "interpolation": "bicubic", "crop_pct": 1.0}
-        block["distill_inputs"] = f"random views of the {len(calib_photos)} calibration photos (ViewStream)"
+        view_scale = view_scale or DISTILL_VIEW_MIN_SCALE
+        block["distill_inputs"] = (f"random views (at least {view_scale} of the area) of the {len(calib_photos)} "
+                                   "calibration photos (ViewStream)")
     for budget in budgets:
         results: dict[str, Any] = {}
         rows.append({"budget": f"--target-params {budget}", "target_params": budget, "results": results})
         for variant in variants:
             if views is not None:  # a new stream per run: every run draws the same views
                 stream = ViewStream(views, (1, 3, data.IMAGE_SIZE, data.IMAGE_SIZE), config, len(calib_photos),
-                                    batch_size_for(n_calib), seed=seed + 1)
+                                    batch_size_for(n_calib), seed=seed + 1, min_scale=view_scale)
             model, info = run_variant(original, variant, {"target_params": budget}, example, calib, seed, stream)
             results[variant] = {**measure(model), **info}
             log(f"cnn target_params={budget} {variant}: agreement {results[variant]['top1_agreement']:.3f}, "
@@ -392,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cnn-distill-views", type=Path, metavar="DIR",
                         help="write the CNN's calibration photos to DIR and distill the network-aware column on new "
                              "random views of them, as `lrc compress --calib DIR` does (with --set distill_steps=N)")
+    parser.add_argument("--cnn-view-scale", type=float,
+                        help="with --cnn-distill-views: the smallest view's share of a photo's area (default: lrc's)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -444,7 +449,8 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         if key == "cnn":
             results[key] = bench_cnn(variants, args.quick, args.seed, log, budgets, partial, args.cnn_calibration,
-                                     args.calib_samples, args.noise_floor, args.cnn_distill_views)
+                                     args.calib_samples, args.noise_floor, args.cnn_distill_views,
+                                     args.cnn_view_scale)
         else:
             results[key] = bench_encoder(variants, args.quick, args.seed, log, partial, args.calib_samples,
                                          policies, args.encoder_calibration, args.noise_floor)

@@ -390,41 +390,58 @@ def image_tensors(
     return torch.stack(tensors)
 
 
+# Random views that fill a calibration folder up to --calib-samples: a crop of at least this share of
+# the image's area (aspect 3/4–4/3), resized to the input, flipped half the time; larger than the
+# 0.08 of ImageNet training, so that views stay close to the whole images a model is evaluated on.
+# Why views: on EfficientNet-Lite0 at --target-params 0.5, calibrating on 64 → 256 → 512 random crops
+# of 5 photos lowered the KL to the original on 128 other crops of them 0.092 → 0.052 → 0.044.
+VIEW_MIN_SCALE = 0.25
+# The views distillation trains on (lrc compress --calib FOLDER of fewer images than --calib-samples).
+DISTILL_VIEW_MIN_SCALE = VIEW_MIN_SCALE
+
+# Decoded, downscaled images a ViewStream keeps: 128 M pixels, 384 MB as RGB.
+VIEW_CACHE_PIXELS = 128 * 2**20
+
+
 class ViewStream:
     """Endless batches of new random views of a calibration folder's images, for distillation.
 
     The images are those :func:`image_tensors` reads (up to ``samples``, evenly spaced); each view
-    is a crop of at least :data:`VIEW_MIN_SCALE` of an image's area, resized to the input and
+    is a crop of at least ``min_scale`` of an image's area, resized to the input and
     flipped half the time (:func:`train_transform`), of an image drawn at random. Batch ``k`` is a
     function of (``seed``, ``k``) alone, and the global random state is left as it was. Iterating
-    continues where the last iteration stopped. Up to :data:`VIEW_CACHE_IMAGES` images stay
-    decoded, downscaled so that the smallest view keeps the input's resolution.
+    continues where the last iteration stopped. Images stay decoded, up to :data:`VIEW_CACHE_PIXELS`
+    in all, downscaled so that the smallest view keeps the input's resolution.
     """
 
     def __init__(self, path: str | Path, input_shape: Sequence[int], config: dict[str, Any], samples: int,
-                 batch_size: int, seed: int = 0) -> None:
+                 batch_size: int, seed: int = 0, min_scale: float = VIEW_MIN_SCALE) -> None:
         if batch_size < 1:
             raise UsageError(f"the view batch size must be positive, got {batch_size}")
+        if not 0 < min_scale <= 1:
+            raise UsageError(f"the smallest view's share of an image must be in (0, 1], got {min_scale}")
         self.files = _calibration_files(path, samples)
         resolved = complete_data_config(config, input_shape)
         self.channels = resolved["input_size"][0]
-        self.transform = train_transform(resolved, min_crop_scale=VIEW_MIN_SCALE)
-        self.side = math.ceil(max(resolved["input_size"][1:]) / math.sqrt(VIEW_MIN_SCALE))
+        self.transform = train_transform(resolved, min_crop_scale=min_scale)
+        self.side = math.ceil(max(resolved["input_size"][1:]) / math.sqrt(min_scale))
         self.batch_size, self.seed, self.drawn = batch_size, seed, 0
         self.description = f"new random views of the {len(self.files)} images in {path}"
         self._cache: dict[int, Image.Image] = {}
+        self._pixels = 0
 
     def _image(self, index: int) -> Image.Image:
         image = self._cache.get(index)
         if image is None:
             image = read_image(self.files[index], self.channels)
             short = min(image.size)
-            if short > self.side:  # a view of VIEW_MIN_SCALE of the area still has the input's size
+            if short > self.side:  # a view of min_scale of the area still has the input's size
                 scale = self.side / short
                 image = image.resize((max(1, round(image.size[0] * scale)), max(1, round(image.size[1] * scale))),
                                      Image.BICUBIC, reducing_gap=2.0)
-            if len(self._cache) < VIEW_CACHE_IMAGES:
+            if self._pixels + image.size[0] * image.size[1] <= VIEW_CACHE_PIXELS:
                 self._cache[index] = image
+                self._pixels += image.size[0] * image.size[1]
         return image
 
     def batch(self, number: int) -> torch.Tensor:
@@ -447,12 +464,3 @@ class ViewStream:
             yield self.batch(self.drawn - 1)
 
 
-VIEW_CACHE_IMAGES = 512  # decoded images a ViewStream keeps (about 0.6 MB each at 448 pixels on the short side)
-
-
-# Random views that fill a calibration folder up to --calib-samples: a crop of at least this share of
-# the image's area (aspect 3/4–4/3), resized to the input, flipped half the time; larger than the
-# 0.08 of ImageNet training, so that views stay close to the whole images a model is evaluated on.
-# Why views: on EfficientNet-Lite0 at --target-params 0.5, calibrating on 64 → 256 → 512 random crops
-# of 5 photos lowered the KL to the original on 128 other crops of them 0.092 → 0.052 → 0.044.
-VIEW_MIN_SCALE = 0.25

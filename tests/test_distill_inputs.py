@@ -120,6 +120,13 @@ def test_a_view_stream_draws_new_views_of_the_folder_reproducibly(tmp_path):
     # a decoded image is kept downscaled: a view of a quarter of its area still has 32 pixels a side
     assert stream._cache and all(min(image.size) == 64 for image in stream._cache.values())
     assert "3 images" in stream.description
+    # the smallest view sets how far an image may be downscaled: a tenth of the area needs 102 pixels
+    wide = ViewStream(tmp_path / "photos", shape, config, 8, 4, seed=3, min_scale=0.1)
+    wide.batch(0)
+    assert all(min(image.size) == 102 for image in wide._cache.values())
+    for bad in (0.0, 1.5):
+        with pytest.raises(UsageError, match="smallest view"):
+            ViewStream(tmp_path / "photos", shape, config, 8, 4, min_scale=bad)
 
 
 @pytest.mark.parametrize("samples", [64, 24])
