@@ -207,7 +207,7 @@ def bench_cnn(variants: list[str], quick: bool, seed: int, log, budgets: tuple[f
             log(f"cnn weight noise {r['level']}: KL {r['kl']:.4f}, agreement {r['top1_agreement']:.3f}")
     stream = None
     if views is not None:
-        from lowrank_compress.data import DISTILL_VIEW_MIN_SCALE, ViewStream
+        from lowrank_compress.views import DISTILL_VIEW_MIN_SCALE, ViewStream
         from lowrank_compress.distill import batch_size_for
         from PIL import Image
 

@@ -62,9 +62,7 @@ class _Targets:
     stats: ResponseStats  # of the original responses (for rank allocation)
 
 
-def _original_pass(
-    original: nn.Module, sites: list[LayerSite], batches: list[Any], seed: int
-) -> dict[str, _Targets]:
+def _original_pass(original: nn.Module, sites: list[LayerSite], batches: list[Any], seed: int) -> dict[str, _Targets]:
     """One pass over the original model: reservoir positions, targets and response statistics."""
     gen = torch.Generator().manual_seed(seed + 7)
     # Each batch's share of the reservoir follows its real samples (tokens, when padded), so that
@@ -231,9 +229,8 @@ def calibrated_compress(
     comparison; the asymmetric default is what works). ``observer(name, inputs, targets)`` sees
     each layer's reservoir: input rows (P, d) and target rows σ(z) (P, m). ``swaps`` records the
     replacements (:class:`lowrank_compress.compress.ModuleSwaps`) so that a caller can undo them.
-    ``distill_inputs``: batches for distillation to train on instead of the calibration inputs
-    (:func:`lowrank_compress.distill.distill`'s ``stream``). Returns the layer reports, the skipped
-    layers and the run-level report fields.
+    ``distill_inputs``: distillation's ``stream`` (:func:`lowrank_compress.distill.distill`).
+    Returns the layer reports, the skipped layers and the run-level report fields.
     """
     state, the_plan = prepare_calibrated(model, sites, config, example_inputs, list(calibration), timing_cache)
     clock = _Clock(dict(state.seconds))
@@ -334,9 +331,8 @@ def calibrated_compress(
 
 
 def _distill(model: nn.Module, original: nn.Module, batches: list[Any], split: tuple[list[Any], list[Any]],
-             blocks: list[Block], todo: list[LayerSite],
-             once: set[str], metric: str, config: CompressConfig, progress: ProgressFn | None,
-             stream: Iterable[Any] | None = None) -> DistillReport:
+             blocks: list[Block], todo: list[LayerSite], once: set[str], metric: str, config: CompressConfig,
+             progress: ProgressFn | None, stream: Iterable[Any] | None = None) -> DistillReport:
     """Label-free distillation after the fits, for the requested or the automatic number of steps."""
     samples = sum(batch_size(b) for b in batches)
     sample_flops = 0.0  # only the automatic schedule reads it: two counting passes saved otherwise
@@ -352,8 +348,8 @@ def _distill(model: nn.Module, original: nn.Module, batches: list[Any], split: t
         found = blocks or _blocks(model, todo, batches[0], once, config)
         features = {b.name: b.channels_last for b in found}
     train, held = split
-    lr = LEARNING_RATE if config.distill_lr is None else config.distill_lr
-    report = distill(model, original, train, metric, schedule.steps, lr=lr, seed=config.seed, features=features,
+    report = distill(model, original, train, metric, schedule.steps, seed=config.seed, features=features,
+                     lr=LEARNING_RATE if config.distill_lr is None else config.distill_lr,
                      feature_weight=config.distill_features, held_out=held, stream=stream)
     report.schedule = schedule.reason
     return report

@@ -126,7 +126,7 @@ def run_compress(job: CompressJob, progress: ProgressFn | None = None, raise_on_
     if calibration and loaded.hf is None and job.config.distill_steps != 0 and Path(job.calib).is_dir():
         # A folder of fewer images than --calib-samples was filled up with random views of them:
         # distillation then trains on new views each step instead of on those stored.
-        from .data import DISTILL_VIEW_MIN_SCALE, ViewStream
+        from .views import DISTILL_VIEW_MIN_SCALE, ViewStream
         from .distill import batch_size_for
 
         views = ViewStream(job.calib, shape, loaded.data_config, job.config.calib_samples,

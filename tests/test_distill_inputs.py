@@ -1,5 +1,5 @@
 """Distillation on new inputs (``compress(..., distill_inputs=...)``, ``lrc compress --calib FOLDER``)
-and the random views of an image folder that feed it (``data.ViewStream``)."""
+and the random views of an image folder that feed it (``views.ViewStream``)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from PIL import Image
 from torch import nn
 
 from lowrank_compress import CompressConfig, compress
-from lowrank_compress.data import ViewStream
+from lowrank_compress.views import ViewStream
 from lowrank_compress.errors import UsageError
 
 
@@ -138,7 +138,8 @@ def test_lrc_compress_distills_on_views_of_a_calibration_folder_of_fewer_images(
     x, y = load_digits_split()[:2]
     folder = write_image_folder(tmp_path, x[:24], y[:24], "calib")
     result = run_cli("compress", bundled_checkpoint_path(), "--rank", "4", "--refine-steps", "5", "--block-steps", "0",
-                     "--calib", folder, "--calib-samples", str(samples), "--distill-steps", "30", "--distill-lr", "0.05",
+                     "--calib", folder, "--calib-samples", str(samples), "--distill-steps", "30",
+                     "--distill-lr", "0.05",
                      "-o", tmp_path / "c.lrc.safetensors", "--json", tmp_path / "r.json", "--quiet")
     assert result.code == 0, result.err
     distilled = json.loads((tmp_path / "r.json").read_text())["distillation"]

@@ -1,0 +1,91 @@
+"""New random views of a calibration folder's images, batch after batch, for distillation.
+
+Distillation on a few stored inputs overfits them; new views each step do not (see
+:mod:`lowrank_compress.distill`). ``lrc compress --calib FOLDER`` uses :class:`ViewStream` when the
+folder has fewer images than ``--calib-samples``, the case where calibration was filled up with
+views of them.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .data import VIEW_MIN_SCALE, calibration_files, complete_data_config, read_image, train_transform
+from .errors import UsageError
+
+# The smallest view distillation trains on, as a share of an image's area.
+DISTILL_VIEW_MIN_SCALE = VIEW_MIN_SCALE
+
+# Decoded, downscaled images a ViewStream keeps: 128 M pixels, 384 MB as RGB.
+VIEW_CACHE_PIXELS = 128 * 2**20
+
+
+class ViewStream:
+    """Endless batches of new random views of a calibration folder's images, for distillation.
+
+    The images are those :func:`image_tensors` reads (up to ``samples``, evenly spaced); each view
+    is a crop of at least ``min_scale`` of an image's area, resized to the input and
+    flipped half the time (:func:`train_transform`), of an image drawn at random. Batch ``k`` is a
+    function of (``seed``, ``k``) alone, and the global random state is left as it was. Iterating
+    continues where the last iteration stopped. Images stay decoded, up to :data:`VIEW_CACHE_PIXELS`
+    in all, downscaled so that the smallest view keeps the input's resolution.
+    """
+
+    def __init__(self, path: str | Path, input_shape: Sequence[int], config: dict[str, Any], samples: int,
+                 batch_size: int, seed: int = 0, min_scale: float = VIEW_MIN_SCALE) -> None:
+        if batch_size < 1:
+            raise UsageError(f"the view batch size must be positive, got {batch_size}")
+        if not 0 < min_scale <= 1:
+            raise UsageError(f"the smallest view's share of an image must be in (0, 1], got {min_scale}")
+        self.files = calibration_files(path, samples)
+        resolved = complete_data_config(config, input_shape)
+        self.channels = resolved["input_size"][0]
+        self.transform = train_transform(resolved, min_crop_scale=min_scale)
+        self.side = math.ceil(max(resolved["input_size"][1:]) / math.sqrt(min_scale))
+        self.batch_size, self.seed, self.drawn = batch_size, seed, 0
+        self.description = f"new random views of the {len(self.files)} images in {path}"
+        self._cache: dict[int, Image.Image] = {}
+        self._pixels = 0
+
+    def _image(self, index: int) -> Image.Image:
+        image = self._cache.get(index)
+        if image is None:
+            image = read_image(self.files[index], self.channels)
+            short = min(image.size)
+            if short > self.side:  # a view of min_scale of the area still has the input's size
+                scale = self.side / short
+                image = image.resize((max(1, round(image.size[0] * scale)), max(1, round(image.size[1] * scale))),
+                                     Image.BICUBIC, reducing_gap=2.0)
+            if self._pixels + image.size[0] * image.size[1] <= VIEW_CACHE_PIXELS:
+                self._cache[index] = image
+                self._pixels += image.size[0] * image.size[1]
+        return image
+
+    def batch(self, number: int) -> torch.Tensor:
+        """Batch ``number`` of the stream: (batch_size, C, H, W) float32."""
+        rng = np.random.default_rng([self.seed, number])
+        picks = rng.integers(len(self.files), size=self.batch_size)
+        sample_seed = int(rng.integers(2**62))
+        python_state = random.getstate()
+        with torch.random.fork_rng(devices=[]):  # torchvision's random transforms read the global RNGs
+            torch.manual_seed(sample_seed)
+            random.seed(sample_seed)
+            try:
+                return torch.stack([self.transform(self._image(int(i))) for i in picks])
+            finally:
+                random.setstate(python_state)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        while True:
+            self.drawn += 1
+            yield self.batch(self.drawn - 1)
+
+
