@@ -108,22 +108,26 @@ def test_a_view_stream_draws_new_views_of_the_folder_reproducibly(tmp_path):
     _photos(tmp_path / "photos", 3, (300, 200))
     shape, config = (1, 3, 32, 32), {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
     state = torch.random.get_rng_state()
-    stream = ViewStream(tmp_path / "photos", shape, config, samples=8, batch_size=4, seed=3)
+    stream = ViewStream(tmp_path / "photos", shape, config, samples=8, batch_size=4, seed=3, min_scale=0.25)
     first = [b for _, b in zip(range(3), stream)]
     assert torch.equal(torch.random.get_rng_state(), state)  # the global generator is left alone
     assert all(b.shape == (4, 3, 32, 32) and b.dtype == torch.float32 for b in first)
     assert all(-1.0 <= float(b.min()) and float(b.max()) <= 1.0 for b in first)  # normalized by mean/std 0.5
     assert not torch.equal(first[0], first[1]) and not torch.equal(first[1], first[2])
     # iterating again continues; batch k depends on (seed, k) alone
-    assert torch.equal(next(iter(stream)), ViewStream(tmp_path / "photos", shape, config, 8, 4, seed=3).batch(3))
-    assert not torch.equal(first[0], ViewStream(tmp_path / "photos", shape, config, 8, 4, seed=4).batch(0))
+    again = ViewStream(tmp_path / "photos", shape, config, 8, 4, seed=3, min_scale=0.25)
+    assert torch.equal(next(iter(stream)), again.batch(3))
+    other = ViewStream(tmp_path / "photos", shape, config, 8, 4, seed=4, min_scale=0.25)
+    assert not torch.equal(first[0], other.batch(0))
     # a decoded image is kept downscaled: a view of a quarter of its area still has 32 pixels a side
     assert stream._cache and all(min(image.size) == 64 for image in stream._cache.values())
     assert "3 images" in stream.description
-    # the smallest view sets how far an image may be downscaled: a tenth of the area needs 102 pixels
-    wide = ViewStream(tmp_path / "photos", shape, config, 8, 4, seed=3, min_scale=0.1)
-    wide.batch(0)
-    assert all(min(image.size) == 102 for image in wide._cache.values())
+    # the smallest view sets how far an image may be downscaled: a tenth of the area needs 102 pixels,
+    # the default (ImageNet training's 0.08) 114
+    for scale, side in ((0.1, 102), (None, 114)):
+        wide = ViewStream(tmp_path / "photos", shape, config, 8, 4, seed=3, **({"min_scale": scale} if scale else {}))
+        wide.batch(0)
+        assert wide._cache and all(min(image.size) == side for image in wide._cache.values())
     for bad in (0.0, 1.5):
         with pytest.raises(UsageError, match="smallest view"):
             ViewStream(tmp_path / "photos", shape, config, 8, 4, min_scale=bad)
