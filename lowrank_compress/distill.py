@@ -30,6 +30,7 @@ by default (one step of 64 crops costs more than the budget), and ``distill_step
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -122,18 +123,23 @@ def _augment(batch: Any, gen: torch.Generator) -> Any:
 
 
 def _training_batches(train: Sequence[Any], stream: Iterable[Any] | None, gen: torch.Generator) -> Iterator[Any]:
-    """Endless training batches: augmented draws from ``train``, or ``stream`` taken as it comes,
-    iterated again when it ends (a DataLoader starts a new epoch)."""
+    """Training batches: augmented draws from ``train`` without end, or ``stream`` taken as it
+    comes, iterated again when it ends (a DataLoader starts a new epoch); a one-shot iterator that
+    has run out ends them."""
     if stream is None:
         while True:
             yield _augment(train[int(torch.randint(len(train), (1,), generator=gen))], gen)
+    passes = 0
     while True:
         empty = True
         for batch in stream:
             empty = False
             yield batch
-        if empty:
+        if empty and passes == 0:
             raise UsageError("the distillation inputs (distill_inputs) yielded no batch")
+        if empty:
+            return
+        passes += 1
 
 
 def _loss(student: list[torch.Tensor], teacher: list[torch.Tensor], metric: str, scales: list[torch.Tensor],
@@ -198,8 +204,9 @@ def distill(model: nn.Module, teacher: nn.Module, batches: Sequence[Any], metric
     mapped to whether its channels are on the last axis; ``feature_weight`` weighs that loss.
     ``held_out``: the batches of the held-out check; by default every fourth of ``batches``.
     ``stream``: training batches to use instead of augmented ``batches`` (fresh inputs, taken as
-    they come and iterated again when exhausted); its first batches, as many as ``held_out`` has,
-    become the held-out check. ``lr``: Adam's step relative to each factor's RMS.
+    they come and iterated again when exhausted; a one-shot iterator that runs out ends the steps);
+    its first batches, as many as ``held_out`` has, become the held-out check. ``lr``: Adam's step
+    relative to each factor's RMS.
     """
     train, held = (list(batches), list(held_out)) if held_out else split_held_out(batches)
     gen = torch.Generator().manual_seed(seed)
@@ -208,7 +215,10 @@ def distill(model: nn.Module, teacher: nn.Module, batches: Sequence[Any], metric
         # The check runs on inputs that neither the fits nor these steps saw: the stream's first
         # batches, as many as were held out. Calibration samples that the per-layer fits were made
         # on favour the start.
-        held = [next(draws) for _ in held]
+        wanted, held = len(held), list(itertools.islice(draws, len(held)))
+        if len(held) < wanted:
+            raise UsageError(f"the distillation inputs (distill_inputs) yielded {len(held)} batches; "
+                             f"its held-out check alone takes {wanted}")
     features = features if feature_weight > 0 else {}
     t_run, s_run = _Features(teacher, features or {}), _Features(model, features or {})
     held_ref, held_rows = [], {n: [] for n in features or {}}
@@ -250,7 +260,9 @@ def distill(model: nn.Module, teacher: nn.Module, batches: Sequence[Any], metric
     size = batch_size(batches[0])
     try:
         for step in range(steps):
-            batch = next(draws)
+            batch = next(draws, None)
+            if batch is None:  # a one-shot iterator ran out
+                break
             size = batch_size(batch)
             with torch.no_grad():
                 target = t_run(batch)

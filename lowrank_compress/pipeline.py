@@ -123,7 +123,8 @@ def run_compress(job: CompressJob, progress: ProgressFn | None = None, raise_on_
     # The original's outputs, not a copy of the original: a copy would double the peak memory.
     references = _model_outputs(model, check)
     distill_inputs = None
-    if calibration and loaded.hf is None and job.config.distill_steps != 0 and Path(job.calib).is_dir():
+    if (calibration and loaded.hf is None and job.config.distill_steps != 0 and job.calib != "gaussian"
+            and Path(job.calib).is_dir()):
         # A folder of fewer images than --calib-samples was filled up with random views of them:
         # distillation then trains on new views each step instead of on those stored.
         from .views import DISTILL_VIEW_MIN_SCALE, ViewStream

@@ -87,6 +87,21 @@ def test_distill_inputs_need_calibration_and_must_yield_batches():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # untouched after the failure
 
 
+def test_a_one_shot_iterator_ends_the_distillation_when_it_runs_out():
+    torch.manual_seed(0)
+    model = Classifier().eval()
+    gen = torch.Generator().manual_seed(1)
+    calibration = list(torch.randn(32, 24, generator=gen).split(8))  # 2 held-out batches of 4
+    config = CompressConfig(rank=4, refine_steps=5, block_steps=0, distill_steps=100, seed=0)
+    batches = (torch.randn(16, 24, generator=gen) for _ in range(12))
+    _, report = compress(copy.deepcopy(model), config, calibration[0][:1], calibration=calibration,
+                         distill_inputs=batches)
+    assert report.distillation["steps"] == 10  # 12 batches: 2 held out, 10 trained on
+    short = (torch.randn(16, 24, generator=gen) for _ in range(1))
+    with pytest.raises(UsageError, match="yielded 1 batches; its held-out check alone takes 2"):
+        compress(copy.deepcopy(model), config, calibration[0][:1], calibration=calibration, distill_inputs=short)
+
+
 def test_distill_lr_must_be_a_positive_number():
     for bad in (0, -0.1, float("inf"), float("nan"), True, "0.1"):
         with pytest.raises(UsageError, match="--distill-lr"):
