@@ -168,8 +168,8 @@ def compress(
     latency-aware planning's layer timings, so that running again reuses them and plans the same.
     ``distill_inputs`` (with ``calibration``): an iterable of new input batches for the label-free
     distillation to train on instead of flipped and mixed-up calibration inputs, such as a
-    DataLoader with a training transform; it is iterated again when it ends, and its first batches
-    are the held-out check. Fresh inputs generalize better than copies of a few
+    DataLoader with a training transform; it is iterated again when it ends (a one-shot iterator
+    that runs out ends the steps), and its first batches are the held-out check. Fresh inputs generalize better than copies of a few
     (:mod:`lowrank_compress.distill`). Returns the same model object and a report.
     """
     if distill_inputs is not None and calibration is None:
