@@ -132,7 +132,7 @@ def run_compress(job: CompressJob, progress: ProgressFn | None = None, raise_on_
 
         views = ViewStream(job.calib, shape, loaded.data_config, job.config.calib_samples,
                            batch_size_for(sum(batch_size(b) for b in calibration)), seed=job.config.seed + 1,
-                           min_scale=DISTILL_VIEW_MIN_SCALE)
+                           min_scale=DISTILL_VIEW_MIN_SCALE, dtype=dtype)
         distill_inputs = views if len(views.files) < job.config.calib_samples else None
     model, report = compress(model, job.config, example, calibration=calibration, progress=progress,
                              curves=job.plot_path is not None, timing_cache=timings, distill_inputs=distill_inputs)

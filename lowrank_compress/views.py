@@ -44,7 +44,8 @@ class ViewStream:
     """
 
     def __init__(self, path: str | Path, input_shape: Sequence[int], config: dict[str, Any], samples: int,
-                 batch_size: int, seed: int = 0, min_scale: float = DISTILL_VIEW_MIN_SCALE) -> None:
+                 batch_size: int, seed: int = 0, min_scale: float = DISTILL_VIEW_MIN_SCALE,
+                 dtype: torch.dtype = torch.float32) -> None:
         if batch_size < 1:
             raise UsageError(f"the view batch size must be positive, got {batch_size}")
         if not 0 < min_scale <= 1:
@@ -54,7 +55,7 @@ class ViewStream:
         self.channels = resolved["input_size"][0]
         self.transform = train_transform(resolved, min_crop_scale=min_scale)
         self.side = math.ceil(max(resolved["input_size"][1:]) / math.sqrt(min_scale))
-        self.batch_size, self.seed, self.drawn = batch_size, seed, 0
+        self.batch_size, self.seed, self.drawn, self.dtype = batch_size, seed, 0, dtype
         self.description = f"new random views of the {len(self.files)} images in {path}"
         self._cache: dict[int, Image.Image] = {}
         self._pixels = 0
@@ -74,7 +75,7 @@ class ViewStream:
         return image
 
     def batch(self, number: int) -> torch.Tensor:
-        """Batch ``number`` of the stream: (batch_size, C, H, W) float32."""
+        """Batch ``number`` of the stream: (batch_size, C, H, W) in ``dtype`` (the model's)."""
         rng = np.random.default_rng([self.seed, number])
         picks = rng.integers(len(self.files), size=self.batch_size)
         sample_seed = int(rng.integers(2**62))
@@ -83,7 +84,7 @@ class ViewStream:
             torch.manual_seed(sample_seed)
             random.seed(sample_seed)
             try:
-                return torch.stack([self.transform(self._image(int(i))) for i in picks])
+                return torch.stack([self.transform(self._image(int(i))) for i in picks]).to(self.dtype)
             finally:
                 random.setstate(python_state)
 

@@ -137,6 +137,8 @@ def test_a_view_stream_draws_new_views_of_the_folder_reproducibly(tmp_path):
     # a decoded image is kept downscaled: a view of a quarter of its area still has 32 pixels a side
     assert stream._cache and all(min(image.size) == 64 for image in stream._cache.values())
     assert "3 images" in stream.description
+    half = ViewStream(tmp_path / "photos", shape, config, 8, 4, seed=3, min_scale=0.25, dtype=torch.bfloat16)
+    assert half.batch(0).dtype == torch.bfloat16 and torch.allclose(half.batch(0).float(), first[0], atol=1e-2)
     # the smallest view sets how far an image may be downscaled: a tenth of the area needs 102 pixels,
     # the default (ImageNet training's 0.08) 114
     for scale, side in ((0.1, 102), (None, 114)):
