@@ -10,10 +10,8 @@ crop_pct}``: evaluation resizes to ``floor(size / crop_pct)`` then center-crops 
 uses RandomResizedCrop + horizontal flip (timm's ``create_transform`` for timm archs). One-channel
 models read images as grayscale, others as RGB.
 
-Training augmentation is a pure function of (seed, epoch, sample index): each sample's transform runs
-under its own seeded random state. The same run therefore sees the same augmented batches whatever
-the number of loader workers, and a run resumed mid-epoch continues with exactly the batches the
-uninterrupted run would have seen.
+Training augmentation is a pure function of (seed, epoch, sample index), so a run sees the same
+batches whatever the number of loader workers, and a resumed run those the uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -226,9 +224,8 @@ class SeededAugmentFolder(Dataset):
     """An :class:`ImageFolder` with a random transform seeded per sample.
 
     Items are addressed by ``(index, epoch)`` (what :class:`TrainSampler` yields): the transform runs
-    with torch's and Python's global generators seeded from (seed, epoch, index) and restored after,
-    so the augmentation does not depend on which process or worker draws it, and leaves the global
-    random state of the process untouched.
+    under :func:`seeded_transform` seeded from (seed, epoch, index), so the augmentation does not
+    depend on which process or worker draws it and the process's global random state is untouched.
     """
 
     def __init__(self, folder: ImageFolder, transform: Callable[[Image.Image], torch.Tensor], seed: int) -> None:
@@ -241,14 +238,19 @@ class SeededAugmentFolder(Dataset):
         index, epoch = key
         image, target = self.folder[index]
         sample_seed = int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1, np.uint64)[0])
-        python_state = random.getstate()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed)
-            random.seed(sample_seed)
-            try:
-                return self.transform(image), target
-            finally:
-                random.setstate(python_state)
+        return seeded_transform(self.transform, [image], sample_seed)[0], target
+
+
+def seeded_transform(transform: Callable[[Image.Image], torch.Tensor], images: Sequence[Image.Image], seed: int):
+    """``transform`` of each image, under torch's and Python's global RNGs seeded with ``seed`` and restored after."""
+    python_state = random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        try:
+            return [transform(image) for image in images]
+        finally:
+            random.setstate(python_state)
 
 
 # ---------------------------------------------------------------- samplers and loaders

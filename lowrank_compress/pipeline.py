@@ -127,12 +127,12 @@ def run_compress(job: CompressJob, progress: ProgressFn | None = None, raise_on_
             and Path(job.calib).is_dir()):
         # A folder of fewer images than --calib-samples was filled up with random views of them:
         # distillation then trains on new views each step instead of on those stored.
-        from .views import DISTILL_VIEW_MIN_SCALE, ViewStream
+        from .views import ViewStream
         from .distill import batch_size_for
 
-        views = ViewStream(job.calib, shape, loaded.data_config, job.config.calib_samples,
-                           batch_size_for(sum(batch_size(b) for b in calibration)), seed=job.config.seed + 1,
-                           min_scale=DISTILL_VIEW_MIN_SCALE, dtype=dtype)
+        size = batch_size_for(sum(batch_size(b) for b in calibration))
+        views = ViewStream(job.calib, shape, loaded.data_config, job.config.calib_samples, size,
+                           seed=job.config.seed + 1, dtype=dtype)
         distill_inputs = views if len(views.files) < job.config.calib_samples else None
     model, report = compress(model, job.config, example, calibration=calibration, progress=progress,
                              curves=job.plot_path is not None, timing_cache=timings, distill_inputs=distill_inputs)

@@ -9,7 +9,6 @@ views of them.
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data import calibration_files, complete_data_config, read_image, train_transform
+from .data import calibration_files, complete_data_config, read_image, seeded_transform, train_transform
 from .errors import UsageError
 
 # The smallest view distillation trains on, as a share of an image's area: ImageNet training's
@@ -78,15 +77,8 @@ class ViewStream:
         """Batch ``number`` of the stream: (batch_size, C, H, W) in ``dtype`` (the model's)."""
         rng = np.random.default_rng([self.seed, number])
         picks = rng.integers(len(self.files), size=self.batch_size)
-        sample_seed = int(rng.integers(2**62))
-        python_state = random.getstate()
-        with torch.random.fork_rng(devices=[]):  # torchvision's random transforms read the global RNGs
-            torch.manual_seed(sample_seed)
-            random.seed(sample_seed)
-            try:
-                return torch.stack([self.transform(self._image(int(i))) for i in picks]).to(self.dtype)
-            finally:
-                random.setstate(python_state)
+        images = [self._image(int(i)) for i in picks]
+        return torch.stack(seeded_transform(self.transform, images, int(rng.integers(2**62)))).to(self.dtype)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         while True:
