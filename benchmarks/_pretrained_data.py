@@ -426,3 +426,39 @@ def calibration_texts(count: int, seed: int) -> list[str]:
     texts = [pools[0][i] for i in rng.permutation(len(pools[0]))]
     texts += [pools[1][i] for i in rng.permutation(len(pools[1]))]
     return texts[:count]
+
+
+def package_texts(seed: int, exclude: set[str] = frozenset()) -> list[str]:
+    """Texts for distilling the encoder on new inputs: each prose paragraph of the docstrings of
+    every Python file installed here (the standard library and site-packages, parsed with ``ast``,
+    nothing imported; the language reference in ``pydoc_data`` left out, as is ``exclude``), in an
+    order shuffled with ``seed``. Half of them stay whole; the other half become their first
+    sentence or the rest of the paragraph, the shapes of the evaluation's queries and documents."""
+    import ast
+    import sysconfig
+
+    paths = sysconfig.get_paths()
+    roots = [Path(paths["stdlib"]), Path(paths["purelib"])]
+    texts, seen = [], set(exclude)
+    for root in roots:
+        for file in sorted(root.rglob("*.py")):
+            parts = file.relative_to(root).parts
+            if parts[0] in ("pydoc_data", "site-packages") or "tests" in parts or "test" in parts:
+                continue
+            try:
+                tree = ast.parse(file.read_bytes())
+            except (SyntaxError, ValueError, OSError):
+                continue
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                    for paragraph in _prose(ast.get_docstring(node) or ""):
+                        if len(paragraph.split()) >= 8 and paragraph not in seen:
+                            seen.add(paragraph)
+                            texts.append(paragraph)
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in rng.permutation(len(texts)):
+        text = texts[i]
+        parts = split_first_sentence(text) if rng.random() < 0.5 else None
+        out.append(text if parts is None else parts[int(rng.random() < 0.5)])
+    return out

@@ -242,16 +242,24 @@ def _text_batches(tokenizer, texts: list[str], max_length: int, size: int,
     """Padded batches of ``size`` texts; ``by_length``: texts sorted by token count first, as
     ``lrc``'s own text calibration batches them (little padding)."""
     if by_length:
-        tokenizer.no_padding()
-        tokenizer.enable_truncation(max_length)
-        counts = [len(e.ids) for e in tokenizer.encode_batch(texts)]
-        texts = [texts[i] for i in sorted(range(len(texts)), key=counts.__getitem__)]
+        texts = _by_length(tokenizer, texts, max_length)
     return [data.tokenize(tokenizer, texts[i:i + size], max_length) for i in range(0, len(texts), size)]
+
+
+def _by_length(tokenizer, texts: list[str], max_length: int) -> list[str]:
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(max_length)
+    counts = [len(e.ids) for e in tokenizer.encode_batch(texts)]
+    return [texts[i] for i in sorted(range(len(texts)), key=counts.__getitem__)]
 
 
 def bench_encoder(variants: list[str], quick: bool, seed: int, log, partial=None,
                   calib_samples: int | None = None, policies: tuple[str, ...] = ENCODER_POLICIES,
-                  calibration: str = "docstrings", noise_floor: bool = False) -> dict[str, Any]:
+                  calibration: str = "docstrings", noise_floor: bool = False,
+                  distill_texts: bool = False) -> dict[str, Any]:
+    """``distill_texts``: the network-aware column distills on new texts, the docstrings of every
+    installed package (``data.package_texts``), each once, as ``lrc compress`` does on the texts
+    of a ``--calib`` file beyond ``--calib-samples``."""
     n_eval, n_calib = SIZES["encoder"]["quick" if quick else "full"]
     n_calib = calib_samples or n_calib
     original, tokenizer, max_length = data.load_minilm()
@@ -310,11 +318,24 @@ def bench_encoder(variants: list[str], quick: bool, seed: int, log, partial=None
         block["noise_floor"] = [{"level": level, **measure(perturbed(original, level, seed))} for level in NOISE_LEVELS]
         for r in block["noise_floor"]:
             log(f"encoder weight noise {r['level']}: cosine {r['cosine']:.4f}, agreement {r['nn_agreement']:.3f}")
+    new_texts = data.package_texts(seed + 1, exclude=set(calib_texts)) if distill_texts else []
+    if distill_texts:
+        block["distill_inputs"] = f"{len(new_texts)} docstring paragraphs of the installed packages, each once"
+
+    def stream():
+        from lowrank_compress.distill import batch_size_for
+        from lowrank_compress.views import TextStream
+
+        return TextStream(new_texts, lambda t: data.tokenize(tokenizer, t, max_length),
+                          lambda t: _by_length(tokenizer, t, max_length), batch_size_for(len(calib_texts)),
+                          seed=seed + 1, description=block["distill_inputs"])
+
     for label, policy in chosen:
         results: dict[str, Any] = {}
         rows.append({"budget": label, **policy, "results": results})
         for variant in variants:
-            model, info = run_variant(original, variant, policy, example, calib, seed)
+            model, info = run_variant(original, variant, policy, example, calib, seed,
+                                      distill_inputs=stream() if distill_texts else None)
             results[variant] = {
                 **measure(model),
                 "linear_kept": round((info["params_after"] - (total - linear)) / linear, 4), **info,
@@ -392,6 +413,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--noise-floor", action="store_true",
                         help="also measure the original with Gaussian weight noise of 1-10%% of each weight's spread: "
                              "the agreement a known perturbation of a given KL / cosine keeps")
+    parser.add_argument("--encoder-distill-texts", action="store_true",
+                        help="distill the encoder's network-aware column on the docstrings of every installed package, "
+                             "each once (with --set distill_steps=N)")
     parser.add_argument("--cnn-distill-views", type=Path, metavar="DIR",
                         help="write the CNN's calibration photos to DIR and distill the network-aware column on new "
                              "random views of them, as `lrc compress --calib DIR` does (with --set distill_steps=N)")
@@ -453,7 +477,8 @@ def main(argv: list[str] | None = None) -> int:
                                      args.cnn_view_scale)
         else:
             results[key] = bench_encoder(variants, args.quick, args.seed, log, partial, args.calib_samples,
-                                         policies, args.encoder_calibration, args.noise_floor)
+                                         policies, args.encoder_calibration, args.noise_floor,
+                                         args.encoder_distill_texts)
         timings[key] = round(time.perf_counter() - start, 1)
     print(table(results, variants))
     print()

@@ -86,6 +86,35 @@ def _error_against(references: list[list[torch.Tensor]], compressed: nn.Module, 
     return (num / den) ** 0.5 if den > 0 else 0.0
 
 
+def _new_inputs(job: CompressJob, loaded: LoadedModel, calibration: list[Any], dtype: torch.dtype) -> Any:
+    """What distillation trains on instead of the stored calibration batches, or None.
+
+    A folder of fewer images than ``--calib-samples`` was filled up with random views of them: new
+    views each step (:class:`views.ViewStream`). A text file of at least twice ``--calib-samples``
+    texts: those beyond the first ``--calib-samples``, which calibration did not read, each once
+    (:class:`views.TextStream`; its first quarter or so becomes the held-out check).
+    """
+    if job.config.distill_steps == 0 or job.calib == "gaussian":
+        return None
+    from .calibdata import read_texts
+    from .distill import batch_size_for
+    from .views import TextStream, ViewStream
+
+    samples, size = job.config.calib_samples, batch_size_for(sum(batch_size(b) for b in calibration))
+    if loaded.hf is not None:
+        texts = read_texts(job.calib)
+        if len(texts) < 2 * samples:
+            return None
+        rest = f"the {len(texts) - samples} texts of {job.calib} after the first {samples}, each once"
+        return TextStream(texts[samples:], loaded.hf.tokenize, loaded.hf.by_length, size, seed=job.config.seed + 1,
+                          description=rest)
+    if not Path(job.calib).is_dir():
+        return None
+    views = ViewStream(job.calib, loaded.input_shape, loaded.data_config, samples, size, seed=job.config.seed + 1,
+                       dtype=dtype)
+    return views if len(views.files) < samples else None
+
+
 def run_compress(job: CompressJob, progress: ProgressFn | None = None, raise_on_failure: bool = True) -> JobResult:
     """Run a compress job. Outputs are written atomically; a missed budget or a failed ONNX parity
     check is raised after writing (or left in ``result.failure`` with ``raise_on_failure=False``)."""
@@ -122,18 +151,7 @@ def run_compress(job: CompressJob, progress: ProgressFn | None = None, raise_on_
     check = calibration[:4] if calibration else [example if loaded.hf is not None else torch.randn((8, *shape[1:]), generator=gen).to(dtype)]
     # The original's outputs, not a copy of the original: a copy would double the peak memory.
     references = _model_outputs(model, check)
-    distill_inputs = None
-    if (calibration and loaded.hf is None and job.config.distill_steps != 0 and job.calib != "gaussian"
-            and Path(job.calib).is_dir()):
-        # A folder of fewer images than --calib-samples was filled up with random views of them:
-        # distillation then trains on new views each step instead of on those stored.
-        from .views import ViewStream
-        from .distill import batch_size_for
-
-        size = batch_size_for(sum(batch_size(b) for b in calibration))
-        views = ViewStream(job.calib, shape, loaded.data_config, job.config.calib_samples, size,
-                           seed=job.config.seed + 1, dtype=dtype)
-        distill_inputs = views if len(views.files) < job.config.calib_samples else None
+    distill_inputs = _new_inputs(job, loaded, calibration, dtype) if calibration else None
     model, report = compress(model, job.config, example, calibration=calibration, progress=progress,
                              curves=job.plot_path is not None, timing_cache=timings, distill_inputs=distill_inputs)
     if timings is not None:

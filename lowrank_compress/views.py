@@ -1,15 +1,16 @@
-"""New random views of a calibration folder's images, batch after batch, for distillation.
+"""New inputs for distillation, batch after batch: random views of images, texts not calibrated on.
 
-Distillation on a few stored inputs overfits them; new views each step do not (see
+Distillation on a few stored inputs overfits them; new inputs each step do not (see
 :mod:`lowrank_compress.distill`). ``lrc compress --calib FOLDER`` uses :class:`ViewStream` when the
 folder has fewer images than ``--calib-samples``, the case where calibration was filled up with
-views of them.
+views of them; ``lrc compress HF_FOLDER --calib TEXTS`` uses :class:`TextStream` on the texts of
+the file beyond the first ``--calib-samples``, which calibration did not read.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,3 +87,41 @@ class ViewStream:
             yield self.batch(self.drawn - 1)
 
 
+
+
+class TextStream:
+    """Each of ``texts`` once, tokenized in batches of ``batch_size``, for distillation.
+
+    The texts come in an order shuffled with ``seed``; within each run of 8 batches they are sorted
+    by length (``by_length``), so that a batch is padded little. A one-shot iterator: distillation's
+    held-out check takes its first batches, and the steps end when it runs out, so no text is both
+    checked and trained on, nor trained on twice. ``tokenize``: a list of texts → a batch (a dict of
+    tensors, as the model takes them).
+    """
+
+    def __init__(self, texts: Sequence[str], tokenize: Callable[[list[str]], Any],
+                 by_length: Callable[[list[str]], list[str]], batch_size: int, seed: int = 0,
+                 description: str | None = None) -> None:
+        if batch_size < 1:
+            raise UsageError(f"the batch size must be positive, got {batch_size}")
+        order = np.random.default_rng(seed).permutation(len(texts))
+        self.texts = [texts[int(i)] for i in order]
+        self.tokenize, self.by_length, self.batch_size = tokenize, by_length, batch_size
+        self.description = description or f"{len(texts)} new texts, each once"
+        self._batches = self._generate()
+
+    def _generate(self) -> Iterator[Any]:
+        chunk = 8 * self.batch_size
+        for start in range(0, len(self.texts), chunk):
+            texts = self.by_length(self.texts[start:start + chunk])
+            for i in range(0, len(texts), self.batch_size):
+                yield self.tokenize(texts[i:i + self.batch_size])
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.texts) / self.batch_size)
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        return next(self._batches)

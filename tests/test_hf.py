@@ -223,3 +223,46 @@ def test_arch_hf_dir_takes_the_weights_from_the_checkpoint(folders, tmp_path):
     assert loaded.arch == "hf:BertModel" and not loaded.model.embeddings.word_embeddings.weight.any()
     with pytest.raises(UsageError, match="must be a .safetensors"):
         open_model(folders / "texts.txt", f"hf:{folders / 'tiny-bert'}")
+
+
+def test_a_text_stream_yields_each_text_once_in_batches_of_similar_length():
+    from lowrank_compress.views import TextStream
+
+    texts = [("word " * (1 + (7 * i) % 23)).strip() + f" {i}" for i in range(50)]
+    stream = TextStream(texts, tokenize=list, by_length=lambda t: sorted(t, key=len), batch_size=4, seed=3)
+    batches = list(stream)
+    assert len(stream) == 13 and [len(b) for b in batches] == [4] * 12 + [2]
+    assert sorted(t for b in batches for t in b) == sorted(texts)  # each text once
+    for start in range(0, 13, 8):  # within each run of 8 batches, shorter texts come first
+        run = [t for b in batches[start:start + 8] for t in b]
+        assert [len(t) for t in run] == sorted(len(t) for t in run)
+    assert list(stream) == []  # one-shot: distillation's steps end when it runs out
+    again = list(TextStream(texts, list, lambda t: sorted(t, key=len), 4, seed=3))
+    other = list(TextStream(texts, list, lambda t: sorted(t, key=len), 4, seed=4))
+    assert again == batches and other != batches
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("samples", [40, 120])
+def test_lrc_compress_distills_on_the_texts_calibration_did_not_read(folders, tmp_path, samples):
+    # 200 texts: with --calib-samples 40 calibration reads the first 40 and distillation trains on
+    # the other 160, each once (2 batches of 5 are its held-out check, so 30 steps); with 120 there
+    # are too few left over, and distillation trains on the calibration texts.
+    from hf_folders import WORDS
+
+    gen = torch.Generator().manual_seed(0)
+    lines = [" ".join(WORDS[int(i)] for i in torch.randint(len(WORDS), (int(n),), generator=gen))
+             for n in torch.randint(3, 14, (200,), generator=gen)]
+    (tmp_path / "many.txt").write_text("\n".join(lines) + "\n")
+    done = lrc("compress", folders / "tiny-bert", "--target-params", "0.5", "--calib", "many.txt",
+               "--calib-samples", str(samples), "--refine-steps", "5", "--block-steps", "0",
+               "--distill-steps", "100", "--distill-lr", "0.01", "-o", "c.lrc.safetensors", "--json", "r.json", "-q",
+               cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    distilled = json.loads((tmp_path / "r.json").read_text())["distillation"]
+    if samples == 40:
+        assert distilled["inputs"] == "the 160 texts of many.txt after the first 40, each once"
+        assert distilled["steps"] == 30 and distilled["batch_size"] == 5
+    else:
+        assert distilled["inputs"] == "calibration inputs, flipped and mixed up"
+    assert distilled["metric"] == "mse" and distilled["after"] <= distilled["before"]
