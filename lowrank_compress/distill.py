@@ -16,9 +16,11 @@ New inputs beat augmented copies of the same few (``stream``): on EfficientNet-L
 the KL to the original on other crops from 0.054 to 0.033 (at ``lr`` 0.003), while random crops of
 the 256 stored calibration crops themselves (crops of crops) ended worse than the start (0.060).
 ``lrc compress --calib FOLDER`` therefore distills on new random views of the folder's images when
-it has fewer than ``--calib-samples`` (:class:`lowrank_compress.views.ViewStream`), and
-``compress(..., distill_inputs=...)`` takes any iterable of input batches, such as a DataLoader
-with a training transform.
+it has fewer than ``--calib-samples`` (:class:`lowrank_compress.views.ViewStream`), and on a text
+file's texts beyond ``--calib-samples`` when it has twice as many (:class:`~lowrank_compress.views.TextStream`;
+all-MiniLM-L6-v2 at half of its Linear parameters: nearest-neighbour agreement 0.673 → 0.728 after
+600 steps of 64). ``compress(..., distill_inputs=...)`` takes any iterable of input batches, such as
+a DataLoader with a training transform.
 
 How long (``distill_steps`` None, the default): :func:`auto_schedule` runs up to
 :data:`MAX_STEPS` steps, at most :data:`MAX_EPOCHS` passes over the calibration inputs, and only
