@@ -92,7 +92,7 @@ def _new_inputs(job: CompressJob, loaded: LoadedModel, calibration: list[Any], d
     A folder of fewer images than ``--calib-samples`` was filled up with random views of them: new
     views each step (:class:`views.ViewStream`). A text file of at least twice ``--calib-samples``
     texts: those beyond the first ``--calib-samples``, which calibration did not read, each once
-    (:class:`views.TextStream`; its first quarter or so becomes the held-out check).
+    (:class:`views.TextStream`; its first batches, as many as calibration holds out, are the held-out check).
     """
     if job.config.distill_steps == 0 or job.calib == "gaussian":
         return None

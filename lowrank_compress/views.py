@@ -87,16 +87,15 @@ class ViewStream:
             yield self.batch(self.drawn - 1)
 
 
-
-
 class TextStream:
     """Each of ``texts`` once, tokenized in batches of ``batch_size``, for distillation.
 
-    The texts come in an order shuffled with ``seed``; within each run of 8 batches they are sorted
-    by length (``by_length``), so that a batch is padded little. A one-shot iterator: distillation's
-    held-out check takes its first batches, and the steps end when it runs out, so no text is both
-    checked and trained on, nor trained on twice. ``tokenize``: a list of texts → a batch (a dict of
-    tensors, as the model takes them).
+    The texts come in an order shuffled with ``seed``. Each run of 8 batches' worth is sorted by
+    length (``by_length``) and cut into batches, so that a batch is padded little, and those 8
+    batches come in random order, so that the first ones are not the shortest texts. A one-shot
+    iterator: distillation's held-out check takes its first batches, and the steps end when it runs
+    out, so no text is both checked and trained on, nor trained on twice. ``tokenize``: a list of
+    texts → a batch (a dict of tensors, as the model takes them).
     """
 
     def __init__(self, texts: Sequence[str], tokenize: Callable[[list[str]], Any],
@@ -104,8 +103,8 @@ class TextStream:
                  description: str | None = None) -> None:
         if batch_size < 1:
             raise UsageError(f"the batch size must be positive, got {batch_size}")
-        order = np.random.default_rng(seed).permutation(len(texts))
-        self.texts = [texts[int(i)] for i in order]
+        self.rng = np.random.default_rng(seed)
+        self.texts = [texts[int(i)] for i in self.rng.permutation(len(texts))]
         self.tokenize, self.by_length, self.batch_size = tokenize, by_length, batch_size
         self.description = description or f"{len(texts)} new texts, each once"
         self._batches = self._generate()
@@ -114,7 +113,7 @@ class TextStream:
         chunk = 8 * self.batch_size
         for start in range(0, len(self.texts), chunk):
             texts = self.by_length(self.texts[start:start + chunk])
-            for i in range(0, len(texts), self.batch_size):
+            for i in self.rng.permutation(range(0, len(texts), self.batch_size)):
                 yield self.tokenize(texts[i:i + self.batch_size])
 
     def __len__(self) -> int:
