@@ -442,8 +442,8 @@ def package_texts(seed: int, exclude: set[str] = frozenset()) -> list[str]:
     texts, seen = [], set(exclude)
     for root in roots:
         for file in sorted(root.rglob("*.py")):
-            parts = file.relative_to(root).parts
-            if parts[0] in ("pydoc_data", "site-packages") or "tests" in parts or "test" in parts:
+            folders = file.relative_to(root).parts
+            if folders[0] in ("pydoc_data", "site-packages") or "tests" in folders or "test" in folders:
                 continue
             try:
                 tree = ast.parse(file.read_bytes())
@@ -459,6 +459,6 @@ def package_texts(seed: int, exclude: set[str] = frozenset()) -> list[str]:
     out = []
     for i in rng.permutation(len(texts)):
         text = texts[i]
-        parts = split_first_sentence(text) if rng.random() < 0.5 else None
-        out.append(text if parts is None else parts[int(rng.random() < 0.5)])
+        halves = split_first_sentence(text) if rng.random() < 0.5 else None
+        out.append(text if halves is None else halves[int(rng.random() < 0.5)])
     return out

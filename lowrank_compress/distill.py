@@ -35,7 +35,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -53,7 +53,9 @@ MAX_STEPS = 1000  # what the automatic schedule runs at most
 MAX_EPOCHS = 100  # nor more passes over the calibration inputs: few inputs overfit fast
 MIN_STEPS = 50  # an automatic schedule shorter than this is skipped: a few steps move nothing
 FLOP_BUDGET = {"cpu": 2e12, "cuda": 1e14}  # automatic schedule, per device type: about a minute
-LEARNING_RATE = 0.1  # Adam, relative to each factor's RMS (measured on digits: 0.03 too slow, 0.3 diverges)
+LR_CANDIDATES = (0.1, 0.03, 0.01, 0.003, 0.001)  # Adam, relative to each factor's RMS: what the probe tries
+PROBE_STEPS = 25  # each candidate's probe runs at most this many steps
+PROBE_TOLERANCE = 0.1  # the largest step whose probe ends within 10% of the best one's is chosen
 
 
 @dataclass
@@ -67,7 +69,8 @@ class DistillReport:
     batch_size: int = 0
     schedule: str = ""
     lr: float = 0.0
-    inputs: str = "calibration inputs, flipped and mixed up"
+    inputs: str = "calibration inputs"
+    lr_probe: dict[str, float] = field(default_factory=dict)  # step size -> held-out metric after its probe
 
 
 @dataclass(frozen=True)
@@ -108,9 +111,13 @@ def auto_schedule(samples: int, sample_flops: float, device_type: str, requested
     return Schedule(steps, batch, f"auto: {steps} steps, bound by the {bound}")
 
 
+def _is_image_batch(batch: Any) -> bool:
+    return isinstance(batch, torch.Tensor) and batch.dim() == 4 and batch.is_floating_point()
+
+
 def _augment(batch: Any, gen: torch.Generator) -> Any:
     """Flips and mixup for image batches (B, C, H, W); other inputs pass unchanged."""
-    if not isinstance(batch, torch.Tensor) or batch.dim() != 4 or not batch.is_floating_point():
+    if not _is_image_batch(batch):
         return batch
     x = batch
     flip = torch.rand(x.shape[0], generator=gen) < 0.5
@@ -196,8 +203,102 @@ class _Features:
         return t.reshape(-1, t.shape[-1]) if self.names[name] or t.dim() < 3 else t.movedim(1, -1).reshape(-1, t.shape[1])
 
 
+class _Trainer:
+    """One distillation step and the held-out check, shared by the step-size probe and the run."""
+
+    def __init__(self, model: nn.Module, teacher: nn.Module, metric: str, params: list[torch.Tensor],
+                 held: list[Any], features: dict[str, bool], feature_weight: float):
+        self.model, self.metric, self.params, self.held = model, metric, params, held
+        self.feature_weight = feature_weight
+        self.t_run, self.s_run = _Features(teacher, features), _Features(model, features)
+        self.held_ref, held_rows = [], {n: [] for n in features}
+        with torch.no_grad():
+            for b in held:
+                self.held_ref.append(self.t_run(b))
+                for n in held_rows:
+                    held_rows[n].append(self.t_run.rows(n).float())
+        self.scales = _feature_scales(self.held_ref) if metric == "mse" else []
+        self.feature_scales = {n: torch.cat(r).std(0).clamp_min(float(torch.cat(r).std()) * 1e-3 + 1e-12)
+                               for n, r in held_rows.items()}
+
+    def held_metric(self) -> float:
+        num, den = 0.0, 0.0
+        with torch.no_grad():
+            for batch, ref in zip(self.held, self.held_ref):
+                outputs = output_tensors(call_model(self.model, batch))
+                n, d = output_metric(ref, outputs, self.metric, padding_mask(batch))
+                num, den = num + n, den + d
+        return num / den if den > 0 else 0.0
+
+    def step(self, batch: Any, opt: torch.optim.Optimizer) -> bool:
+        """One optimizer step on ``batch``; False (and no step) when the loss is not finite."""
+        with torch.no_grad():
+            target = self.t_run(batch)
+        opt.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            loss = _loss(self.s_run(batch), target, self.metric, self.scales, padding_mask(batch))
+            for name, scale in self.feature_scales.items():
+                diff = (self.s_run.rows(name).float() - self.t_run.rows(name).float()) / scale
+                loss = loss + self.feature_weight * diff.pow(2).mean() / len(self.feature_scales)
+            if not torch.isfinite(loss):
+                return False
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 10.0)
+        opt.step()
+        return True
+
+
+def _cosine(opt: torch.optim.Optimizer, steps: int):
+    from timm.scheduler import CosineLRScheduler  # timm's import costs seconds: only when distilling
+
+    return CosineLRScheduler(opt, t_initial=steps, warmup_t=min(10, steps // 10), warmup_lr_init=0.0, lr_min=0.0)
+
+
+def probe_steps(steps: int) -> int:
+    """The length of each step-size probe for a run of ``steps``: a tenth of it, 5 to 25 steps."""
+    return max(5, min(PROBE_STEPS, steps // 10))
+
+
+def choose_lr(trainer: _Trainer, batches: Sequence[Any]) -> tuple[float, dict[float, float]]:
+    """The step size for a run (``lr`` None): a short run on ``batches`` at each of
+    :data:`LR_CANDIDATES`, largest first, each from the same start and with the run's warm-up and
+    cosine decay, then the held-out metric. It stops at the first candidate worse than a larger
+    one. A short probe favours small steps (they move less in the first steps, where every step
+    size raises the held-out error a little), so the largest candidate within
+    :data:`PROBE_TOLERANCE` of the best is chosen. Returns it and every probed value."""
+    start = [p.detach().clone() for p in trainer.params]
+    values: dict[float, float] = {}
+    try:
+        for lr in LR_CANDIDATES:
+            opt = rms_adam(trainer.params, lr)
+            schedule = _cosine(opt, len(batches))
+            finite = True
+            for i, batch in enumerate(batches):
+                finite = trainer.step(batch, opt)
+                if not finite:
+                    break
+                schedule.step(i + 1)
+            value = trainer.held_metric() if finite else math.inf
+            values[lr] = value if math.isfinite(value) else math.inf
+            with torch.no_grad():
+                for p, s in zip(trainer.params, start):
+                    p.copy_(s)
+                    p.grad = None
+            if len(values) > 1 and value > min(values.values()) and math.isfinite(min(values.values())):
+                break
+    finally:
+        with torch.no_grad():
+            for p, s in zip(trainer.params, start):
+                p.copy_(s)
+                p.grad = None
+    best = min(values.values())
+    if not math.isfinite(best):
+        return LR_CANDIDATES[-1], values
+    return max(lr for lr, v in values.items() if v <= best * (1 + PROBE_TOLERANCE)), values
+
+
 def distill(model: nn.Module, teacher: nn.Module, batches: Sequence[Any], metric: str, steps: int,
-            lr: float = LEARNING_RATE, seed: int = 0, eval_every: int = 25, patience: int = 8,
+            lr: float | None = None, seed: int = 0, eval_every: int = 25, patience: int = 8,
             features: dict[str, bool] | None = None, feature_weight: float = 0.0,
             held_out: Sequence[Any] | None = None, stream: Iterable[Any] | None = None) -> DistillReport:
     """Train the factors of ``model`` in place against ``teacher`` on ``batches`` (see the module docstring).
@@ -209,7 +310,8 @@ def distill(model: nn.Module, teacher: nn.Module, batches: Sequence[Any], metric
     they come and iterated again when exhausted; a one-shot iterator that runs out ends the steps);
     its first batches, as many as ``held_out`` has, become the held-out check, and it stops early
     only after half of the steps' evaluations (at least ``patience``) in a row without a gain.
-    ``lr``: Adam's step relative to each factor's RMS.
+    ``lr``: Adam's step relative to each factor's RMS; None chooses it by :func:`choose_lr` on the
+    run's first :func:`probe_steps` batches (which the run then trains on too).
     """
     train, held = (list(batches), list(held_out)) if held_out else split_held_out(batches)
     gen = torch.Generator().manual_seed(seed)
@@ -222,76 +324,49 @@ def distill(model: nn.Module, teacher: nn.Module, batches: Sequence[Any], metric
         if len(held) < wanted:
             raise UsageError(f"the distillation inputs (distill_inputs) yielded {len(held)} batches; "
                              f"its held-out check alone takes {wanted}")
-    features = features if feature_weight > 0 else {}
-    t_run, s_run = _Features(teacher, features or {}), _Features(model, features or {})
-    held_ref, held_rows = [], {n: [] for n in features or {}}
-    with torch.no_grad():
-        for b in held:
-            held_ref.append(t_run(b))
-            for n in held_rows:
-                held_rows[n].append(t_run.rows(n).float())
-    scales = _feature_scales(held_ref) if metric == "mse" else []
-    feature_scales = {n: torch.cat(r).std(0).clamp_min(float(torch.cat(r).std()) * 1e-3 + 1e-12)
-                      for n, r in held_rows.items()}
-
-    def held_metric() -> float:
-        num, den = 0.0, 0.0
-        with torch.no_grad():
-            for batch, ref in zip(held, held_ref):
-                n, d = output_metric(ref, output_tensors(call_model(model, batch)), metric, padding_mask(batch))
-                num, den = num + n, den + d
-        return num / den if den > 0 else 0.0
-
-    start = held_metric()
     params = [p for m in low_rank_modules(model) for p in m.parameters() if p.is_floating_point()]
-    inputs = ("calibration inputs, flipped and mixed up" if stream is None
-              else getattr(stream, "description", "new inputs from distill_inputs"))
+    trainer = _Trainer(model, teacher, metric, params, held, features if feature_weight > 0 else {}, feature_weight)
+    start = trainer.held_metric()
+    if stream is not None:
+        inputs = getattr(stream, "description", "new inputs from distill_inputs")
+    else:
+        inputs = "calibration inputs, flipped and mixed up" if _is_image_batch(train[0]) else "calibration inputs"
     if not params or steps <= 0 or not math.isfinite(start):
-        return DistillReport(metric, start, start, 0, batch_size(batches[0]), lr=lr, inputs=inputs)
+        return DistillReport(metric, start, start, 0, batch_size(batches[0]), lr=lr or 0.0, inputs=inputs)
     frozen = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in params)]
     for p in frozen:
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
-    from timm.scheduler import CosineLRScheduler  # timm's import costs seconds: only when distilling
-
-    opt = rms_adam(params, lr)
-    schedule = CosineLRScheduler(opt, t_initial=steps, warmup_t=min(10, steps // 10), warmup_lr_init=0.0, lr_min=0.0)
     if stream is not None:
         # New inputs do not overfit; what stalls the check early is the first steps' transient (on
         # all-MiniLM-L6-v2 the held-out error rose for 100 steps, then fell below the start).
         patience = max(patience, steps // eval_every // 2)
-    kept, done = BestIterate(params, start, patience), 0
     was_training = model.training
     model.eval()  # BatchNorm statistics and dropout stay as in the original
-    size = batch_size(batches[0])
+    size, done, probed = batch_size(batches[0]), 0, {}
     try:
-        for step in range(steps):
-            batch = next(draws, None)
-            if batch is None:  # a one-shot iterator ran out
-                break
-            size = batch_size(batch)
-            with torch.no_grad():
-                target = t_run(batch)
-            opt.zero_grad(set_to_none=True)
-            with torch.enable_grad():
-                loss = _loss(s_run(batch), target, metric, scales, padding_mask(batch))
-                for name, scale in feature_scales.items():
-                    diff = (s_run.rows(name).float() - t_run.rows(name).float()) / scale
-                    loss = loss + feature_weight * diff.pow(2).mean() / len(feature_scales)
-                if not torch.isfinite(loss):
+        if lr is None:
+            first = list(itertools.islice(draws, min(steps, probe_steps(steps))))
+            lr, probed = choose_lr(trainer, first)
+            draws = itertools.chain(first, draws)
+        kept = BestIterate(params, start, patience)
+        opt = rms_adam(params, lr)
+        schedule = _cosine(opt, steps)
+        try:
+            for step in range(steps):
+                batch = next(draws, None)
+                if batch is None or not trainer.step(batch, opt):  # a one-shot iterator ran out, or no finite loss
                     break
-                loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 10.0)
-            opt.step()
-            done = step + 1
-            schedule.step(done)
-            if (done % eval_every == 0 or done == steps) and kept.update(held_metric()):
-                break
+                size, done = batch_size(batch), step + 1
+                schedule.step(done)
+                if (done % eval_every == 0 or done == steps) and kept.update(trainer.held_metric()):
+                    break
+        finally:
+            kept.restore()
     finally:
-        kept.restore()
         for p in frozen:
             p.requires_grad_(True)
         model.train(was_training)
-    return DistillReport(metric, start, kept.best, done, size, lr=lr, inputs=inputs)
-
+    return DistillReport(metric, start, kept.best, done, size, lr=lr, inputs=inputs,
+                         lr_probe={f"{k:g}": v for k, v in probed.items()})

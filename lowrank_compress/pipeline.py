@@ -97,12 +97,15 @@ def _new_inputs(job: CompressJob, loaded: LoadedModel, calibration: list[Any], d
     if job.config.distill_steps == 0 or job.calib == "gaussian":
         return None
     from .calibdata import read_texts
-    from .distill import batch_size_for
+    from .distill import MAX_STEPS, batch_size_for
     from .views import TextStream, ViewStream
 
     samples, size = job.config.calib_samples, batch_size_for(sum(batch_size(b) for b in calibration))
     if loaded.hf is not None:
-        texts = read_texts(job.calib)
+        # No more texts than the steps can take: the held-out check (at most a batch per
+        # calibration sample) and then a batch per step. A large corpus is not read whole.
+        steps = MAX_STEPS if job.config.distill_steps is None else job.config.distill_steps
+        texts = read_texts(job.calib, samples + (samples + steps) * size)
         if len(texts) < 2 * samples:
             return None
         rest = f"the {len(texts) - samples} texts of {job.calib} after the first {samples}, each once"

@@ -266,5 +266,5 @@ def test_lrc_compress_distills_on_the_texts_calibration_did_not_read(folders, tm
         assert distilled["inputs"] == "the 160 texts of many.txt after the first 40, each once"
         assert distilled["steps"] == 30 and distilled["batch_size"] == 5
     else:
-        assert distilled["inputs"] == "calibration inputs, flipped and mixed up"
+        assert distilled["inputs"] == "calibration inputs"
     assert distilled["metric"] == "mse" and distilled["after"] <= distilled["before"]

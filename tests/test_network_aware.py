@@ -230,6 +230,49 @@ def test_distillation_lowers_the_output_metric_and_keeps_the_best_held_out_itera
     assert costs[150] < costs[0]
 
 
+def _probed(noise: float | None, lr: float | None = None) -> tuple[nn.Module, dict]:
+    """Compressed at rank 3 with 60 steps of distillation; ``noise``: the original's weights are rank 3
+    plus this much noise (relative to their spread), so the start is that close to it."""
+    torch.manual_seed(0)
+    model = TwoLayerBlock().eval()
+    if noise is not None:
+        with torch.no_grad():
+            for layer in (model.block[0], model.block[2], model.head):
+                u, s, vh = torch.linalg.svd(layer.weight, full_matrices=False)
+                w = (u[:, :3] * s[:3]) @ vh[:3]
+                layer.weight.copy_(w + noise * w.std() * torch.randn_like(w))
+    gen = torch.Generator().manual_seed(5)
+    batches = [torch.randn(64, 24, generator=gen) for _ in range(16)]
+    config = CompressConfig(rank=3, refine_steps=20, block_steps=0, distill_steps=60, distill_lr=lr, seed=0)
+    compressed, report = compress(copy.deepcopy(model), config, batches[0][:1], calibration=batches)
+    return compressed, report.distillation
+
+
+def test_the_step_size_probe_leaves_only_its_choice_and_gives_a_closer_start_a_smaller_step():
+    from lowrank_compress.distill import LR_CANDIDATES, PROBE_TOLERANCE
+
+    chosen = {}
+    for noise in (None, 0.03):  # full rank (far from rank 3), or rank 3 plus 3% noise
+        compressed, distilled = _probed(noise)
+        values = {float(k): v for k, v in distilled["lr_probe"].items()}
+        assert distilled["lr"] in values
+        best = min(values.values())
+        # the largest probed step within the tolerance of the best; largest first, stopping at the
+        # first step worse than a larger one
+        assert distilled["lr"] == max(k for k, v in values.items() if v <= best * (1 + PROBE_TOLERANCE))
+        probed = sorted(values, reverse=True)
+        assert probed == list(LR_CANDIDATES[:len(probed)])
+        assert all(values[a] <= min(values[b] for b in probed[:i]) for i, a in enumerate(probed[:-1]) if i)
+        assert distilled["after"] <= distilled["before"]
+        # the probe restored the start: the run is the one an explicit step of the same size gives
+        again, _ = _probed(noise, distilled["lr"])
+        for (name, a), (_, b) in zip(compressed.state_dict().items(), again.state_dict().items()):
+            assert torch.equal(a, b), name
+        chosen[noise] = distilled["lr"]
+    # a start far from the original takes large steps; one close to it, where a large step's first
+    # moves undo more than they gain, small ones (measured: 0.1 and 0.003)
+    assert chosen[None] >= 0.03 and chosen[0.03] <= 0.01, chosen
+
 
 def test_channels_the_probes_barely_see_keep_a_share_of_the_mean_sensitivity():
     # A classifier probed on a few images of a few classes: the probes' gradients reach almost only
@@ -283,6 +326,8 @@ def test_lrc_compress_distills_by_default_and_says_so(tmp_path, run_cli, flag):
         return
     assert distilled["metric"] == "kl" and distilled["after"] <= distilled["before"]
     assert "distillation kl" in result.out
+    if distilled["steps"]:  # no --distill-lr: the step size was probed, and the table says which
+        assert f"{distilled['lr']:g}" in distilled["lr_probe"] and "probed" in result.out
     if flag:
         assert distilled["schedule"] == "requested" and 0 < distilled["steps"] <= 30
         assert "30 steps" in result.out or f"{distilled['steps']} steps" in result.out
