@@ -39,7 +39,8 @@ class CompressConfig:
     ``target_latency`` F: the compressed model's measured latency on ``target`` is at most F × dense.
     ``distill_steps`` None: the automatic schedule of :func:`lowrank_compress.distill.auto_schedule`
     (with calibration only); 0 turns distillation off. ``distill_lr``: its Adam step relative to
-    each factor's RMS (None: chosen by :func:`lowrank_compress.distill.choose_lr`). ``block_steps``: Adam
+    each factor's RMS (None: :data:`lowrank_compress.distill.LEARNING_RATE`; ``"auto"``: chosen by
+    :func:`lowrank_compress.distill.choose_lr`, a short probe). ``block_steps``: Adam
     steps per block of the joint refinement of its factors against the original block (with
     calibration only; 0 off).
     """
@@ -65,7 +66,7 @@ class CompressConfig:
     blocks: str | None = None
     distill_steps: int | None = None
     distill_features: float = 0.0
-    distill_lr: float | None = None
+    distill_lr: float | str | None = None
     seed: int = 0
     version: int = CONFIG_VERSION
 
@@ -109,10 +110,10 @@ class CompressConfig:
                 raise UsageError(f"--{name.replace('_', '-')} must be an integer ≥ 0, got {value!r}")
         if not isinstance(self.distill_features, (int, float)) or not 0 <= self.distill_features < math.inf:
             raise UsageError(f"--distill-features must be a weight ≥ 0, got {self.distill_features!r}")
-        if self.distill_lr is not None and not (
+        if self.distill_lr not in (None, "auto") and not (
                 isinstance(self.distill_lr, (int, float)) and not isinstance(self.distill_lr, bool)
                 and 0 < self.distill_lr < math.inf):
-            raise UsageError(f"--distill-lr must be a positive number, got {self.distill_lr!r}")
+            raise UsageError(f"--distill-lr must be a positive number or 'auto', got {self.distill_lr!r}")
         if self.calib_samples < 1:
             raise UsageError(f"--calib-samples must be ≥ 1, got {self.calib_samples}")
         for name in ("include", "exclude", "blocks"):

@@ -103,9 +103,19 @@ def test_a_one_shot_iterator_ends_the_distillation_when_it_runs_out():
 
 
 def test_distill_lr_must_be_a_positive_number():
-    for bad in (0, -0.1, float("inf"), float("nan"), True, "0.1"):
+    for bad in (0, -0.1, float("inf"), float("nan"), True, "0.1", "Auto"):
         with pytest.raises(UsageError, match="--distill-lr"):
             CompressConfig(rank=4, distill_lr=bad)
+    assert CompressConfig(rank=4, distill_lr="auto").distill_lr == "auto"
+
+
+def test_lrc_compress_rejects_a_step_size_that_is_neither_a_number_nor_auto(tmp_path, run_cli):
+    from lowrank_compress.examples.digits import bundled_checkpoint_path
+
+    result = run_cli("compress", bundled_checkpoint_path(), "--rank", "4", "--calib", "gaussian",
+                     "--distill-lr", "fast", "-o", tmp_path / "c.lrc.safetensors")
+    assert result.code == 2 and "--distill-lr must be a positive number or 'auto', got 'fast'" in result.err
+    assert len(result.err.strip().splitlines()) == 1 and not (tmp_path / "c.lrc.safetensors").exists()
 
 
 def _photos(folder: Path, count: int, size: tuple[int, int]) -> None:

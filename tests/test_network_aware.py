@@ -230,7 +230,7 @@ def test_distillation_lowers_the_output_metric_and_keeps_the_best_held_out_itera
     assert costs[150] < costs[0]
 
 
-def _probed(noise: float | None, lr: float | None = None) -> tuple[nn.Module, dict]:
+def _probed(noise: float | None, lr: float | str = "auto") -> tuple[nn.Module, dict]:
     """Compressed at rank 3 with 60 steps of distillation; ``noise``: the original's weights are rank 3
     plus this much noise (relative to their spread), so the start is that close to it."""
     torch.manual_seed(0)
@@ -307,7 +307,8 @@ def test_the_automatic_distillation_schedule_follows_the_inputs_and_the_compute_
     assert on_gpu.steps == int(FLOP_BUDGET["cuda"] // (64 * 2e10)) >= MIN_STEPS and "compute budget" in on_gpu.reason
 
 
-@pytest.mark.parametrize("flag", [(), ("--distill-steps", "0"), ("--distill-steps", "30")])
+@pytest.mark.parametrize("flag", [(), ("--distill-steps", "0"), ("--distill-steps", "30"),
+                                  ("--distill-steps", "30", "--distill-lr", "auto")])
 def test_lrc_compress_distills_by_default_and_says_so(tmp_path, run_cli, flag):
     import json
 
@@ -326,8 +327,10 @@ def test_lrc_compress_distills_by_default_and_says_so(tmp_path, run_cli, flag):
         return
     assert distilled["metric"] == "kl" and distilled["after"] <= distilled["before"]
     assert "distillation kl" in result.out
-    if distilled["steps"]:  # no --distill-lr: the step size was probed, and the table says which
+    if "auto" in flag:  # probed, and the table says which step it chose
         assert f"{distilled['lr']:g}" in distilled["lr_probe"] and "probed" in result.out
+    else:
+        assert distilled["lr"] == 0.1 and not distilled["lr_probe"]  # the default step, no probe
     if flag:
         assert distilled["schedule"] == "requested" and 0 < distilled["steps"] <= 30
         assert "30 steps" in result.out or f"{distilled['steps']} steps" in result.out

@@ -35,7 +35,7 @@ def compress_command(
     block_steps: int = typer.Option(200, "--block-steps", help="Adam steps per block (residual block, transformer layer) fitting all its factors to the original block's output (calibrated; 0 disables)."),
     blocks: str | None = typer.Option(None, "--blocks", help="Regex (full match) of module names to use as blocks instead of the automatic choice."),
     distill_steps: int | None = typer.Option(None, "--distill-steps", help="Label-free distillation steps after the fits, the original model as teacher, on the calibration inputs (on new random views of a folder of fewer images than --calib-samples) (calibrated; default: automatic, up to 1000 within a compute budget; 0 disables)."),
-    distill_lr: float | None = typer.Option(None, "--distill-lr", help="Distillation's Adam step relative to each factor's RMS \\[default: chosen by a short probe of 0.1, 0.03, 0.01, 0.003, 0.001 on the held-out check]."),
+    distill_lr: str | None = typer.Option(None, "--distill-lr", help="Distillation's Adam step relative to each factor's RMS, or 'auto': a short probe of 0.1, 0.03, 0.01, 0.003 and 0.001 on the held-out check \\[default: 0.1; deep pretrained models want less, e.g. 0.003]."),
     distill_features: float = typer.Option(0.0, "--distill-features", help="Weight of matching the blocks' outputs (standardized per channel) during distillation (0: outputs only)."),
     target: str = typer.Option("onnxruntime-cpu", "--target", help="Where the model will run: onnxruntime-cpu, torch-cpu, torch-cuda or onnxruntime-cuda. Sets the rank rounding and where layers are timed."),
     latency_aware: bool | None = typer.Option(None, "--latency-aware/--no-latency-aware", help="Time each layer dense vs factorized on --target at its real input shape and keep it dense where factorizing does not pay \\[default: on with --target-flops/--target-latency]."),
@@ -67,7 +67,7 @@ def compress_command(
         calib_samples=calib_samples, latency_aware=latency_aware, target=target,
         latency_batch_size=latency_batch_size, allocation=allocation, output_metric=output_metric,
         block_steps=block_steps, blocks=blocks, distill_steps=distill_steps, distill_features=distill_features,
-        distill_lr=distill_lr, seed=seed,
+        distill_lr=_step_size(distill_lr), seed=seed,
     )
     job = CompressJob(
         checkpoint=checkpoint, config=config, output=output, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs),
@@ -81,3 +81,15 @@ def compress_command(
     print_compress_result(out, console, result, onnx_path, quiet)
     if result.failure is not None:
         raise result.failure
+
+
+def _step_size(text: str | None) -> float | str | None:
+    """``--distill-lr``: a number, or ``auto`` (the probe)."""
+    if text is None or text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        from ..errors import UsageError
+
+        raise UsageError(f"--distill-lr must be a positive number or 'auto', got {text!r}") from None

@@ -95,7 +95,7 @@ def totals_table(report: CompressReport) -> Table:
         table.add_row(f"distillation {distilled['metric']}", f"{distilled['before']:.4f}", f"{distilled['after']:.4f}",
                       _distill_steps(distilled))
         if distilled["steps"]:  # the step size, given or chosen by the probe
-            how = "probed" if distilled.get("lr_probe") else "given"
+            how = "probed" if distilled.get("lr_probe") else ""
             table.add_row("distillation lr", "", f"{distilled['lr']:g}", how)
     table.add_row("layers", "", f"{len(report.layers)} factorized", f"{len(report.skipped)} skipped")
     return table
