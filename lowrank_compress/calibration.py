@@ -33,7 +33,7 @@ from torch import nn
 from .activations import activation_fn
 from .blocks import Block, find_blocks, first_tensor, reconstruct_block
 from .config import CompressConfig, LayerReport, ProgressFn, Skip
-from .distill import LEARNING_RATE, DistillReport, auto_schedule, batch_size_for, distill
+from .distill import DistillReport, auto_schedule, batch_size_for, distill
 from .errors import UsageError
 from .graph import LayerSite
 from .latencyplan import TimingCache
@@ -349,7 +349,7 @@ def _distill(model: nn.Module, original: nn.Module, batches: list[Any], split: t
         features = {b.name: b.channels_last for b in found}
     train, held = split
     report = distill(model, original, train, metric, schedule.steps, seed=config.seed, features=features,
-                     lr=LEARNING_RATE if config.distill_lr is None else config.distill_lr,
+                     lr="auto" if config.distill_lr is None else config.distill_lr,
                      feature_weight=config.distill_features, held_out=held, stream=stream)
     report.schedule = schedule.reason
     return report

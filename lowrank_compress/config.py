@@ -39,8 +39,8 @@ class CompressConfig:
     ``target_latency`` F: the compressed model's measured latency on ``target`` is at most F × dense.
     ``distill_steps`` None: the automatic schedule of :func:`lowrank_compress.distill.auto_schedule`
     (with calibration only); 0 turns distillation off. ``distill_lr``: its Adam step relative to
-    each factor's RMS (None: :data:`lowrank_compress.distill.LEARNING_RATE`; ``"auto"``: chosen by
-    :func:`lowrank_compress.distill.choose_lr`, a short probe). ``block_steps``: Adam
+    each factor's RMS (None or ``"auto"``: chosen by :func:`lowrank_compress.distill.choose_lr`, a
+    short probe of each candidate on the held-out check). ``block_steps``: Adam
     steps per block of the joint refinement of its factors against the original block (with
     calibration only; 0 off).
     """

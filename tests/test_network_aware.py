@@ -308,7 +308,7 @@ def test_the_automatic_distillation_schedule_follows_the_inputs_and_the_compute_
 
 
 @pytest.mark.parametrize("flag", [(), ("--distill-steps", "0"), ("--distill-steps", "30"),
-                                  ("--distill-steps", "30", "--distill-lr", "auto")])
+                                  ("--distill-steps", "30", "--distill-lr", "0.05")])
 def test_lrc_compress_distills_by_default_and_says_so(tmp_path, run_cli, flag):
     import json
 
@@ -327,10 +327,10 @@ def test_lrc_compress_distills_by_default_and_says_so(tmp_path, run_cli, flag):
         return
     assert distilled["metric"] == "kl" and distilled["after"] <= distilled["before"]
     assert "distillation kl" in result.out
-    if "auto" in flag:  # probed, and the table says which step it chose
+    if "--distill-lr" in flag:  # as given, no probe
+        assert distilled["lr"] == 0.05 and not distilled["lr_probe"] and "probed" not in result.out
+    else:  # probed, and the table says which step it chose
         assert f"{distilled['lr']:g}" in distilled["lr_probe"] and "probed" in result.out
-    else:
-        assert distilled["lr"] == 0.1 and not distilled["lr_probe"]  # the default step, no probe
     if flag:
         assert distilled["schedule"] == "requested" and 0 < distilled["steps"] <= 30
         assert "30 steps" in result.out or f"{distilled['steps']} steps" in result.out
