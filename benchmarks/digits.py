@@ -117,6 +117,7 @@ def main() -> None:
                     "param_ratio": report["params_after"] / report["params_before"],
                     "flop_ratio": report["flops_after"] / report["flops_before"],
                     "accuracy": digits.accuracy(load(output), x_test, y_test), "seconds": report["seconds"],
+                    "distill_lr": (report.get("distillation") or {}).get("lr"),
                 })
                 print(f"{label} @ {budget}: {100 * rows[-1]['accuracy']:.2f}% ({report['seconds']:.0f} s)",
                       file=sys.stderr, flush=True)
