@@ -271,10 +271,10 @@ def choose_lr(trainer: _Trainer, batches: Sequence[Any], run_steps: int) -> tupl
     than a larger one. A short probe favours small steps (they move less in the first steps, where
     every step size raises the held-out error a little), so the largest candidate within
     :data:`PROBE_TOLERANCE` of the best is chosen. Returns it and every probed value."""
-    start = [p.detach().clone() for p in trainer.params]
+    start = BestIterate(trainer.params, math.inf, patience=1)  # restore() puts these parameters back
     values: dict[float, float] = {}
-    try:
-        for lr in LR_CANDIDATES:
+    for lr in LR_CANDIDATES:
+        try:
             opt = rms_adam(trainer.params, lr)
             schedule = _cosine(opt, run_steps)
             finite = True
@@ -285,17 +285,10 @@ def choose_lr(trainer: _Trainer, batches: Sequence[Any], run_steps: int) -> tupl
                 schedule.step(i + 1)
             value = trainer.held_metric() if finite else math.inf
             values[lr] = value if math.isfinite(value) else math.inf
-            with torch.no_grad():
-                for p, s in zip(trainer.params, start):
-                    p.copy_(s)
-                    p.grad = None
-            if len(values) > 1 and value > min(values.values()) and math.isfinite(min(values.values())):
-                break
-    finally:
-        with torch.no_grad():
-            for p, s in zip(trainer.params, start):
-                p.copy_(s)
-                p.grad = None
+        finally:
+            start.restore()
+        if len(values) > 1 and value > min(values.values()) and math.isfinite(min(values.values())):
+            break
     best = min(values.values())
     if not math.isfinite(best):
         return LR_CANDIDATES[-1], values
