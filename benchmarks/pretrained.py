@@ -274,7 +274,8 @@ def error_by_direction(queries: torch.Tensor, documents: torch.Tensor, ref_q: to
     directions = torch.linalg.svd(reference - reference.mean(0), full_matrices=False).Vh
     n, ref_top = len(ref_q), (ref_q @ ref_d.T).argmax(-1)
 
-    def agreement(embeddings: torch.Tensor) -> float:
+    def agreement(embeddings: torch.Tensor) -> float:  # retrieval by cosine, as the embeddings are used
+        embeddings = torch.nn.functional.normalize(embeddings, dim=-1)
         top = (embeddings[:n] @ embeddings[n:].T).argmax(-1)
         return round(float((top == ref_top).float().mean()), 4)
 

@@ -36,7 +36,8 @@ def test_an_error_along_the_leading_directions_is_found_there_and_removing_it_re
     assert [r["directions"] for r in out] == list(pretrained.ERROR_DIRECTIONS)
     assert by_k[4]["error_share"] > 0.999 and by_k[128]["error_share"] > 0.999
     assert by_k[4]["agreement_without"] == 1.0
-    plain = ((ref_q + error[:40].float()) @ (ref_d + error[40:].float()).T).argmax(-1)
+    q, d = F.normalize(ref + error, dim=-1).float().split(40)
+    plain = (q @ d.T).argmax(-1)
     assert by_k[4]["agreement_with_only"] == round(float((plain == torch.arange(40)).float().mean()), 4) < 1.0
 
 
