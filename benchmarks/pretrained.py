@@ -268,7 +268,7 @@ def error_by_direction(queries: torch.Tensor, documents: torch.Tensor, ref_q: to
     of every query and document is split along the top-k principal directions of the original's
     embeddings (``e = e_k + e_rest``); for each k: the share of ‖e‖² in the top-k part, and the
     nearest-neighbour agreement when that part is removed (``f' − e_k``) and when only it is kept
-    (``f + e_k``)."""
+    (``f + e_k``). A last row does the same for the direction of the mean embedding."""
     reference = torch.cat([ref_q, ref_d]).double()
     error = torch.cat([queries, documents]).double() - reference
     directions = torch.linalg.svd(reference - reference.mean(0), full_matrices=False).Vh
@@ -279,9 +279,9 @@ def error_by_direction(queries: torch.Tensor, documents: torch.Tensor, ref_q: to
         top = (embeddings[:n] @ embeddings[n:].T).argmax(-1)
         return round(float((top == ref_top).float().mean()), 4)
 
+    mean = reference.mean(0)
     out = []
-    for k in ERROR_DIRECTIONS:
-        basis = directions[:k].T
+    for k, basis in [*((k, directions[:k].T) for k in ERROR_DIRECTIONS), ("mean", (mean / mean.norm())[:, None])]:
         part = error @ basis @ basis.T
         out.append({"directions": k, "error_share": round(float(part.pow(2).sum() / error.pow(2).sum()), 4),
                     "agreement_without": agreement(reference + error - part),
@@ -382,7 +382,8 @@ def bench_encoder(variants: list[str], quick: bool, seed: int, log, partial=None
             log(f"encoder {label} {variant}: agreement {agreement:.3f}, cosine {cosine:.3f} "
                 f"(kept {info['kept']:.3f}, {info['seconds']:.0f} s)")
             for r in results[variant].get("error_by_direction", []):
-                log(f"  top-{r['directions']} principal directions: {r['error_share']:.1%} of the error; "
+                where = "the mean direction" if r["directions"] == "mean" else f"top-{r['directions']} directions"
+                log(f"  {where}: {r['error_share']:.1%} of the error; "
                     f"agreement without them {r['agreement_without']:.3f}, "
                     f"with only them {r['agreement_with_only']:.3f}")
             if partial is not None:

@@ -33,7 +33,7 @@ def test_an_error_along_the_leading_directions_is_found_there_and_removing_it_re
     error = (torch.randn(len(ref), 4, generator=gen, dtype=torch.float64) @ basis.T) * 0.5
     out = pretrained.error_by_direction(*(ref + error).float().split(len(ref_q)), ref_q, ref_d)
     by_k = {r["directions"]: r for r in out}
-    assert [r["directions"] for r in out] == list(pretrained.ERROR_DIRECTIONS)
+    assert [r["directions"] for r in out] == [*pretrained.ERROR_DIRECTIONS, "mean"]
     assert by_k[4]["error_share"] > 0.999 and by_k[128]["error_share"] > 0.999
     assert by_k[4]["agreement_without"] == 1.0
     q, d = F.normalize(ref + error, dim=-1).float().split(40)
@@ -49,5 +49,15 @@ def test_an_error_off_the_leading_directions_carries_no_share_of_them():
     gen = torch.Generator().manual_seed(3)
     error = torch.randn(len(ref), tail.shape[1], generator=gen, dtype=torch.float64) @ tail.T * 0.01
     out = pretrained.error_by_direction(*(ref + error).float().split(len(ref_q)), ref_q, ref_d)
-    assert all(r["error_share"] < 1e-6 for r in out)
-    assert all(r["agreement_with_only"] == 1.0 for r in out)
+    assert all(r["error_share"] < 1e-6 for r in out if r["directions"] != "mean")
+    assert all(r["agreement_with_only"] == 1.0 for r in out if r["directions"] != "mean")
+
+
+def test_the_mean_direction_row_measures_the_error_along_the_mean_embedding():
+    ref_q, ref_d = _embeddings(seed=4)
+    ref = torch.cat([ref_q, ref_d]).double()
+    mean = ref.mean(0) / ref.mean(0).norm()
+    error = 0.05 * torch.linspace(-1, 1, len(ref), dtype=torch.float64)[:, None] * mean
+    out = pretrained.error_by_direction(*(ref + error).float().split(len(ref_q)), ref_q, ref_d)
+    row = out[-1]
+    assert row["directions"] == "mean" and row["error_share"] > 0.999 and row["agreement_without"] == 1.0
