@@ -101,7 +101,7 @@ def covariance_probes(covariance: torch.Tensor) -> Iterator[None]:
     """Gauss–Newton probes v ~ N(0, Σ) (Σ scaled to a mean variance of 1) while inside."""
     values, vectors = torch.linalg.eigh(covariance)
     root = (vectors * values.clamp_min(0).sqrt()) @ vectors.T
-    root = (root / root.diagonal().mean()).float()
+    root = (root / covariance.diagonal().mean().sqrt()).float()  # v = z·root has covariance Σ / mean(diag Σ)
     own = sensitivity._probe_loss
 
     def probe_loss(outputs, metric, gen, mask):
